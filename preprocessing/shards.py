@@ -1,0 +1,172 @@
+"""The shard format: written once here, imported by the writer, the reader, `inspect` and the tests.
+
+An output folder of `prepare` holds
+
+    train-00000.h5, train-00001.h5, ...   shards of the training split (a seeded shuffle of all classes)
+    val-00000.h5, ...                     shards of the validation split (sorted by file name)
+    stats.h5                              statistics of the training pixels (see `write_stats`)
+    manifest.json                         counts, classes, options, shard checksums, skipped inputs
+    .partial/                             per-shard partial sums, so a resumed run need not re-decode
+
+Each shard holds three datasets of equal length N and four attributes:
+
+    images   jpeg: (N,) variable-length uint8, the bytes of a 256x256 RGB JPEG
+             raw:  (N, 256, 256, 3) uint8, HWC RGB, one HDF5 chunk per image
+    labels   (N,) int32, class index 0..C-1 (sorted wnids)
+    keys     (N,) UTF-8 strings, the source path relative to the ImageNet root
+    attrs    format_version (int), encoding ("jpeg" | "raw"), size (int), split (str)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from preprocessing.errors import UserError
+
+FORMAT_VERSION = 1
+ENCODINGS = ("jpeg", "raw")
+IMAGES, LABELS, KEYS = "images", "labels", "keys"
+STATS_FILE = "stats.h5"
+MANIFEST_FILE = "manifest.json"
+PARTIAL_DIR = ".partial"
+# Pixel scale of every statistic in stats.h5: values are on the 0-255 scale of uint8 pixels.
+STATS_PIXEL_SCALE = 255.0
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.h5"
+
+
+def list_shards(out: Path, split: str) -> list[Path]:
+    """The complete shards of one split, in index order (temporary files are never listed)."""
+    return sorted(Path(out).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].h5"))
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before `os.replace` gives it its final name."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path; on success rename it to `path`, on any failure remove it."""
+    tmp = temporary_path(Path(path))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_shard(path: Path, *, images: list, labels: list[int], keys: list[str], encoding: str,
+                size: int, split: str) -> None:
+    """Write one shard atomically. `images`: JPEG bytes, or (size, size, 3) uint8 arrays for raw."""
+    n = len(labels)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
+        # track_times=False: no timestamps in the file, so two runs write identical bytes.
+        if encoding == "jpeg":
+            ds = f.create_dataset(IMAGES, (n,), dtype=h5py.vlen_dtype(np.uint8), track_times=False)
+            for i, data in enumerate(images):
+                ds[i] = np.frombuffer(data, np.uint8)
+        else:
+            shape = (n, size, size, 3)
+            chunks = (1, size, size, 3) if n else None  # one chunk per image: random reads
+            ds = f.create_dataset(IMAGES, shape, dtype=np.uint8, chunks=chunks, track_times=False)
+            if n:
+                ds[...] = np.stack(images)
+        f.create_dataset(LABELS, data=np.asarray(labels, np.int32).reshape(n), track_times=False)
+        f.create_dataset(KEYS, data=np.array(keys, dtype=object).reshape(n),
+                         dtype=h5py.string_dtype("utf-8"), track_times=False)
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["encoding"] = encoding
+        f.attrs["size"] = size
+        f.attrs["split"] = split
+
+
+def open_shard(path: Path) -> h5py.File:
+    """Open a shard read-only after checking that it is one of ours, of this format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: shard not found; run `alexnet-pipe prepare` again to rebuild it")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 shard ({e}); delete it and run prepare again")
+    version = f.attrs.get("format_version")
+    if version != FORMAT_VERSION or f.attrs.get("encoding") not in ENCODINGS:
+        f.close()
+        raise UserError(f"{path}: shard format version {version}, this alexnet-pipe reads version "
+                        f"{FORMAT_VERSION}; prepare the data again with this version")
+    return f
+
+
+def shard_info(path: Path) -> dict:
+    """Number of images and attributes of one shard, without reading any image."""
+    with open_shard(path) as f:
+        return {"images": int(f[LABELS].shape[0]), "encoding": str(f.attrs["encoding"]),
+                "size": int(f.attrs["size"]), "split": str(f.attrs["split"])}
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """Statistics of the training pixels, all on the 0-255 scale (float64)."""
+    count: int                # number of training images
+    channel_mean: np.ndarray  # (3,) RGB
+    channel_std: np.ndarray   # (3,) RGB
+    pixel_mean: np.ndarray    # (size, size, 3) HWC, the mean image the paper subtracts
+    rgb_cov: np.ndarray       # (3, 3) covariance of RGB over every training pixel
+    eigval: np.ndarray        # (3,) eigenvalues of rgb_cov, descending
+    eigvec: np.ndarray        # (3, 3) column k is the unit eigenvector of eigval[k]
+
+
+_STATS_FIELDS = ("channel_mean", "channel_std", "pixel_mean", "rgb_cov", "eigval", "eigvec")
+
+
+def write_stats(path: Path, stats: ImageStats) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name in _STATS_FIELDS:
+            f.create_dataset(name, data=getattr(stats, name), track_times=False)
+        f.attrs["count"] = stats.count
+        f.attrs["pixel_scale"] = STATS_PIXEL_SCALE
+        f.attrs["format_version"] = FORMAT_VERSION
+
+
+def read_stats(path: Path) -> ImageStats:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: statistics file not found; run `alexnet-pipe prepare` with the "
+                        f"train split to write it")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format_version") != FORMAT_VERSION:
+                raise UserError(f"{path}: statistics of format version "
+                                f"{f.attrs.get('format_version')}, expected {FORMAT_VERSION}")
+            arrays = {name: np.asarray(f[name][...], np.float64) for name in _STATS_FIELDS}
+            count = int(f.attrs["count"])
+    except (OSError, KeyError) as e:
+        raise UserError(f"{path}: not a valid statistics file ({e}); run prepare again")
+    return ImageStats(count=count, **arrays)
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(out: Path) -> dict:
+    path = Path(out) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no manifest; is {out} an output folder of `alexnet-pipe prepare`, "
+                        f"and did prepare finish?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: unreadable manifest ({e}); run prepare again")
