@@ -32,10 +32,13 @@ def class_name(k: int) -> str:
     return f"{SHAPES[k % len(SHAPES)]} {k // len(SHAPES)}, generated class {k}"
 
 
-def draw_image(k: int, rng: np.random.Generator, large: bool = False) -> Image.Image:
-    short = int(rng.integers(1100, 1400)) if large else int(rng.integers(90, 420))
-    aspect = float(rng.uniform(0.6, 1.8))
-    w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
+def draw_image(k: int, rng: np.random.Generator, large: bool = False,
+               size: tuple[int, int] | None = None) -> Image.Image:
+    if size is None:
+        short = int(rng.integers(1100, 1400)) if large else int(rng.integers(90, 420))
+        aspect = float(rng.uniform(0.6, 1.8))
+        size = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
+    w, h = size
     # Background: a smooth random gradient plus noise, upsampled from a coarse grid.
     coarse = rng.integers(40, 215, size=(4, 4, 3), dtype=np.uint8)
     bg = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR), np.int16)
@@ -44,7 +47,7 @@ def draw_image(k: int, rng: np.random.Generator, large: bool = False) -> Image.I
     hue = (k * 0.618034 + rng.normal(0, 0.02)) % 1.0
     r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
     colour = tuple(int(255 * c) for c in (r, g, b))
-    size = rng.uniform(0.3, 0.7) * min(w, h)
+    size = rng.uniform(0.3, 0.7) * min(w, h)  # of the shape, px
     cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
     x0, y0, x1, y1 = cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2
     d = ImageDraw.Draw(im)

@@ -1,0 +1,29 @@
+# Two entry points on a fresh machine: `make demo` (the main job on a generated sample) and
+# `make test` (the suite). Both create .venv and install torch's CPU build first, then the project.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := demo
+
+.PHONY: demo test venv clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	rm -rf $(DEMO)
+	$(BIN)/python tools/make_sample_imagenet.py --out $(DEMO)/imagenet --classes 4 --per-class 40 --val-per-class 8
+	$(BIN)/alexnet-pipe prepare --imagenet-root $(DEMO)/imagenet --out $(DEMO)/shards --shard-size 64
+	$(BIN)/alexnet-pipe inspect $(DEMO)/shards
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
