@@ -77,5 +77,85 @@ def inspect(out, as_json):
         raise click.ClickException(f"{out}: {len(s['problems'])} problem(s) found; run prepare again")
 
 
+def loader_options(batch_size: int):
+    """The pipeline's options, shared by bench-loader, preview, train and evaluate."""
+    opts = [
+        click.option("--batch-size", default=batch_size, show_default=True,
+                     help="Images per batch and process."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+                     show_default=True, help="Where the pipeline (and model) run."),
+        click.option("--threads", default=2, show_default=True, help="DALI CPU threads."),
+        click.option("--workers", default=2, show_default=True,
+                     help="Processes reading the HDF5 shards."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     default="float32", show_default=True, help="Output image dtype."),
+        click.option("--seed", default=0, show_default=True, help="Data order and augmentation."),
+        click.option("--crop", default=224, show_default=True, help="Crop size, px (224 or 227)."),
+        click.option("--mean", type=click.Choice(["pixel", "channel"]), default="pixel",
+                     show_default=True, help="Subtract the mean image (paper) or the RGB mean."),
+        click.option("--std", is_flag=True, help="With --mean channel: divide by the RGB std."),
+        click.option("--lighting-std", default=0.1, show_default=True,
+                     help="Sigma of the PCA lighting alphas; 0 turns it off."),
+        click.option("--lighting-scale", type=click.Choice(["stdev", "eigval"]), default="stdev",
+                     show_default=True,
+                     help="stdev: sqrt(eigenvalue) on 0-255 (the author's code); eigval: "
+                          "eigenvalue of [0,1] pixels (the widely copied convention)."),
+        click.option("--no-flip", is_flag=True, help="No random horizontal flips."),
+    ]
+
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+def loader_config(data, o: dict):
+    """Pop the loader options out of `o` and build the LoaderConfig."""
+    from alexnet_pipe.augment import AugmentConfig
+    from alexnet_pipe.pipeline import LoaderConfig
+    aug = AugmentConfig(crop=o.pop("crop"), mean=o.pop("mean"), std=o.pop("std"),
+                        lighting_std=o.pop("lighting_std"), lighting_scale=o.pop("lighting_scale"),
+                        flip=not o.pop("no_flip"))
+    return LoaderConfig(data=data, batch_size=o.pop("batch_size"), device=o.pop("device"),
+                        threads=o.pop("threads"), workers=o.pop("workers"), dtype=o.pop("dtype"),
+                        seed=o.pop("seed"), augment=aug)
+
+
+@main.command("bench-loader")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Shard folder (or a folder with jpeg/ and raw/ shard folders).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--encoding", type=click.Choice(["jpeg", "raw"]), help="Which shards, if both.")
+@click.option("--batches", default=20, show_default=True, help="Timed batches per repeat.")
+@click.option("--seconds", type=float, help="Time each repeat for S seconds instead.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--warmup", default=5, show_default=True, help="Untimed batches first.")
+@click.option("--compare-model", is_flag=True, help="Also time AlexNet train steps.")
+@click.option("--baseline", is_flag=True, help="Also time a torch DataLoader doing the same.")
+@click.option("--json", "as_json", is_flag=True)
+@loader_options(batch_size=64)
+@user_errors
+def bench_loader(data, encoding, as_json, **o):
+    """Images/s of the training pipeline (median over repeats, warm-up excluded)."""
+    from alexnet_pipe.bench import BenchConfig, bench_loader as run, format_result, resolve_data
+    loader = loader_config(resolve_data(data, encoding), o)
+    result = run(BenchConfig(loader=loader, **o))
+    click.echo(json.dumps(result) if as_json else format_result(result))
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Shard folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
+@click.option("--images", default=8, show_default=True)
+@loader_options(batch_size=8)
+@user_errors
+def preview(data, out, images, **o):
+    """A PNG grid: train images as the model sees them, beside the 256x256 originals."""
+    from alexnet_pipe.viz import preview_grid
+    o["batch_size"] = images
+    click.echo(f"wrote {preview_grid(loader_config(data, o), out, images)}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,193 @@
+"""`alexnet-pipe bench-loader`: the very pipeline `train` uses, timed after a warm-up.
+
+Figures: images/s and MB/s of shard bytes (median over repeats); with `compare_model` the AlexNet
+training-step rate on the same device fed by synthetic device-resident tensors, and the ratio
+loader / model; with `baseline` a plain PyTorch DataLoader doing the same work with PIL and numpy
+in worker processes on the same shards, and the ratio DALI / baseline.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alexnet_pipe import augment
+from alexnet_pipe.pipeline import LoaderConfig, make_loader, resolve_device
+from alexnet_pipe.reader import BatchSource, load_split, load_stats
+from preprocessing import resize
+from preprocessing.errors import UserError
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    loader: LoaderConfig
+    split: str = "train"
+    batches: int = 20          # timed batches per repeat (ignored when seconds is set)
+    seconds: float | None = None
+    repeats: int = 3
+    warmup: int = 5            # batches before timing: worker start, first decode, allocations
+    compare_model: bool = False
+    baseline: bool = False
+
+
+def _timed(make_iter, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
+           sync=lambda: None) -> float:
+    """images/s of one pass: `warmup` batches untimed, then n batches or `seconds`."""
+    it = make_iter()
+    for _ in range(warmup):
+        next(it)
+    sync()
+    t0, n = time.perf_counter(), 0
+    while (n < n_batches) if seconds is None else (time.perf_counter() - t0 < seconds):
+        next(it)
+        n += 1
+    sync()  # a CPU-GPU sync point: the last batch must be finished
+    return n * batch / (time.perf_counter() - t0)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def bench_loader(config: BenchConfig) -> dict:
+    cfg = config.loader
+    gpu = resolve_device(cfg.device) == "gpu"
+    info = load_split(cfg.data, config.split)
+    mb_per_image = sum(Path(f).stat().st_size for f in info.files) / info.total / 1e6
+    sync = _cuda_sync if gpu else (lambda: None)
+    rates = []
+    loader = make_loader(cfg, split=config.split, train=True)
+    it = _endless(loader)
+    for _ in range(config.repeats):
+        rates.append(_timed(lambda: it, config.batches, config.seconds,
+                            config.warmup if not rates else 0, cfg.batch_size, sync))
+    result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
+              "batch_size": cfg.batch_size, "threads": cfg.threads, "workers": cfg.workers,
+              "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),
+              "mb_per_s": statistics.median(rates) * mb_per_image, "repeats": rates}
+    if config.compare_model:
+        result["model_images_per_s"] = model_step_rate(cfg, gpu, info.num_classes)
+        result["loader_over_model"] = result["images_per_s"] / result["model_images_per_s"]
+    if config.baseline:
+        result["baseline_images_per_s"] = baseline_rate(config, info)
+        result["dali_over_baseline"] = result["images_per_s"] / result["baseline_images_per_s"]
+    return result
+
+
+def _cuda_sync():
+    import torch
+    torch.cuda.synchronize()
+
+
+def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int = 10,
+                    warmup: int = 3) -> float:
+    """AlexNet SGD steps on synthetic device-resident input: what the loader has to keep up with."""
+    import torch
+    from alexnet_pipe.model import build_model
+    device = torch.device("cuda" if gpu else "cpu")
+    model = build_model(num_classes=num_classes, crop=cfg.augment.crop).to(device)
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(cfg.batch_size, 3, cfg.augment.crop, cfg.augment.crop, device=device)
+    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def steps_iter():
+        while True:
+            step()
+            yield
+    return _timed(steps_iter, steps, None, warmup, cfg.batch_size,
+                  _cuda_sync if gpu else (lambda: None))
+
+
+# --- the baseline: a plain PyTorch DataLoader doing the same work with PIL and numpy -----------
+
+class _TorchDataset:
+    """Map-style dataset over the same shards: decode (PIL), crop, flip, lighting, mean (numpy)."""
+
+    def __init__(self, source: BatchSource, mean, std):
+        self.source, self.mean, self.std = source, mean, std
+
+    def __len__(self):
+        return self.source.split.total
+
+    def __getitem__(self, i):
+        import torch
+        rng = np.random.default_rng(i)
+        src = self.source
+        p = augment.random_params(rng, 1, size=src.split.size, crop=src.crop, flip=src.flip,
+                                  lighting_std=src.lighting_std)
+        (data,), (label,) = src.read(np.array([i]))
+        image = resize.decode_jpeg(data.tobytes()) if data.ndim == 1 else data
+        offset = augment.lighting_offsets(p["alpha"], src.lighting_basis)[0] \
+            if src.lighting_basis is not None else np.zeros(3)
+        out = augment.reference(image, x=int(p["x"][0]), y=int(p["y"][0]), flip=bool(p["flip"][0]),
+                                offset=offset, mean=self.mean, std=self.std, crop=src.crop)
+        return torch.from_numpy(out.astype(np.float32)), int(label)
+
+
+def baseline_rate(config: BenchConfig, info) -> float:
+    import torch
+    cfg = config.loader
+    stats = load_stats(cfg.data, info)
+    mean, std = augment.mean_terms(stats, cfg.augment)
+    basis = augment.lighting_basis(stats.eigval, stats.eigvec, cfg.augment.lighting_scale) \
+        if cfg.augment.lighting_std > 0 else None
+    source = BatchSource(split=info, batch_size=cfg.batch_size, train=True, crop=cfg.augment.crop,
+                         lighting_std=cfg.augment.lighting_std, lighting_basis=basis)
+    loader = torch.utils.data.DataLoader(
+        _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
+        num_workers=cfg.workers + cfg.threads, drop_last=True, persistent_workers=True,
+        prefetch_factor=2)
+    it = _endless(loader)
+    rates = [_timed(lambda: it, config.batches, config.seconds, config.warmup if r == 0 else 0,
+                    cfg.batch_size) for r in range(config.repeats)]
+    return statistics.median(rates)
+
+
+def resolve_data(data: Path, encoding: str | None) -> Path:
+    """--data may be a shard folder, or a folder holding jpeg/ and raw/ shard folders."""
+    data = Path(data)
+    if (data / "manifest.json").is_file():
+        if encoding:
+            from preprocessing.shards import read_manifest
+            have = read_manifest(data)["encoding"]
+            if have != encoding:
+                raise UserError(f"--encoding {encoding}: {data} holds {have} shards")
+        return data
+    kinds = [k for k in ("jpeg", "raw") if (data / k / "manifest.json").is_file()]
+    if not kinds:
+        raise UserError(f"--data {data}: no manifest.json, nor jpeg/ or raw/ shard folders; "
+                        f"run `alexnet-pipe prepare` first")
+    if encoding is None and len(kinds) > 1:
+        raise UserError(f"--data {data}: holds {' and '.join(kinds)} shards; pick one with "
+                        f"--encoding")
+    pick = encoding or kinds[0]
+    if pick not in kinds:
+        raise UserError(f"--encoding {pick}: {data} holds only {', '.join(kinds)} shards")
+    return data / pick
+
+
+def format_result(r: dict) -> str:
+    lines = [f"loader   {r['device']} {r['encoding']} batch {r['batch_size']} mean={r['mean']}: "
+             f"{r['images_per_s']:8.1f} images/s  {r['mb_per_s']:7.1f} MB/s  "
+             f"(median of {len(r['repeats'])})"]
+    if "model_images_per_s" in r:
+        lines.append(f"model    AlexNet train step, synthetic input: {r['model_images_per_s']:8.1f} "
+                     f"images/s   loader/model = {r['loader_over_model']:.2f}x")
+    if "baseline_images_per_s" in r:
+        lines.append(f"baseline torch DataLoader + PIL/numpy: {r['baseline_images_per_s']:8.1f} "
+                     f"images/s   DALI/baseline = {r['dali_over_baseline']:.2f}x")
+    return "\n".join(lines)
+

@@ -1,0 +1,186 @@
+"""AlexNet as in Krizhevsky, Sutskever & Hinton (2012), and torchvision's one-tower variant.
+
+`AlexNet` holds both towers on one device as grouped convolutions (groups=2 in conv2, conv4,
+conv5; LRN within a tower). `TowerAlexNet` is the paper's model parallelism: tower A and tower B
+on two devices, activations crossing where the paper's network crosses (into conv3 and into each
+fully connected layer). Both share one parameter layout (`state_dict` of AlexNet), so a checkpoint
+of either loads into the other.
+
+Input: (B, 3, 224, 224) or (B, 3, 227, 227), NCHW float on the 0-255 scale minus the mean.
+With 224, conv1 pads 3 px of zeros on the right and bottom, as the author's cuda-convnet2 does,
+so its output is 55x55 as in the paper (227 needs no padding).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ARCHS = ("alexnet", "alexnet-owt")
+BIAS_INITS = ("paper", "caffe")  # biases of conv2, conv4, conv5, fc6, fc7: 1 (paper) or 0.1
+LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # alpha divided by n, as torch and cuda-convnet2
+
+
+class GroupLRN(nn.Module):
+    """Local response normalisation within each of `groups` channel groups (towers)."""
+
+    def __init__(self, groups: int = 2):
+        super().__init__()
+        self.groups = groups
+        self.lrn = nn.LocalResponseNorm(**LRN)
+
+    def forward(self, x):
+        return torch.cat([self.lrn(part) for part in x.chunk(self.groups, dim=1)], dim=1)
+
+
+def _conv1_pad(crop: int) -> nn.Module:
+    return nn.ZeroPad2d((0, 3, 0, 3)) if crop == 224 else nn.Identity()
+
+
+class AlexNet(nn.Module):
+    """The paper's network, two towers as groups=2. 60,965,224 parameters at 1000 classes."""
+
+    def __init__(self, num_classes: int = 1000, crop: int = 224, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv1_pad(crop),
+            nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), GroupLRN(2),   # 96x55x55
+            nn.MaxPool2d(3, 2),                                                   # 96x27x27
+            nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(inplace=True), GroupLRN(2),
+            nn.MaxPool2d(3, 2),                                                   # 256x13x13
+            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),             # both towers
+            nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),                                                   # 256x6x6
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class AlexNetOWT(nn.Module):
+    """torchvision's single-tower AlexNet ("One weird trick", Krizhevsky 2014): no LRN."""
+
+    def __init__(self, num_classes: int = 1000, crop: int = 224, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.AdaptiveAvgPool2d((6, 6)),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def init_paper(model: nn.Module, bias_init: str = "paper") -> None:
+    """Weights N(0, 0.01); biases 1 (paper) or 0.1 (Caffe) in conv2, conv4, conv5 and the hidden
+    FC layers, 0 elsewhere (conv1, conv3, the last layer)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    one = {1, 3, 4, 5, 6}  # conv2, conv4, conv5, fc6, fc7 in order of appearance
+    for i, layer in enumerate(layers):
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+        nn.init.constant_(layer.bias, (1.0 if bias_init == "paper" else 0.1) if i in one else 0.0)
+
+
+def build_model(arch: str = "alexnet", num_classes: int = 1000, crop: int = 224,
+                bias_init: str = "paper", dropout: float = 0.5) -> nn.Module:
+    cls = {"alexnet": AlexNet, "alexnet-owt": AlexNetOWT}[arch]
+    model = cls(num_classes=num_classes, crop=crop, dropout=dropout)
+    if arch == "alexnet":
+        init_paper(model, bias_init)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- the paper's model parallelism ----------------------------------------------------------------
+
+class _Tower(nn.Module):
+    """Half of every layer, on one device. conv3 and the FC layers take both towers' inputs."""
+
+    def __init__(self, num_out: int, crop: int, dropout: float):
+        super().__init__()
+        self.lower = nn.Sequential(   # conv1, conv2: own tower only
+            _conv1_pad(crop), nn.Conv2d(3, 48, 11, stride=4), nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(**LRN), nn.MaxPool2d(3, 2),
+            nn.Conv2d(48, 128, 5, padding=2), nn.ReLU(inplace=True), nn.LocalResponseNorm(**LRN),
+            nn.MaxPool2d(3, 2))
+        self.conv3 = nn.Conv2d(256, 192, 3, padding=1)  # sees both towers
+        self.upper = nn.Sequential(   # conv4, conv5: own tower only
+            nn.ReLU(inplace=True), nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(192, 128, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+        self.fc6 = nn.Linear(9216, 2048)
+        self.fc7 = nn.Linear(4096, 2048)
+        self.fc8 = nn.Linear(4096, num_out)
+        self.drop = nn.Dropout(dropout)
+
+
+class TowerAlexNet(nn.Module):
+    """AlexNet with tower A on devices[0] and tower B on devices[1]; output on devices[0]."""
+
+    def __init__(self, num_classes: int = 1000, crop: int = 224, dropout: float = 0.5,
+                 devices=("cpu", "cpu")):
+        super().__init__()
+        self.devices = [torch.device(d) for d in devices]
+        self.split = (num_classes + 1) // 2  # tower A computes the first half of the logits
+        self.towers = nn.ModuleList([_Tower(self.split, crop, dropout),
+                                     _Tower(num_classes - self.split, crop, dropout)])
+        for tower, device in zip(self.towers, self.devices):
+            tower.to(device)
+
+    def _both(self, parts, fn):
+        """Each tower applies fn to the concatenation of both towers' activations (a crossing)."""
+        a, b = self.devices
+        return [fn(self.towers[0], torch.cat([parts[0], parts[1].to(a)], 1)),
+                fn(self.towers[1], torch.cat([parts[0].to(b), parts[1]], 1))]
+
+    def forward(self, x):
+        h = [t.lower(x.to(d)) for t, d in zip(self.towers, self.devices)]
+        h = self._both(h, lambda t, z: t.upper(t.conv3(z)))
+        h = [torch.flatten(z, 1) for z in h]
+        h = self._both(h, lambda t, z: t.drop(torch.relu(t.fc6(z))))
+        h = self._both(h, lambda t, z: t.drop(torch.relu(t.fc7(z))))
+        out = self._both(h, lambda t, z: t.fc8(z))
+        return torch.cat([out[0], out[1].to(self.devices[0])], 1)
+
+    # The grouped AlexNet's state_dict is the one layout on disk.
+    _MAP = [("features.1", "lower.1", "conv"), ("features.5", "lower.5", "conv"),
+            ("features.9", "conv3", "out"), ("features.11", "upper.1", "conv"),
+            ("features.13", "upper.3", "conv"), ("classifier.0", "fc6", "out"),
+            ("classifier.3", "fc7", "out"), ("classifier.6", "fc8", "logits")]
+
+    def _halves(self, n: int, kind: str) -> list[slice]:
+        k = self.split if kind == "logits" else n // 2
+        return [slice(0, k), slice(k, n)]
+
+    def load_grouped_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for g, t, kind in self._MAP:
+                for name in ("weight", "bias"):
+                    full = state[f"{g}.{name}"]
+                    for tower, part in zip(self.towers, self._halves(full.shape[0], kind)):
+                        target = tower.get_parameter(f"{t}.{name}")
+                        target.copy_(full[part].to(target.device))
+
+    def grouped_state_dict(self) -> dict:
+        state = {}
+        for g, t, _ in self._MAP:
+            for name in ("weight", "bias"):
+                state[f"{g}.{name}"] = torch.cat(
+                    [tw.get_parameter(f"{t}.{name}").detach().cpu() for tw in self.towers], 0)
+        return state

@@ -1,0 +1,184 @@
+"""The DALI train and validation pipelines, and the PyTorch-facing loader around them.
+
+    HDF5 shards --(BatchSource, parallel external_source: one sorted h5py read per shard a batch)
+      --> JPEG bytes --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
+      or raw HWC uint8 --.gpu()-->
+      --> crop_mirror_normalize: crop window and mirror per sample, and mean_i = mean - offset_i,
+          which folds the PCA lighting offset into the normalisation at no cost
+      --> minus the same crop of the mean image (mean="pixel", the paper)
+      --> (B, 3, crop, crop) NCHW float, or (B, 10, 3, crop, crop) with ten_crop
+
+Train and val share one graph builder; val uses the centre crop, no flip, no lighting, and pads
+its last batch (the `valid` output masks the padding).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alexnet_pipe import augment
+from alexnet_pipe.reader import BatchSource, load_split, load_stats
+from preprocessing.errors import UserError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    data: Path
+    batch_size: int = 128           # per process (the paper's 128 is global: 2 GPUs x 64 in DDP)
+    device: str = "auto"            # auto | cpu | gpu: where decoding and augmentation run
+    threads: int = 2                # DALI CPU threads per pipeline
+    workers: int = 2                # Python worker processes reading HDF5 (parallel source)
+    dtype: str = "float32"          # of the output images
+    seed: int = 0
+    prefetch: int = 2               # batches DALI prepares ahead
+    augment: augment.AugmentConfig = field(default_factory=augment.AugmentConfig)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise UserError(f"--device {self.device}: choose auto, cpu or gpu")
+        if self.threads < 1 or self.workers < 1:
+            raise UserError("--threads and --workers must be at least 1")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+
+
+def resolve_device(device: str) -> str:
+    """auto -> gpu when CUDA is there; gpu without CUDA is an error, never a silent CPU run."""
+    import torch
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise UserError("--device gpu: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def _dali_modules():
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError as e:
+        raise UserError(f"NVIDIA DALI is not installed ({e}); pip install nvidia-dali-cuda130")
+    return fn, pipeline_def, types
+
+
+def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: bool,
+                   device_id: int | None, ten_crop: bool = False):
+    """The DALI graph for `source` (train or val). Returns an unbuilt Pipeline."""
+    fn, pipeline_def, types = _dali_modules()
+    aug, split = config.augment, source.split
+    mean, std = augment.mean_terms(stats, aug)
+    pixel_mean = np.ndim(mean) == 3
+    dev = "gpu" if gpu else "cpu"
+    out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
+
+    def normalize(images, mean_image, x, y, mirror, norm_mean):
+        # (in - mean_i) / std with mean_i = mean - offset_i: + lighting, - channel mean, HWC->CHW
+        out = fn.crop_mirror_normalize(images, crop=(aug.crop, aug.crop), crop_pos_x=x,
+                                       crop_pos_y=y, mirror=mirror, mean=norm_mean,
+                                       std=[float(s) for s in std], dtype=types.FLOAT,
+                                       output_layout="CHW", device=dev)
+        if mean_image is not None:  # the same window of the mean image (the paper's mean)
+            out = out - fn.crop_mirror_normalize(mean_image, crop=(aug.crop, aug.crop),
+                                                 crop_pos_x=x, crop_pos_y=y, mirror=mirror,
+                                                 dtype=types.FLOAT, output_layout="CHW",
+                                                 device=dev)
+        return fn.cast(out, dtype=out_type) if out_type != types.FLOAT else out
+
+    @pipeline_def(batch_size=config.batch_size, num_threads=config.threads, device_id=device_id,
+                  seed=config.seed, py_num_workers=config.workers,
+                  # fork is unsafe once CUDA is initialised; spawn costs a second per worker
+                  py_start_method="spawn" if gpu else "fork",
+                  prefetch_queue_depth=config.prefetch)
+    def pipe():
+        jpeg = split.encoding == "jpeg"
+        images, labels, x, y, mirror, norm_mean, valid = fn.external_source(
+            source=source, num_outputs=7, batch=True, batch_info=True, parallel=True,
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT,
+                   types.INT32],
+            ndim=[1 if jpeg else 3, 0, 0, 0, 0, 1, 0],
+            layout=["" if jpeg else "HWC", "", "", "", "", "", ""])
+        if jpeg:
+            images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
+                                       output_type=types.RGB)
+        elif gpu:
+            images = images.gpu()
+        mean_image = None
+        if pixel_mean:
+            mean_image = fn.constant(fdata=np.asarray(mean, np.float32).ravel().tolist(),
+                                     shape=list(np.shape(mean)), layout="HWC", dtype=types.FLOAT,
+                                     device=dev)
+        if not ten_crop:
+            out = normalize(images, mean_image, x, y, mirror, norm_mean)
+        else:
+            span = max(split.size - aug.crop, 1)
+            crops = [normalize(images, mean_image, float(cx / span), float(cy / span), int(flip),
+                               norm_mean)
+                     for cx, cy, flip in augment.ten_crop_positions(split.size, aug.crop)]
+            out = fn.stack(*crops, axis=0)
+        return out, labels, valid
+
+    return pipe()
+
+
+class Loader:
+    """Iterates (images, labels, valid) torch tensors, one epoch a `for` loop.
+
+    images: (B, 3, H, W) or (B, 10, 3, H, W) on the pipeline's device, in `dtype`;
+    labels: (B,) int64; valid: (B,) bool (False only for val padding).
+    """
+
+    def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+        self.source = source
+        self.epoch = start_epoch
+        self._dtype = dtype
+        self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid"], auto_reset=True)
+
+    def __len__(self) -> int:
+        return self.source.num_batches(self.epoch)
+
+    def __iter__(self):
+        import torch
+        bf16 = self._dtype == "bfloat16"  # DALI has no bfloat16: cast on the device
+        for data in self._iter:
+            d = data[0]
+            images = d["images"].to(torch.bfloat16) if bf16 else d["images"]
+            yield images, d["labels"].reshape(-1).long(), d["valid"].reshape(-1).bool()
+        self.epoch += 1
+
+
+def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
+                rank: int = 0, world: int = 1, start_epoch: int = 0, ten_crop: bool = False,
+                device_id: int | None = None) -> Loader:
+    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader."""
+    config.validate()
+    train = (split == "train") if train is None else train
+    info = load_split(config.data, split)
+    stats = load_stats(config.data, info)
+    config.augment.validate(info.size)
+    gpu = resolve_device(config.device) == "gpu"
+    if gpu and device_id is None:
+        device_id = int(os.environ.get("LOCAL_RANK", 0))
+    aug = config.augment
+    basis = None
+    if train and aug.lighting_std > 0:
+        basis = augment.lighting_basis(stats.eigval, stats.eigvec, aug.lighting_scale)
+    source = BatchSource(split=info, batch_size=config.batch_size, train=train, crop=aug.crop,
+                         flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
+                         lighting_basis=basis, seed=config.seed, start_epoch=start_epoch,
+                         rank=rank, world=world,
+                         channel_mean=np.zeros(3) if aug.mean == "pixel" else stats.channel_mean)
+    if source.num_batches(start_epoch) == 0:
+        raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
+                        f"the {split} split ({len(source.samples(start_epoch))} images); "
+                        f"use a smaller batch")
+    pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
+                          device_id=device_id if gpu else None, ten_crop=ten_crop)
+    return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch)
+

@@ -1,0 +1,184 @@
+"""Reading the shards for the DALI pipelines: which samples each rank reads in which epoch, in
+which batch, with which augmentation draws, and the batch reads from HDF5.
+
+`BatchSource` is the callback of a parallel, batch-mode `fn.external_source`: stateless (batch k
+of epoch e is a pure function of the seed, e and k), picklable, and it opens its h5py files lazily
+inside the worker process, since h5py objects neither pickle nor survive a fork. The random draws
+come from here too, not from DALI's generators: a run resumed at epoch e sees exactly the batches
+and augmentations of an uninterrupted run, whatever DALI's own epoch counter says.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alexnet_pipe import augment
+from preprocessing import shards
+from preprocessing.errors import UserError
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """The shards of one split, as the manifest lists them, checked against the files."""
+    files: tuple[str, ...]
+    counts: tuple[int, ...]
+    encoding: str
+    size: int
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def load_split(data: Path, split: str) -> SplitInfo:
+    data = Path(data)
+    manifest = shards.read_manifest(data)
+    if manifest.get("format_version") != shards.FORMAT_VERSION:
+        raise UserError(f"{data / shards.MANIFEST_FILE}: format version "
+                        f"{manifest.get('format_version')}, this alexnet-pipe reads "
+                        f"{shards.FORMAT_VERSION}; prepare the data again")
+    entries = [e for e in manifest["shards"] if e["split"] == split]
+    if not entries or sum(e["images"] for e in entries) == 0:
+        raise UserError(f"{data}: no {split} images; prepare with --splits including {split}")
+    for e in entries:  # a missing or foreign shard is named now, not deep inside a DALI worker
+        info = shards.shard_info(data / e["file"])
+        if info["images"] != e["images"] or info["split"] != split:
+            raise UserError(f"{data / e['file']}: {info['images']} {info['split']} images, the "
+                            f"manifest says {e['images']} {split}; run prepare again")
+    return SplitInfo(files=tuple(str(data / e["file"]) for e in entries),
+                     counts=tuple(e["images"] for e in entries), encoding=manifest["encoding"],
+                     size=manifest["size"], num_classes=len(manifest["classes"]),
+                     class_names=tuple(c["name"] for c in manifest["classes"]))
+
+
+def load_stats(data: Path, split: SplitInfo) -> shards.ImageStats:
+    path = Path(data) / shards.STATS_FILE
+    stats = shards.read_stats(path)
+    manifest = shards.read_manifest(data)
+    if stats.pixel_mean.shape != (split.size, split.size, 3) or \
+            stats.count != manifest["counts"].get("train"):
+        raise UserError(f"{path}: statistics of {stats.count} images of "
+                        f"{stats.pixel_mean.shape[0]} px do not match the shards "
+                        f"({manifest['counts'].get('train')} train images of {split.size} px); "
+                        f"run prepare again")
+    return stats
+
+
+def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int,
+                  world: int) -> np.ndarray:
+    """Global sample indices that `rank` reads in `epoch`, in reading order.
+
+    train: a fresh seeded permutation of all samples every epoch, cut into `world` equal
+           disjoint shares (the remainder, < world samples, sits out this epoch).
+    val:   the samples in order, cut into `world` contiguous shares of nearly equal size;
+           together exactly the whole split.
+    """
+    if train:
+        order = np.random.default_rng([seed, epoch]).permutation(total)
+        share = total // world
+        return order[rank * share:(rank + 1) * share]
+    return np.array_split(np.arange(total), world)[rank]
+
+
+@dataclass
+class BatchSource:
+    """`fn.external_source(source=..., batch=True, batch_info=True, parallel=True)` callback.
+
+    Returns per batch: images (JPEG bytes or HWC uint8), labels (int32), crop_x, crop_y
+    (normalised 0-1 as DALI's crop_pos_x/y expect), mirror (int32), norm_mean (float32 (3,):
+    channel_mean - offset, with offset the PCA lighting shift, for crop_mirror_normalize's
+    per-sample mean), valid (int32: 0 for val padding). Batches are always full: the train
+    remainder is dropped, the last val batch is padded with its last sample and valid=0.
+    """
+    split: SplitInfo
+    batch_size: int
+    train: bool
+    crop: int
+    flip: bool = True
+    lighting_std: float = 0.0
+    lighting_basis: np.ndarray | None = None
+    seed: int = 0
+    start_epoch: int = 0   # the epoch of DALI's epoch_idx 0: resume counts from the checkpoint
+    rank: int = 0
+    world: int = 1
+    channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
+
+    def __post_init__(self):
+        self._offsets = np.concatenate([[0], np.cumsum(self.split.counts)])
+        self._files = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}  # h5py handles stay behind: each worker opens its own
+        return state
+
+    def num_batches(self, epoch: int = 0) -> int:
+        n = len(self.samples(epoch))
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def samples(self, epoch: int) -> np.ndarray:
+        return epoch_samples(self.split.total, train=self.train, seed=self.seed, epoch=epoch,
+                             rank=self.rank, world=self.world)
+
+    def params(self, epoch: int, batch: int, n: int) -> dict:
+        """The augmentation draws of one batch: a pure function of (seed, epoch, rank, batch)."""
+        if not self.train:
+            centre = (self.split.size - self.crop) // 2
+            return {"x": np.full(n, centre), "y": np.full(n, centre), "flip": np.zeros(n, bool),
+                    "alpha": np.zeros((n, 3))}
+        rng = np.random.default_rng([self.seed, epoch, self.rank, batch, 1])
+        return augment.random_params(rng, n, size=self.split.size, crop=self.crop,
+                                     flip=self.flip, lighting_std=self.lighting_std)
+
+    def batch_indices(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global indices, valid mask) of one full batch."""
+        samples = self.samples(epoch)
+        idx = samples[batch * self.batch_size:(batch + 1) * self.batch_size]
+        valid = np.ones(self.batch_size, np.int32)
+        if len(idx) < self.batch_size:  # val only: pad with the last sample, masked out
+            valid[len(idx):] = 0
+            idx = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[-1])])
+        return idx, valid
+
+    def read(self, indices: np.ndarray) -> tuple[list, np.ndarray]:
+        """Images and labels of global `indices`, one sorted h5py read per shard touched."""
+        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+        images, labels = [None] * len(indices), np.empty(len(indices), np.int32)
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            local = indices[where] - self._offsets[s]
+            unique, inverse = np.unique(local, return_inverse=True)  # h5py wants increasing
+            f = self._open(int(s))
+            data, labs = f[shards.IMAGES][unique], f[shards.LABELS][unique]
+            for w, i in zip(where, inverse):
+                images[w] = data[i]
+                labels[w] = labs[i]
+        return images, labels
+
+    def _open(self, s: int):
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = shards.open_shard(self.split.files[s])
+        return f
+
+    def __call__(self, info):
+        epoch = self.start_epoch + info.epoch_idx
+        if info.iteration >= self.num_batches(epoch):
+            raise StopIteration  # also for every prefetched call past the end
+        return self.batch(epoch, info.iteration)
+
+    def batch(self, epoch: int, batch: int) -> tuple:
+        idx, valid = self.batch_indices(epoch, batch)
+        images, labels = self.read(idx)
+        p = self.params(epoch, batch, len(idx))
+        span = max(self.split.size - self.crop, 1)
+        offsets = (augment.lighting_offsets(p["alpha"], self.lighting_basis)
+                   if self.lighting_basis is not None else np.zeros((len(idx), 3)))
+        # Whole arrays are batches to DALI (first axis = sample); images vary in size (JPEG).
+        return (images, labels, (p["x"] / span).astype(np.float32),
+                (p["y"] / span).astype(np.float32), p["flip"].astype(np.int32),
+                (self.channel_mean - offsets).astype(np.float32), valid)
