@@ -1,0 +1,201 @@
+"""The DALI pipelines on the CPU, on real shards, against their numpy twins (alexnet_pipe.augment)."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+
+from alexnet_pipe import augment
+from alexnet_pipe.pipeline import LoaderConfig, make_loader
+from alexnet_pipe.reader import epoch_samples, load_stats, load_split
+from conftest import cli
+from preprocessing import resize, shards
+from preprocessing.errors import UserError
+
+
+def config(data, **aug) -> LoaderConfig:
+    return LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, workers=1,
+                        augment=augment.AugmentConfig(**aug))
+
+
+def first_batch(loader):
+    for images, labels, valid in loader:
+        return images.numpy().astype(np.float64), labels.numpy(), valid.numpy()
+
+
+def twin(loader, data, aug, epoch=0, batch=0):
+    """The numpy reference of one batch, from the same draws and the same shard pixels."""
+    src = loader.source
+    idx, _ = src.batch_indices(epoch, batch)
+    images, labels = src.read(idx)
+    p = src.params(epoch, batch, len(idx))
+    stats = load_stats(data, src.split)
+    mean, std = augment.mean_terms(stats, aug)
+    offsets = augment.lighting_offsets(p["alpha"], src.lighting_basis) \
+        if src.lighting_basis is not None else np.zeros((len(idx), 3))
+    out = [augment.reference(img if img.ndim == 3 else resize.decode_jpeg(img.tobytes()),
+                             x=int(p["x"][i]), y=int(p["y"][i]), flip=bool(p["flip"][i]),
+                             offset=offsets[i], mean=mean, std=std, crop=aug.crop)
+           for i, img in enumerate(images)]
+    return np.stack(out), labels, p, offsets
+
+
+@pytest.mark.parametrize("aug", [augment.AugmentConfig(),
+                                 augment.AugmentConfig(mean="channel", std=True, crop=227,
+                                                       lighting_scale="eigval")])
+def test_train_batch_matches_numpy_twin_raw(shards_raw, aug):
+    loader = make_loader(replace(config(shards_raw), augment=aug))
+    got, labels, valid = first_batch(loader)
+    want, want_labels, _, _ = twin(loader, shards_raw, aug)
+    assert got.shape == (8, 3, aug.crop, aug.crop) and valid.all()
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_train_batch_jpeg_within_decoder_error(shards_jpeg):
+    aug = augment.AugmentConfig()
+    loader = make_loader(config(shards_jpeg))
+    got, _, _ = first_batch(loader)
+    want, _, _, _ = twin(loader, shards_jpeg, aug)  # PIL decode vs DALI's libjpeg-turbo decode
+    assert np.abs(got - want).mean() < 1.0 and np.percentile(np.abs(got - want), 99) <= 3
+
+
+def test_val_centre_and_ten_crops_exact(shards_raw):
+    aug = augment.AugmentConfig(mean="channel")
+    got, _, valid = first_batch(make_loader(config(shards_raw, mean="channel"), split="val"))
+    ten, _, _ = first_batch(make_loader(config(shards_raw, mean="channel"), split="val",
+                                        ten_crop=True))
+    info = load_split(shards_raw, "val")
+    stats = load_stats(shards_raw, info)
+    with h5py.File(info.files[0]) as f:
+        images = f[shards.IMAGES][:8]
+    for i, image in enumerate(images):
+        centre = augment.reference(image, x=16, y=16, flip=False, offset=0, mean=stats.channel_mean,
+                                   std=1, crop=aug.crop)
+        np.testing.assert_allclose(got[i], centre, atol=1e-3)
+        assert ten.shape[1:] == (10, 3, 224, 224)
+        for k, (x, y, flip) in enumerate(augment.ten_crop_positions(256, 224)):
+            ref = augment.reference(image, x=x, y=y, flip=flip, offset=0,
+                                    mean=stats.channel_mean, std=1, crop=224)
+            np.testing.assert_allclose(ten[i, k], ref, atol=1e-3)
+        np.testing.assert_allclose(ten[i, 4], got[i], atol=1e-3)  # crop 4 is the centre
+
+
+def test_crop_offsets_and_flips_cover_their_range(shards_raw):
+    loader = make_loader(config(shards_raw))
+    src = loader.source
+    draws = [src.params(e, b, 8) for e in range(20) for b in range(src.num_batches(e))]
+    xs = np.concatenate([d["x"] for d in draws])
+    flips = np.concatenate([d["flip"] for d in draws])
+    assert xs.min() == 0 and xs.max() == 32 and len(np.unique(xs)) == 33  # every offset, in bounds
+    assert abs(flips.mean() - 0.5) < 0.05  # 960 draws: 4 sigma is 0.065
+
+
+def test_lighting_is_a_constant_shift_in_the_eigenvector_span(shards_raw):
+    aug = augment.AugmentConfig(mean="channel", crop=256, flip=False, lighting_std=0.1)
+    loader = make_loader(replace(config(shards_raw), augment=aug, batch_size=16))
+    stats = load_stats(shards_raw, loader.source.split)
+    shifts = []
+    for epoch in range(3):
+        for b, (images, _, _) in enumerate(loader):
+            idx, _ = loader.source.batch_indices(epoch, b)
+            raw, _ = loader.source.read(idx)
+            for out, image in zip(images.numpy(), raw):
+                delta = out.transpose(1, 2, 0) - (image - stats.channel_mean)  # (H, W, 3)
+                assert np.ptp(delta, axis=(0, 1)).max() < 1e-2  # one RGB vector per image
+                shifts.append(delta[0, 0])
+    coords = np.array(shifts) @ stats.eigvec  # in the eigenvector basis: alpha_i * sqrt(l_i)
+    spread = coords.std(axis=0) / np.sqrt(stats.eigval)
+    assert len(shifts) == 144 and np.all(np.abs(spread - 0.1) < 0.03), spread
+
+
+def test_seed_reproduces_a_batch_and_resume_epoch(shards_raw):
+    a, _, _ = first_batch(make_loader(config(shards_raw)))
+    b, _, _ = first_batch(make_loader(config(shards_raw)))
+    c, _, _ = first_batch(make_loader(replace(config(shards_raw), seed=1)))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1
+    fresh = make_loader(config(shards_raw))
+    for _ in fresh:  # epoch 0
+        pass
+    second, _, _ = first_batch(fresh)
+    resumed, _, _ = first_batch(make_loader(config(shards_raw), start_epoch=1))
+    np.testing.assert_array_equal(second, resumed)
+
+
+def test_rank_shares_disjoint_and_complete():
+    for total, world in [(52, 2), (48, 3), (12, 5)]:
+        train = [epoch_samples(total, train=True, seed=0, epoch=1, rank=r, world=world)
+                 for r in range(world)]
+        assert len(set(np.concatenate(train))) == sum(map(len, train)) == total // world * world
+        val = [epoch_samples(total, train=False, seed=0, epoch=0, rank=r, world=world)
+               for r in range(world)]
+        assert sorted(np.concatenate(val).tolist()) == list(range(total))
+
+
+def test_val_across_ranks_sees_every_image_once(shards_raw):
+    seen = []
+    for rank in range(2):
+        loader = make_loader(replace(config(shards_raw), batch_size=4), split="val", rank=rank,
+                             world=2)
+        for _, labels, valid in loader:
+            seen += labels[valid].tolist()
+    counts = json.loads((shards_raw / "manifest.json").read_text())["counts_per_class"]["val"]
+    assert np.bincount(seen).tolist() == counts  # 12 images: 6 a rank, last batch padded
+
+
+def test_raw_and_jpeg_val_images_agree(shards_raw, shards_jpeg):
+    raw, _, _ = first_batch(make_loader(config(shards_raw), split="val"))
+    jpeg, _, _ = first_batch(make_loader(config(shards_jpeg), split="val"))
+    assert np.abs(raw - jpeg).mean() < 2.0
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, shards_raw):
+    broken = tmp_path / "missing"
+    shutil.copytree(shards_raw, broken)
+    (broken / "train-00001.h5").unlink()
+    with pytest.raises(UserError, match="train-00001.h5: shard not found"):
+        make_loader(config(broken))
+    other = tmp_path / "version"
+    shutil.copytree(shards_raw, other)
+    with h5py.File(other / "train-00000.h5", "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(UserError, match="format version 99"):
+        make_loader(config(other))
+    stale = tmp_path / "stats"
+    shutil.copytree(shards_raw, stale)
+    with h5py.File(stale / "stats.h5", "a") as f:
+        f.attrs["count"] = 7
+    with pytest.raises(UserError, match="do not match the shards"):
+        make_loader(config(stale))
+    with pytest.raises(UserError, match="--crop 300"):
+        make_loader(config(shards_raw, crop=300))
+
+
+def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
+    proc = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", "--batch-size", "8",
+               "--batches", "2", "--repeats", "1", "--warmup", "1", "--baseline", "--json")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["images_per_s"] > 0 and r["baseline_images_per_s"] > 0 and r["encoding"] == "jpeg"
+    out = tmp_path / "grid.png"
+    cli("preview", "--data", shards_jpeg, "--out", out, "--device", "cpu", "--images", "4")
+    from PIL import Image
+    assert Image.open(out).size[0] > 2 * 256
+    bad = cli("bench-loader", "--data", tmp_path, "--device", "cpu", check=False)
+    assert bad.returncode == 1 and "run `alexnet-pipe prepare` first" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_matches_cpu(shards_jpeg, shards_raw):
+    for data in (shards_raw, shards_jpeg):
+        cpu, _, _ = first_batch(make_loader(config(data)))
+        gpu_loader = make_loader(replace(config(data), device="gpu"))
+        for images, _, _ in gpu_loader:
+            assert images.is_cuda
+            gpu = images.cpu().numpy().astype(np.float64)
+            break
+        assert np.abs(cpu - gpu).mean() < 1.0  # nvJPEG vs libjpeg-turbo; raw exact up to float
