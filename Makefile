@@ -24,6 +24,8 @@ demo: venv
 	$(BIN)/python tools/make_sample_imagenet.py --out $(DEMO)/imagenet --classes 4 --per-class 40 --val-per-class 8
 	$(BIN)/alexnet-pipe prepare --imagenet-root $(DEMO)/imagenet --out $(DEMO)/shards --shard-size 64
 	$(BIN)/alexnet-pipe inspect $(DEMO)/shards
+	$(BIN)/alexnet-pipe bench-loader --data $(DEMO)/shards --batch-size 32 --batches 10 --baseline
+	$(BIN)/alexnet-pipe preview --data $(DEMO)/shards --out $(DEMO)/preview.png
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The loader goals in one run, on one machine, on the same 256x256 images:
+
+  native   DALI's own file reader on the 256x256 JPEGs (decode, random crop, flip): the reference
+  jpeg     bench-loader on JPEG shards, full augmentation (crop, flip, lighting, pixel mean)
+  bare     DALI's numpy reader on the raw uint8 images (crop and normalise): the raw reference
+  raw      bench-loader on raw shards, full augmentation
+  baseline torch DataLoader + PIL/numpy on the JPEG shards, same work as `jpeg`
+
+Usage: bench_loader.py [--images 1024] [--batch-size 64] [--device cpu] [--seconds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_sample_imagenet import make_sample  # noqa: E402
+
+from alexnet_pipe.augment import AugmentConfig  # noqa: E402
+from alexnet_pipe.bench import BenchConfig, bench_loader  # noqa: E402
+from alexnet_pipe.pipeline import LoaderConfig  # noqa: E402
+from preprocessing import resize, shards  # noqa: E402
+from preprocessing.prepare import PrepareConfig, run as prepare_run  # noqa: E402
+
+
+def extract(shard_dir: Path, out: Path, raw: bool) -> None:
+    """Write each shard image as a file (JPEG, or .npy for raw) in class folders."""
+    for path in shards.list_shards(shard_dir, "train"):
+        with shards.open_shard(path) as f:
+            for i, (img, label) in enumerate(zip(f[shards.IMAGES], f[shards.LABELS])):
+                folder = out / f"{label:04d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                if raw:
+                    np.save(folder / f"{path.stem}_{i}.npy", img)
+                else:
+                    (folder / f"{path.stem}_{i}.jpg").write_bytes(img.tobytes())
+
+
+def native_rate(files: Path, raw: bool, batch: int, threads: int, seconds: float, gpu: bool):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if gpu else None, seed=0)
+    def pipe():
+        if raw:
+            images = fn.readers.numpy(files=sorted(map(str, files.rglob("*.npy"))),
+                                      random_shuffle=True, name="r")
+            labels = fn.constant(idata=[0], shape=[1])
+            if gpu:
+                images = images.gpu()
+        else:
+            jpegs, labels = fn.readers.file(file_root=str(files), random_shuffle=True, name="r")
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
+                                       output_type=types.RGB)
+        out = fn.crop_mirror_normalize(images, crop=(224, 224),
+                                       crop_pos_x=fn.random.uniform(range=(0, 1)),
+                                       crop_pos_y=fn.random.uniform(range=(0, 1)),
+                                       mirror=fn.random.coin_flip(), dtype=types.FLOAT,
+                                       mean=[123.0, 117.0, 104.0], output_layout="CHW")
+        return out, labels
+
+    it = DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r", auto_reset=True)
+
+    def endless():
+        while True:
+            yield from it
+    gen = endless()
+    for _ in range(5):
+        next(gen)
+    rates = []
+    for _ in range(3):
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            next(gen)
+            n += 1
+        rates.append(n * batch / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--work", type=Path, help="keep the generated data here")
+    a = ap.parse_args()
+    gpu = a.device == "gpu"
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    tree = work / "imagenet"
+    if not tree.exists():
+        make_sample(tree, 8, a.images // 8, 1, seed=0, quirks=False, large=0)
+    rows = {}
+    for enc in ("jpeg", "raw"):
+        out = work / enc
+        if not (out / "manifest.json").exists():
+            prepare_run(PrepareConfig(imagenet_root=tree, out=out, encoding=enc, shard_size=256,
+                                      progress=False))
+        files = work / f"files_{enc}"
+        if not files.exists():
+            extract(out, files, raw=enc == "raw")
+        ref = "bare" if enc == "raw" else "native"
+        rows[ref] = native_rate(files, enc == "raw", a.batch_size, a.threads, a.seconds, gpu)
+        cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
+                           workers=a.workers, augment=AugmentConfig())
+        r = bench_loader(BenchConfig(loader=cfg, seconds=a.seconds, repeats=3,
+                                     baseline=enc == "jpeg", compare_model=gpu))
+        rows[enc] = r["images_per_s"]
+        if enc == "jpeg":
+            rows["baseline"] = r["baseline_images_per_s"]
+        if gpu:
+            rows["model"] = r["model_images_per_s"]
+    mean_kb = np.mean([p.stat().st_size for p in (work / "files_jpeg").rglob("*.jpg")]) / 1024
+    print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
+    print(f"\n{a.images} images, 256x256 JPEG mean {mean_kb:.0f} KB, batch {a.batch_size}, "
+          f"{a.threads} DALI threads + {a.workers} reader workers, device {a.device}")
+    print("| pipeline | images/s | ratio |")
+    print("| --- | ---: | --- |")
+    print(f"| DALI file reader, 256 JPEGs (native) | {rows['native']:.0f} | 1.00 |")
+    print(f"| bench-loader, JPEG shards, full aug | {rows['jpeg']:.0f} | "
+          f"{rows['jpeg'] / rows['native']:.2f}x native |")
+    print(f"| DALI numpy reader, raw uint8 (bare) | {rows['bare']:.0f} | 1.00 |")
+    print(f"| bench-loader, raw shards, full aug | {rows['raw']:.0f} | "
+          f"{rows['raw'] / rows['bare']:.2f}x bare |")
+    print(f"| torch DataLoader + PIL/numpy, JPEG shards | {rows['baseline']:.0f} | "
+          f"jpeg = {rows['jpeg'] / rows['baseline']:.2f}x baseline |")
+    if gpu:
+        print(f"| AlexNet train step, synthetic input | {rows['model']:.0f} | "
+              f"jpeg = {rows['jpeg'] / rows['model']:.2f}x model |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
