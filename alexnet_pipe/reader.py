@@ -84,6 +84,15 @@ def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int,
     return np.array_split(np.arange(total), world)[rank]
 
 
+def _read_raw_image(ds, i: int) -> np.ndarray:
+    """Image i of a raw images dataset: its chunk's bytes as they are on disk (2x faster than
+    ds[i]; the format writes one uncompressed chunk per image), else the ordinary read."""
+    mask, data = ds.id.read_direct_chunk((i, 0, 0, 0))
+    if mask == 0 and len(data) == np.prod(ds.shape[1:]):
+        return np.frombuffer(data, np.uint8).reshape(ds.shape[1:])
+    return ds[i]
+
+
 @dataclass
 class BatchSource:
     """`fn.external_source(source=..., batch=True, batch_info=True, parallel=True)` callback.
@@ -109,11 +118,12 @@ class BatchSource:
 
     def __post_init__(self):
         self._offsets = np.concatenate([[0], np.cumsum(self.split.counts)])
-        self._files = {}
+        self._shards = {}       # shard index -> (images dataset, all labels), per process
+        self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"] = {}  # h5py handles stay behind: each worker opens its own
+        state["_shards"] = {}  # h5py handles stay behind: each worker opens its own
         return state
 
     def num_batches(self, epoch: int = 0) -> int:
@@ -121,8 +131,10 @@ class BatchSource:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def samples(self, epoch: int) -> np.ndarray:
-        return epoch_samples(self.split.total, train=self.train, seed=self.seed, epoch=epoch,
-                             rank=self.rank, world=self.world)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_samples(self.split.total, train=self.train, seed=self.seed,
+                                                epoch=epoch, rank=self.rank, world=self.world))
+        return self._epoch[1]
 
     def params(self, epoch: int, batch: int, n: int) -> dict:
         """The augmentation draws of one batch: a pure function of (seed, epoch, rank, batch)."""
@@ -152,23 +164,23 @@ class BatchSource:
             where = np.flatnonzero(shard_of == s)
             local = indices[where] - self._offsets[s]
             unique, inverse = np.unique(local, return_inverse=True)  # h5py wants increasing
-            f = self._open(int(s))
-            ds = f[shards.IMAGES]
+            ds, all_labels = self._open(int(s))
             if ds.ndim == 1:  # JPEG bytes: one fancy read of the sorted indices
                 data = ds[unique]
             else:  # raw: one chunk per image; h5py's fancy indexing is 100x slower here
-                data = [ds[i] for i in unique]
-            labs = f[shards.LABELS][unique]
+                data = [_read_raw_image(ds, int(i)) for i in unique]
+            labs = all_labels[unique]
             for w, i in zip(where, inverse):
                 images[w] = data[i]
                 labels[w] = labs[i]
         return images, labels
 
     def _open(self, s: int):
-        f = self._files.get(s)
-        if f is None:
-            f = self._files[s] = shards.open_shard(self.split.files[s])
-        return f
+        """(images dataset, labels array) of shard s, opened once per process."""
+        if s not in self._shards:
+            f = shards.open_shard(self.split.files[s])
+            self._shards[s] = (f[shards.IMAGES], f[shards.LABELS][...])
+        return self._shards[s]
 
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx

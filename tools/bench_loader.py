@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--mean", choices=("channel", "pixel"), default="channel",
+                    help="channel: the same work as the native reference; pixel: the paper's")
     ap.add_argument("--work", type=Path, help="keep the generated data here")
     a = ap.parse_args()
     gpu = a.device == "gpu"
@@ -112,7 +114,7 @@ def main() -> int:
         ref = "bare" if enc == "raw" else "native"
         rows[ref] = native_rate(files, enc == "raw", a.batch_size, a.threads, a.seconds, gpu)
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
-                           workers=a.workers, augment=AugmentConfig())
+                           workers=a.workers, augment=AugmentConfig(mean=a.mean))
         r = bench_loader(BenchConfig(loader=cfg, seconds=a.seconds, repeats=3,
                                      baseline=enc == "jpeg", compare_model=gpu))
         rows[enc] = r["images_per_s"]
@@ -123,7 +125,8 @@ def main() -> int:
     mean_kb = np.mean([p.stat().st_size for p in (work / "files_jpeg").rglob("*.jpg")]) / 1024
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
     print(f"\n{a.images} images, 256x256 JPEG mean {mean_kb:.0f} KB, batch {a.batch_size}, "
-          f"{a.threads} DALI threads + {a.workers} reader workers, device {a.device}")
+          f"{a.threads} DALI threads + {a.workers} reader workers, device {a.device}, "
+          f"--mean {a.mean}")
     print("| pipeline | images/s | ratio |")
     print("| --- | ---: | --- |")
     print(f"| DALI file reader, 256 JPEGs (native) | {rows['native']:.0f} | 1.00 |")
