@@ -157,5 +157,105 @@ def preview(data, out, images, **o):
     click.echo(f"wrote {preview_grid(loader_config(data, o), out, images)}")
 
 
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Shard folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--epochs", default=90, show_default=True)
+@click.option("--lr", default=0.01, show_default=True, help="Initial learning rate.")
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--lr-patience", default=1, show_default=True,
+              help="Epochs without a better val top-1 error before lr /= 10.")
+@click.option("--max-lr-drops", default=3, show_default=True)
+@click.option("--arch", type=click.Choice(["alexnet", "alexnet-owt"]), default="alexnet",
+              show_default=True, help="The paper's two towers, or torchvision's one tower.")
+@click.option("--bias-init", type=click.Choice(["paper", "caffe"]), default="paper",
+              show_default=True, help="Biases of conv2/4/5, fc6/7: 1 (paper) or 0.1 (Caffe).")
+@click.option("--dropout", default=0.5, show_default=True, help="Dropout of fc6 and fc7.")
+@click.option("--parallel", type=click.Choice(["auto", "none", "ddp", "towers"]), default="auto",
+              show_default=True, help="ddp under torchrun; towers: the paper's model parallelism.")
+@click.option("--tower-devices", default="cuda:0,cuda:1", show_default=True, callback=_csv,
+              help="Devices of tower A and tower B with --parallel towers.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on GPUs.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--keep", default=3, show_default=True, help="Epoch checkpoints kept.")
+@click.option("--log-every", default=10, show_default=True, help="Steps between log records.")
+@click.option("--flat-check-steps", default=300, show_default=True,
+              help="Warn if the loss is still ln(classes) after this many steps.")
+@click.option("--ten-crop", is_flag=True, help="Ten-crop evaluation after the last epoch.")
+@loader_options(batch_size=128)
+@user_errors
+def train(data, out, tower_devices, compile_, **o):
+    """Train AlexNet on prepared shards (the paper's recipe by default)."""
+    from alexnet_pipe.train import TrainConfig, run
+    if len(tower_devices) != 2:
+        raise UserError(f"--tower-devices {','.join(tower_devices)}: give two devices")
+    loader = loader_config(data, o)
+    run(TrainConfig(loader=loader, out=out, tower_devices=tuple(tower_devices), compile=compile_,
+                    **o))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Shard folder.")
+@click.option("--ten-crop", is_flag=True, help="The paper's ten-crop test-time augmentation.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def evaluate(checkpoint, data, ten_crop, device, batch_size, as_json):
+    """Top-1 and top-5 validation error of a checkpoint."""
+    from alexnet_pipe.infer import evaluate_checkpoint
+    r = evaluate_checkpoint(checkpoint, data, ten_crop=ten_crop, device=device,
+                            batch_size=batch_size)
+    click.echo(json.dumps(r) if as_json else
+               f"{r['images']} images: top-1 error {r['top1_err']:.4f}, top-5 error "
+               f"{r['top5_err']:.4f}{' (ten crops)' if ten_crop else ''}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--top", default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def predict(images, checkpoint, top, as_json):
+    """The top classes, with their names, for image files."""
+    from alexnet_pipe.infer import predict as run
+    results = run(list(images), checkpoint, top)
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    for r in results:
+        click.echo(r["image"])
+        for t in r["top"]:
+            click.echo(f"  {t['p']:6.1%}  {t['class']:4d}  {t['name']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="PNG (default RUN_DIR/curves.png).")
+@user_errors
+def plot(run_dir, out):
+    """Draw a run's loss and error curves to a PNG."""
+    from alexnet_pipe.viz import plot_run
+    click.echo(f"wrote {plot_run(run_dir, out)}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
+@user_errors
+def filters(checkpoint, out):
+    """Draw conv1's kernels as the paper's Figure 3 (one row block per tower)."""
+    from alexnet_pipe import checkpoint as ckpt
+    from alexnet_pipe.viz import conv1_filters
+    state = ckpt.load(checkpoint)
+    weight = state["model"]["features.1.weight" if state["arch"] == "alexnet"
+                            else "features.0.weight"].float().numpy()
+    click.echo(f"wrote {conv1_filters(weight, out)}")
+
+
 if __name__ == "__main__":
     main()

@@ -141,7 +141,7 @@ class Loader:
         self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid"], auto_reset=True)
 
     def __len__(self) -> int:
-        return self.source.num_batches(self.epoch)
+        return self.source.num_batches(self.epoch) - self.source.skipped(self.epoch)
 
     def __iter__(self):
         import torch
@@ -154,8 +154,8 @@ class Loader:
 
 
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
-                rank: int = 0, world: int = 1, start_epoch: int = 0, ten_crop: bool = False,
-                device_id: int | None = None) -> Loader:
+                rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
+                ten_crop: bool = False, device_id: int | None = None) -> Loader:
     """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader."""
     config.validate()
     train = (split == "train") if train is None else train
@@ -172,7 +172,7 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
     source = BatchSource(split=info, batch_size=config.batch_size, train=train, crop=aug.crop,
                          flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
                          lighting_basis=basis, seed=config.seed, start_epoch=start_epoch,
-                         rank=rank, world=world,
+                         start_batch=start_batch, rank=rank, world=world,
                          channel_mean=np.zeros(3) if aug.mean == "pixel" else stats.channel_mean)
     if source.num_batches(start_epoch) == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "

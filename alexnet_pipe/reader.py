@@ -112,6 +112,7 @@ class BatchSource:
     lighting_basis: np.ndarray | None = None
     seed: int = 0
     start_epoch: int = 0   # the epoch of DALI's epoch_idx 0: resume counts from the checkpoint
+    start_batch: int = 0   # batches of start_epoch already done (resume after an interrupt)
     rank: int = 0
     world: int = 1
     channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
@@ -182,11 +183,15 @@ class BatchSource:
             self._shards[s] = (f[shards.IMAGES], f[shards.LABELS][...])
         return self._shards[s]
 
+    def skipped(self, epoch: int) -> int:
+        return self.start_batch if epoch == self.start_epoch else 0
+
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
-        if info.iteration >= self.num_batches(epoch):
+        batch = info.iteration + self.skipped(epoch)
+        if batch >= self.num_batches(epoch):
             raise StopIteration  # also for every prefetched call past the end
-        return self.batch(epoch, info.iteration)
+        return self.batch(epoch, batch)
 
     def batch(self, epoch: int, batch: int) -> tuple:
         idx, valid = self.batch_indices(epoch, batch)

@@ -46,3 +46,61 @@ def preview_grid(config, out: Path, n: int = 8) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """PNG of a run's curves: train loss per logged step; top-1/top-5 error and lr per epoch."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from preprocessing.errors import UserError
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run_dir} a run directory of `alexnet-pipe train`?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    a.set(xlabel="step", ylabel="train loss", title="training loss")
+    e = [r["epoch"] for r in epochs]
+    b.plot(e, [r["top1_err"] for r in epochs], "o-", label="top-1 error")
+    b.plot(e, [r["top5_err"] for r in epochs], "s-", label="top-5 error")
+    b.set(xlabel="epoch", ylabel="validation error", ylim=(0, 1), title="validation (centre crop)")
+    b.legend(loc="upper right")
+    if epochs:
+        lr = b.twinx()
+        lr.step(e, [r["lr"] for r in epochs], where="post", color="grey", ls=":")
+        lr.set_yscale("log")
+        lr.set_ylabel("learning rate")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def conv1_filters(weight: np.ndarray, out: Path, scale: int = 4) -> Path:
+    """The paper's Figure 3: conv1's 96 kernels (96, 3, 11, 11), 48 a row block per tower."""
+    n = weight.shape[0]
+    towers = 2 if n == 96 else 1
+    per_tower = n // towers
+    cols = 16 if per_tower % 16 == 0 else 8
+    rows = -(-per_tower // cols)
+    k, gap = weight.shape[-1] * scale, 2
+    canvas = Image.new("RGB", (cols * (k + gap) + gap,
+                               towers * (rows * (k + gap) + 3 * gap)), (255, 255, 255))
+    for i in range(n):
+        t, j = divmod(i, per_tower)
+        r, c = divmod(j, cols)
+        w = weight[i].transpose(1, 2, 0)
+        w = (w - w.min()) / max(float(np.ptp(w)), 1e-12) * 255  # each kernel on its own range
+        tile = Image.fromarray(w.astype(np.uint8)).resize((k, k), Image.Resampling.NEAREST)
+        canvas.paste(tile, (gap + c * (k + gap), t * (rows * (k + gap) + 3 * gap) + gap + r * (k + gap)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

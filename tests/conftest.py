@@ -69,3 +69,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture(scope="session")
+def shards_small(tmp_path_factory, sample_tree) -> Path:
+    """16 train images (4 a class) and the 12 val images, raw: for training tests."""
+    return _prepare(tmp_path_factory, sample_tree, "shards_small", shard_size=16, encoding="raw",
+                    limit_per_class=4)

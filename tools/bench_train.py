@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Training step rate (images/s) with synthetic device-resident input and with the real pipeline,
+and their ratio (1 - ratio is the data-wait cost). Same model, batch, device and run.
+
+Usage: bench_train.py --data SHARDS [--device cpu|gpu] [--batch-size 128] [--steps 20]
+       [--compile] [--no-channels-last]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alexnet_pipe.augment import AugmentConfig
+from alexnet_pipe.model import build_model
+from alexnet_pipe.pipeline import LoaderConfig, make_loader
+from alexnet_pipe.reader import load_split
+
+
+def step_rate(model, opt, batches, steps: int, warmup: int, gpu: bool, channels_last: bool):
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()  # a CPU-GPU sync point: only around the timed region
+    n = 0
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        if channels_last and gpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            n += len(y)
+        if i + 1 == warmup + steps:
+            break
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-channels-last", action="store_true")
+    a = ap.parse_args()
+    gpu = a.device == "gpu"
+    dev = torch.device("cuda" if gpu else "cpu")
+    info = load_split(a.data, "train")
+    cfg = LoaderConfig(data=a.data, batch_size=a.batch_size, device=a.device, threads=a.threads,
+                       workers=a.workers, augment=AugmentConfig())
+    loader = make_loader(cfg, split="train")  # before CUDA work: the readers start first
+    model = build_model(num_classes=info.num_classes).to(dev)
+    channels_last = gpu and not a.no_channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    fwd = torch.compile(model) if a.compile else model
+    x = torch.randn(a.batch_size, 3, 224, 224, device=dev)
+    y = torch.randint(0, info.num_classes, (a.batch_size,), device=dev)
+
+    def synthetic():
+        while True:
+            yield x, y
+
+    def real():
+        while True:
+            for images, labels, _ in loader:
+                yield images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+    syn = step_rate(fwd, opt, synthetic(), a.steps, a.warmup, gpu, channels_last)
+    rl = step_rate(fwd, opt, real(), a.steps, a.warmup, gpu, channels_last)
+    r = {"device": a.device, "batch_size": a.batch_size, "compile": a.compile,
+         "channels_last": channels_last, "synthetic_images_per_s": round(syn, 1),
+         "real_images_per_s": round(rl, 1), "real_over_synthetic": round(rl / syn, 3)}
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
