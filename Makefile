@@ -26,6 +26,12 @@ demo: venv
 	$(BIN)/alexnet-pipe inspect $(DEMO)/shards
 	$(BIN)/alexnet-pipe bench-loader --data $(DEMO)/shards --batch-size 32 --batches 10 --baseline
 	$(BIN)/alexnet-pipe preview --data $(DEMO)/shards --out $(DEMO)/preview.png
+	$(BIN)/alexnet-pipe train --data $(DEMO)/shards --out $(DEMO)/run --epochs 2 --batch-size 16 \
+		--bias-init caffe --lr 0.005 --log-every 5
+	$(BIN)/alexnet-pipe plot $(DEMO)/run
+	$(BIN)/alexnet-pipe filters --checkpoint $(DEMO)/run/checkpoints/best.pt --out $(DEMO)/conv1.png
+	$(BIN)/alexnet-pipe predict $(DEMO)/imagenet/val/ILSVRC2012_val_00000001.JPEG \
+		--checkpoint $(DEMO)/run/checkpoints/best.pt
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -154,24 +154,27 @@ def test_raw_and_jpeg_val_images_agree(shards_raw, shards_jpeg):
     assert np.abs(raw - jpeg).mean() < 2.0
 
 
+def _damaged_copy(src, dst, damage):
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+def _set_attr(path, name, value):
+    with h5py.File(path, "a") as f:
+        f.attrs[name] = value
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, shards_raw):
-    broken = tmp_path / "missing"
-    shutil.copytree(shards_raw, broken)
-    (broken / "train-00001.h5").unlink()
-    with pytest.raises(UserError, match="train-00001.h5: shard not found"):
-        make_loader(config(broken))
-    other = tmp_path / "version"
-    shutil.copytree(shards_raw, other)
-    with h5py.File(other / "train-00000.h5", "a") as f:
-        f.attrs["format_version"] = 99
-    with pytest.raises(UserError, match="format version 99"):
-        make_loader(config(other))
-    stale = tmp_path / "stats"
-    shutil.copytree(shards_raw, stale)
-    with h5py.File(stale / "stats.h5", "a") as f:
-        f.attrs["count"] = 7
-    with pytest.raises(UserError, match="do not match the shards"):
-        make_loader(config(stale))
+    cases = [
+        (lambda d: (d / "train-00001.h5").unlink(), "train-00001.h5: shard not found"),
+        (lambda d: _set_attr(d / "train-00000.h5", "format_version", 99), "format version 99"),
+        (lambda d: _set_attr(d / "stats.h5", "count", 7), "do not match the shards"),
+    ]
+    for i, (damage, message) in enumerate(cases):
+        data = _damaged_copy(shards_raw, tmp_path / str(i), damage)
+        with pytest.raises(UserError, match=message):
+            make_loader(config(data))
     with pytest.raises(UserError, match="--crop 300"):
         make_loader(config(shards_raw, crop=300))
 
