@@ -125,7 +125,8 @@ def loader_config(data, o: dict):
 @main.command("bench-loader")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Shard folder (or a folder with jpeg/ and raw/ shard folders).")
-@click.option("--split", default="train", show_default=True)
+@click.option("--split", default="train", show_default=True,
+              help="Shards to read (with the train augmentation).")
 @click.option("--encoding", type=click.Choice(["jpeg", "raw"]), help="Which shards, if both.")
 @click.option("--batches", default=20, show_default=True, help="Timed batches per repeat.")
 @click.option("--seconds", type=float, help="Time each repeat for S seconds instead.")

@@ -306,8 +306,10 @@ def _run(config, env, mode, device, run_dir, resume_from) -> dict:
     log = Log(run_dir, env.is_main)
     torch.manual_seed(config.loader.seed)
     model, core, in_device = build_training_model(config, num_classes, mode, device)
-    log.line(f"{config.arch}: {count_parameters(core):,} parameters, {num_classes} classes, "
-             f"parallel={mode}, world={env.world}, device={device.type}")
+    n_params = count_parameters(core)
+    at_1000 = n_params + (1000 - num_classes) * 4097  # the last layer is 4096 x classes + bias
+    log.line(f"{config.arch}: {n_params:,} parameters ({at_1000:,} at 1000 classes), "
+             f"{num_classes} classes, parallel={mode}, world={env.world}, device={device.type}")
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config)

@@ -151,3 +151,15 @@ def test_resume_with_another_arch_is_refused(tmp_path, shards_small, straight_ru
     assert proc.returncode == 1 and "a checkpoint of --arch alexnet, not alexnet-owt" in proc.stderr
     again = cli(*train_args(shards_small, straight_run, "--epochs", "3"), check=False)
     assert again.returncode == 1 and "--resume" in again.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_training_bf16_and_towers_on_one_gpu(tmp_path, shards_small):
+    gpu = ["--device", "gpu", "--batch-size", "8", "--log-every", "1", "--bias-init", "caffe"]
+    run = tmp_path / "gpu"
+    cli("train", "--data", shards_small, "--out", run, "--epochs", "1", *gpu)
+    assert records(run, "epoch")[0]["train_images"] == 16
+    towers = tmp_path / "towers"
+    cli("train", "--data", shards_small, "--out", towers, "--epochs", "1", *gpu,
+        "--parallel", "towers", "--tower-devices", "cuda:0,cuda:0")
+    assert (towers / "checkpoints/epoch-0001.pt").exists()
