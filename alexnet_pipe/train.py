@@ -156,7 +156,8 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, epoch: int, 
     model.train()
     use_amp = amp and device.type == "cuda"
     first_bad = torch.tensor(-1, device=device)  # step of the first non-finite loss, on device
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)    # since the last log record
+    epoch_loss = torch.zeros((), device=device)  # over the epoch
     done = 0
     wait = 0.0
     t_epoch = t_log = time.perf_counter()
@@ -186,6 +187,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, epoch: int, 
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach()
+        epoch_loss += loss.detach()
         step += 1
         batch_index += 1
         done += len(labels)
@@ -207,7 +209,9 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, epoch: int, 
             loss_sum.zero_()
             t_log, n_log = now, 0
     seconds = time.perf_counter() - t_epoch
+    steps = batch_index - loader.source.skipped(epoch)
     return {"stopped": False, "step": step, "done": done, "seconds": seconds,
+            "train_loss": epoch_loss.item() / max(steps, 1),
             "data_wait": wait / seconds if seconds > 0 else 0.0}
 
 
@@ -369,12 +373,14 @@ def _run(config, env, mode, device, run_dir, resume_from) -> dict:
             sys.exit(128 + stop.signal)
         metrics = evaluate(model, val_loader, device=in_device, amp=config.amp)
         scheduler.step(metrics["top1_err"])
-        images = distributed.all_sum([out["done"]], device)[0]
+        images, loss_sum = distributed.all_sum([out["done"], out["train_loss"]], device)
+        out["train_loss"] = loss_sum / env.world  # the mean over ranks
         result = {"kind": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
-                  "train_images": int(images), "images_per_s": images / out["seconds"],
+                  "train_loss": out["train_loss"], "train_images": int(images), "images_per_s": images / out["seconds"],
                   "data_wait": out["data_wait"], "seconds": out["seconds"], **metrics}
         log.record(**result)
-        log.line(f"epoch {epoch + 1}/{config.epochs} step {step}: top-1 err "
+        log.line(f"epoch {epoch + 1}/{config.epochs} step {step}: train loss "
+                 f"{out['train_loss']:.4f} top-1 err "
                  f"{metrics['top1_err']:.4f} top-5 err {metrics['top5_err']:.4f} val loss "
                  f"{metrics['val_loss']:.4f} lr {lr:g} {result['images_per_s']:.1f} img/s "
                  f"data-wait {out['data_wait']:.1%}")

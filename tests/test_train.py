@@ -63,7 +63,11 @@ def test_resume_continues_exactly(tmp_path, shards_small, straight_run):
     resumed = cli(*train_args(shards_small, run, "--epochs", "2", "--resume"))
     assert "resumed from" in resumed.stdout
     assert_same_weights(run / "checkpoints/epoch-0002.pt", straight_run / "checkpoints/epoch-0002.pt")
-    assert [r["step"] for r in records(run, "epoch")] == [2, 4]
+    epochs = records(run, "epoch")
+    assert [r["step"] for r in epochs] == [2, 4]
+    for r in epochs:  # what every epoch record holds
+        assert {"train_loss", "lr", "top1_err", "top5_err", "images_per_s", "data_wait"} <= r.keys()
+        assert 0 <= r["data_wait"] < 1 and r["train_loss"] > 0
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, shards_small, straight_run):
