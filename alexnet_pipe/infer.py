@@ -1,7 +1,6 @@
 """Using a checkpoint: `evaluate` on the val shards, `predict` single image files."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ def evaluate_checkpoint(path: Path, data: Path, *, ten_crop: bool, device: str =
                                 num_classes=load_split(data, "val").num_classes)
     cfg = LoaderConfig(data=data, batch_size=batch_size, device="gpu" if gpu else "cpu",
                        threads=threads, workers=workers, augment=_augment_from(state))
-    loader = make_loader(replace(cfg), split="val", ten_crop=ten_crop)
+    loader = make_loader(cfg, split="val", ten_crop=ten_crop)
     return evaluate(model, loader, device=dev, amp=gpu, ten_crop=ten_crop)
 
 

@@ -28,6 +28,7 @@ class SplitInfo:
     size: int
     num_classes: int
     class_names: tuple[str, ...]
+    train_images: int | None  # images in the train split: what stats.h5 must have counted
 
     @property
     def total(self) -> int:
@@ -52,18 +53,17 @@ def load_split(data: Path, split: str) -> SplitInfo:
     return SplitInfo(files=tuple(str(data / e["file"]) for e in entries),
                      counts=tuple(e["images"] for e in entries), encoding=manifest["encoding"],
                      size=manifest["size"], num_classes=len(manifest["classes"]),
-                     class_names=tuple(c["name"] for c in manifest["classes"]))
+                     class_names=tuple(c["name"] for c in manifest["classes"]),
+                     train_images=manifest["counts"].get("train"))
 
 
 def load_stats(data: Path, split: SplitInfo) -> shards.ImageStats:
     path = Path(data) / shards.STATS_FILE
     stats = shards.read_stats(path)
-    manifest = shards.read_manifest(data)
-    if stats.pixel_mean.shape != (split.size, split.size, 3) or \
-            stats.count != manifest["counts"].get("train"):
+    if stats.pixel_mean.shape != (split.size, split.size, 3) or stats.count != split.train_images:
         raise UserError(f"{path}: statistics of {stats.count} images of "
                         f"{stats.pixel_mean.shape[0]} px do not match the shards "
-                        f"({manifest['counts'].get('train')} train images of {split.size} px); "
+                        f"({split.train_images} train images of {split.size} px); "
                         f"run prepare again")
     return stats
 

@@ -156,14 +156,15 @@ def _job_runner(args):
     return write_one_shard(*args)
 
 
-def _load_partial(out: Path, job: ShardJob) -> tuple[dict, PixelSums] | None:
-    """The partial record of a finished shard, or None if that shard must be (re)written."""
+def _load_partial(out: Path, job: ShardJob, sums: bool = True) -> tuple[dict, PixelSums] | None:
+    """The partial record of a finished shard, or None if that shard must be (re)written.
+    sums=False reads only the small record (npz members load lazily)."""
     path = partial_path(out, job.split, job.index)
     if not (out / shards.shard_name(job.split, job.index)).is_file() or not path.is_file():
         return None
     try:
         with np.load(path) as z:
-            return json.loads(str(z["info"])), PixelSums.from_arrays(z)
+            return json.loads(str(z["info"])), PixelSums.from_arrays(z) if sums else None
     except (OSError, ValueError, KeyError):
         return None  # a damaged record: write the shard again
 
@@ -233,12 +234,12 @@ def run(config: PrepareConfig) -> dict:
                            config.limit_per_class)
     _prepare_out(config)
     jobs = plan_shards(tree, config)
-    finished = {(j.split, j.index): _load_partial(config.out, j) for j in jobs}
+    finished = {(j.split, j.index): _load_partial(config.out, j, sums=False) for j in jobs}
     todo = [j for j in jobs if finished[(j.split, j.index)] is None]
     total = sum(len(j.samples) for j in jobs)
     done_images = total - sum(len(j.samples) for j in todo)
     t0 = time.perf_counter()
-    _run_jobs(todo, config, tree.image_root, total, done_images)
+    _run_jobs(todo, config, tree.image_root, total, done_images)  # results are in .partial/
     seconds = time.perf_counter() - t0
     records = [_load_partial(config.out, j) for j in jobs]
     if any(r is None for r in records):
