@@ -281,3 +281,12 @@ def test_full_disk_leaves_no_partial_shard(tmp_path, sample_tree):
         assert not list((mnt / "o").glob("*.tmp-*"))
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_inspect_reports_a_missing_shard(tmp_path, shards_jpeg):
+    out = tmp_path / "o"
+    shutil.copytree(shards_jpeg, out)
+    (out / "train-00001.h5").unlink()
+    proc = cli("inspect", out, check=False)
+    assert proc.returncode == 1 and "PROBLEM train-00001.h5: missing" in proc.stdout
+    assert "1 problem(s) found" in proc.stderr
