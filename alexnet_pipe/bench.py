@@ -33,10 +33,10 @@ class BenchConfig:
     baseline: bool = False
 
 
-def _timed(make_iter, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
-           sync=lambda: None) -> float:
-    """images/s of one pass: `warmup` batches untimed, then n batches or `seconds`."""
-    it = make_iter()
+def timed_rate(it, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
+               sync=lambda: None) -> float:
+    """images/s of one pass over iterator `it`: `warmup` batches untimed, then n batches or
+    `seconds`."""
     for _ in range(warmup):
         next(it)
     sync()
@@ -48,7 +48,8 @@ def _timed(make_iter, n_batches: int | None, seconds: float | None, warmup: int,
     return n * batch / (time.perf_counter() - t0)
 
 
-def _endless(loader):
+def endless(loader):
+    """Epoch after epoch of a loader, as one iterator."""
     while True:
         yield from loader
 
@@ -61,10 +62,10 @@ def bench_loader(config: BenchConfig) -> dict:
     sync = _cuda_sync if gpu else (lambda: None)
     rates = []
     loader = make_loader(cfg, split=config.split, train=True)
-    it = _endless(loader)
+    it = endless(loader)
     for _ in range(config.repeats):
-        rates.append(_timed(lambda: it, config.batches, config.seconds,
-                            config.warmup if not rates else 0, cfg.batch_size, sync))
+        rates.append(timed_rate(it, config.batches, config.seconds,
+                                config.warmup if not rates else 0, cfg.batch_size, sync))
     result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
               "batch_size": cfg.batch_size, "threads": cfg.threads, "workers": cfg.workers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),
@@ -107,8 +108,8 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
         while True:
             step()
             yield
-    return _timed(steps_iter, steps, None, warmup, cfg.batch_size,
-                  _cuda_sync if gpu else (lambda: None))
+    return timed_rate(steps_iter(), steps, None, warmup, cfg.batch_size,
+                      _cuda_sync if gpu else (lambda: None))
 
 
 # --- the baseline: a plain PyTorch DataLoader doing the same work with PIL and numpy -----------
@@ -130,8 +131,7 @@ class _TorchDataset:
                                   lighting_std=src.lighting_std)
         (data,), (label,) = src.read(np.array([i]))
         image = resize.decode_jpeg(data.tobytes()) if data.ndim == 1 else data
-        offset = augment.lighting_offsets(p["alpha"], src.lighting_basis)[0] \
-            if src.lighting_basis is not None else np.zeros(3)
+        offset = src.offsets(p)[0]
         out = augment.reference(image, x=int(p["x"][0]), y=int(p["y"][0]), flip=bool(p["flip"][0]),
                                 offset=offset, mean=self.mean, std=self.std, crop=src.crop)
         return torch.from_numpy(out.astype(np.float32)), int(label)
@@ -150,9 +150,9 @@ def baseline_rate(config: BenchConfig, info) -> float:
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
         num_workers=cfg.workers + cfg.threads, drop_last=True, persistent_workers=True,
         prefetch_factor=2)
-    it = _endless(loader)
-    rates = [_timed(lambda: it, config.batches, config.seconds, config.warmup if r == 0 else 0,
-                    cfg.batch_size) for r in range(config.repeats)]
+    it = endless(loader)
+    rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,
+                        cfg.batch_size) for r in range(config.repeats)]
     return statistics.median(rates)
 
 

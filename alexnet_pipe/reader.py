@@ -148,6 +148,12 @@ class BatchSource:
         return augment.random_params(rng, n, size=self.split.size, crop=self.crop,
                                      flip=self.flip, lighting_std=self.lighting_std)
 
+    def offsets(self, params: dict) -> np.ndarray:
+        """(n, 3) PCA lighting offsets of a batch's draws, 0-255 scale (zeros without lighting)."""
+        if self.lighting_basis is None:
+            return np.zeros((len(params["alpha"]), 3))
+        return augment.lighting_offsets(params["alpha"], self.lighting_basis)
+
     def batch_indices(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(global indices, valid mask) of one full batch."""
         samples = self.samples(epoch)
@@ -199,8 +205,7 @@ class BatchSource:
         images, labels = self.read(idx)
         p = self.params(epoch, batch, len(idx))
         span = max(self.split.size - self.crop, 1)
-        offsets = (augment.lighting_offsets(p["alpha"], self.lighting_basis)
-                   if self.lighting_basis is not None else np.zeros((len(idx), 3)))
+        offsets = self.offsets(p)
         # Whole arrays are batches to DALI (first axis = sample); images vary in size (JPEG).
         return (images, labels, (p["x"] / span).astype(np.float32),
                 (p["y"] / span).astype(np.float32), p["flip"].astype(np.int32),

@@ -202,27 +202,28 @@ def _prepare_out(config: PrepareConfig) -> None:
 
 
 def _run_jobs(todo: list[ShardJob], config: PrepareConfig, image_root: Path, total: int,
-              done_images: int) -> list[dict]:
+              done_images: int) -> None:
+    """Write the shards of `todo` in worker processes; their records land in .partial/."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if config.progress is None else config.progress
     counter = mp.Value("q", 0)
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    results = []
+    finished = 0
     with ctx.Pool(min(config.workers, max(len(todo), 1)), initializer=_init_worker,
                   initargs=(counter,)) as pool:
         bar = tqdm(total=total, initial=done_images, unit="img", disable=not show,
                    smoothing=0.1, desc="prepare")  # after the fork: no thread is forked
         pending = pool.imap_unordered(_job_runner, [(job, config, image_root) for job in todo])
-        while len(results) < len(todo):
+        while finished < len(todo):
             try:
-                results.append(pending.next(timeout=0.5))
+                pending.next(timeout=0.5)
+                finished += 1
             except mp.TimeoutError:
                 pass
             bar.n = done_images + counter.value
             bar.refresh()
     bar.close()
-    return results
 
 
 def run(config: PrepareConfig) -> dict:
@@ -234,12 +235,11 @@ def run(config: PrepareConfig) -> dict:
                            config.limit_per_class)
     _prepare_out(config)
     jobs = plan_shards(tree, config)
-    finished = {(j.split, j.index): _load_partial(config.out, j, sums=False) for j in jobs}
-    todo = [j for j in jobs if finished[(j.split, j.index)] is None]
+    todo = [j for j in jobs if _load_partial(config.out, j, sums=False) is None]
     total = sum(len(j.samples) for j in jobs)
     done_images = total - sum(len(j.samples) for j in todo)
     t0 = time.perf_counter()
-    _run_jobs(todo, config, tree.image_root, total, done_images)  # results are in .partial/
+    _run_jobs(todo, config, tree.image_root, total, done_images)
     seconds = time.perf_counter() - t0
     records = [_load_partial(config.out, j) for j in jobs]
     if any(r is None for r in records):

@@ -35,8 +35,7 @@ def twin(loader, data, aug, epoch=0, batch=0):
     p = src.params(epoch, batch, len(idx))
     stats = load_stats(data, src.split)
     mean, std = augment.mean_terms(stats, aug)
-    offsets = augment.lighting_offsets(p["alpha"], src.lighting_basis) \
-        if src.lighting_basis is not None else np.zeros((len(idx), 3))
+    offsets = src.offsets(p)
     out = [augment.reference(img if img.ndim == 3 else resize.decode_jpeg(img.tobytes()),
                              x=int(p["x"][i]), y=int(p["y"][i]), flip=bool(p["flip"][i]),
                              offset=offsets[i], mean=mean, std=std, crop=aug.crop)

@@ -16,18 +16,18 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_sample_imagenet import make_sample  # noqa: E402
 
 from alexnet_pipe.augment import AugmentConfig  # noqa: E402
-from alexnet_pipe.bench import BenchConfig, bench_loader  # noqa: E402
+from alexnet_pipe.bench import BenchConfig, bench_loader, endless, timed_rate  # noqa: E402
 from alexnet_pipe.pipeline import LoaderConfig  # noqa: E402
-from preprocessing import resize, shards  # noqa: E402
+from preprocessing import shards  # noqa: E402
 from preprocessing.prepare import PrepareConfig, run as prepare_run  # noqa: E402
 
 
@@ -67,22 +67,11 @@ def native_rate(files: Path, raw: bool, batch: int, threads: int, seconds: float
                                        mean=[123.0, 117.0, 104.0], output_layout="CHW")
         return out, labels
 
-    it = DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r", auto_reset=True)
-
-    def endless():
-        while True:
-            yield from it
-    gen = endless()
-    for _ in range(5):
-        next(gen)
-    rates = []
-    for _ in range(3):
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            next(gen)
-            n += 1
-        rates.append(n * batch / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    it = endless(DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r",
+                                     auto_reset=True))
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    return statistics.median(timed_rate(it, None, seconds, 5 if r == 0 else 0, batch, sync)
+                             for r in range(3))
 
 
 def main() -> int:
