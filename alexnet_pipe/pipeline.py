@@ -155,12 +155,14 @@ class Loader:
 
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
                 rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
-                ten_crop: bool = False, device_id: int | None = None) -> Loader:
-    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader."""
+                ten_crop: bool = False, device_id: int | None = None, info=None,
+                stats=None) -> Loader:
+    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader.
+    `info` (the split's SplitInfo) and `stats` may be passed when the caller has read them."""
     config.validate()
     train = (split == "train") if train is None else train
-    info = load_split(config.data, split)
-    stats = load_stats(config.data, info)
+    info = load_split(config.data, split) if info is None else info
+    stats = load_stats(config.data, info) if stats is None else stats
     config.augment.validate(info.size)
     gpu = resolve_device(config.device) == "gpu"
     if gpu and device_id is None:

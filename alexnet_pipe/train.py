@@ -338,9 +338,11 @@ def _run(config, env, mode, device, run_dir, resume_from) -> dict:
         return {"epoch": start_epoch, "step": step}
     train_loader = make_loader(per_rank, split="train", rank=env.rank, world=env.world,
                                start_epoch=start_epoch, start_batch=start_batch,
-                               device_id=env.local_rank if device.type == "cuda" else None)
+                               device_id=env.local_rank if device.type == "cuda" else None,
+                               info=split, stats=stats)  # read once, above
     val_loader = make_loader(per_rank, split="val", rank=env.rank, world=env.world,
-                             device_id=env.local_rank if device.type == "cuda" else None)
+                             device_id=env.local_rank if device.type == "cuda" else None,
+                             stats=stats)
     mean, std = augment.mean_terms(stats, config.loader.augment)
     common = {"arch": config.arch, "num_classes": num_classes,
               "crop": config.loader.augment.crop, "class_names": list(split.class_names),
