@@ -26,10 +26,16 @@ _EPOCH = re.compile(r"epoch-(\d{4,})\.pt$")
 
 def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:
     folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.tmp-*"):  # left by a save that was killed: never complete
+            stale.unlink()
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}, errno "
+                        f"{e.errno}); the earlier checkpoints in {folder} are intact") from None
     if _EPOCH.search(name):
         (folder / "interrupt.pt").unlink(missing_ok=True)  # superseded by a complete epoch
         for old in epoch_checkpoints(run_dir)[:-keep]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -97,12 +98,12 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                   prefetch_queue_depth=config.prefetch)
     def pipe():
         jpeg = split.encoding == "jpeg"
-        images, labels, x, y, mirror, norm_mean, valid = fn.external_source(
-            source=source, num_outputs=7, batch=True, batch_info=True, parallel=True,
+        images, labels, x, y, mirror, norm_mean, valid, index = fn.external_source(
+            source=source, num_outputs=8, batch=True, batch_info=True, parallel=True,
             dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT,
-                   types.INT32],
-            ndim=[1 if jpeg else 3, 0, 0, 0, 0, 1, 0],
-            layout=["" if jpeg else "HWC", "", "", "", "", "", ""])
+                   types.INT32, types.INT64],
+            ndim=[1 if jpeg else 3, 0, 0, 0, 0, 1, 0, 0],
+            layout=["" if jpeg else "HWC", "", "", "", "", "", "", ""])
         if jpeg:
             images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
@@ -121,24 +122,37 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                norm_mean)
                      for cx, cy, flip in augment.ten_crop_positions(split.size, aug.crop)]
             out = fn.stack(*crops, axis=0)
-        return out, labels, valid
+        return out, labels, valid, index
 
     return pipe()
 
 
-class Loader:
-    """Iterates (images, labels, valid) torch tensors, one epoch a `for` loop.
+class Batch(NamedTuple):
+    """One batch as torch tensors.
 
     images: (B, 3, H, W) or (B, 10, 3, H, W) on the pipeline's device, in `dtype`;
-    labels: (B,) int64; valid: (B,) bool (False only for val padding).
+    labels: (B,) int64; valid: (B,) bool (False only for val padding);
+    index: (B,) int64 on the CPU, the global sample index (shards in manifest order, then
+    position in the shard): which image each row is.
     """
+    images: object
+    labels: object
+    valid: object
+    index: object
 
-    def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int):
+
+class Loader:
+    """Iterates `Batch`es, one epoch a `for` loop."""
+
+    def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
+                 prefetch: int = 2):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
         self.epoch = start_epoch
         self._dtype = dtype
-        self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid"], auto_reset=True)
+        self._prefetch = prefetch
+        self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid", "index"],
+                                         auto_reset=True)
 
     def __len__(self) -> int:
         return self.source.num_batches(self.epoch) - self.source.skipped(self.epoch)
@@ -146,11 +160,30 @@ class Loader:
     def __iter__(self):
         import torch
         bf16 = self._dtype == "bfloat16"  # DALI has no bfloat16: cast on the device
-        for data in self._iter:
-            d = data[0]
-            images = d["images"].to(torch.bfloat16) if bf16 else d["images"]
-            yield images, d["labels"].reshape(-1).long(), d["valid"].reshape(-1).bool()
+        done = 0
+        try:
+            for data in self._iter:
+                d = data[0]
+                images = d["images"].to(torch.bfloat16) if bf16 else d["images"]
+                done += 1
+                yield Batch(images, d["labels"].reshape(-1).long(), d["valid"].reshape(-1).bool(),
+                            d["index"].reshape(-1))
+        except RuntimeError as e:  # DALI's errors name no file: find the image that failed
+            raise self._explain(e, done) from None
         self.epoch += 1
+
+    def _explain(self, error: RuntimeError, done: int) -> Exception:
+        """A UserError naming the shard and key of an undecodable image in the batches that
+        were in flight, or `error` itself when none is found."""
+        src = self.source
+        first = src.skipped(self.epoch) + done
+        for batch in range(first, min(first + self._prefetch + 2, src.num_batches(self.epoch))):
+            found = src.undecodable(self.epoch, batch)
+            if found is not None:
+                file, key, reason = found
+                return UserError(f"{file}: image {key} cannot be decoded ({reason}); the shard "
+                                 f"is damaged: prepare it again from the original images")
+        return error
 
 
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
@@ -182,5 +215,6 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
                         f"use a smaller batch")
     pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
                           device_id=device_id if gpu else None, ten_crop=ten_crop)
-    return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch)
+    return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
+                  prefetch=config.prefetch)
 

@@ -9,6 +9,9 @@ and augmentations of an uninterrupted run, whatever DALI's own epoch counter say
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +97,17 @@ def _read_raw_image(ds, i: int) -> np.ndarray:
     return ds[i]
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a reader worker: end when the process that owns the pipeline ends, however it ends.
+    DALI's workers otherwise outlive a SIGKILLed trainer, holding memory and its pipes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 @dataclass
 class BatchSource:
     """`fn.external_source(source=..., batch=True, batch_info=True, parallel=True)` callback.
@@ -101,7 +115,8 @@ class BatchSource:
     Returns per batch: images (JPEG bytes or HWC uint8), labels (int32), crop_x, crop_y
     (normalised 0-1 as DALI's crop_pos_x/y expect), mirror (int32), norm_mean (float32 (3,):
     channel_mean - offset, with offset the PCA lighting shift, for crop_mirror_normalize's
-    per-sample mean), valid (int32: 0 for val padding). Batches are always full: the train
+    per-sample mean), valid (int32: 0 for val padding), index (int64: the global sample index).
+    Batches are always full: the train
     remainder is dropped, the last val batch is padded with its last sample and valid=0.
     """
     split: SplitInfo
@@ -119,6 +134,8 @@ class BatchSource:
     channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
 
     def __post_init__(self):
+        self._parent = os.getpid()  # the process that owns the pipeline
+        self._armed = False         # set in a worker once it dies with its parent
         self._offsets = np.concatenate([[0], np.cumsum(self.split.counts)])
         self._shards = {}       # shard index -> (images dataset, all labels), per process
         self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
@@ -190,10 +207,34 @@ class BatchSource:
             self._shards[s] = (f[shards.IMAGES], f[shards.LABELS][...])
         return self._shards[s]
 
+    def locate(self, index: int) -> tuple[str, str]:
+        """(shard file, key) of global sample `index`."""
+        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        with shards.open_shard(self.split.files[s]) as f:
+            return self.split.files[s], f[shards.KEYS][index - self._offsets[s]].decode()
+
+    def undecodable(self, epoch: int, batch: int) -> tuple[str, str, str] | None:
+        """(shard file, key, reason) of the first image of a batch that cannot be decoded."""
+        if self.split.encoding != "jpeg":
+            return None
+        from preprocessing.resize import decode_jpeg
+        idx, _ = self.batch_indices(epoch, batch)
+        images, _ = self.read(idx)
+        for i, data in zip(idx, images):
+            try:
+                decode_jpeg(data.tobytes())
+            except Exception as e:  # PIL raises several types for damaged bytes
+                return (*self.locate(int(i)), str(e))
+        return None
+
     def skipped(self, epoch: int) -> int:
         return self.start_batch if epoch == self.start_epoch else 0
 
     def __call__(self, info):
+        if not self._armed:
+            self._armed = True
+            if os.getpid() != self._parent:
+                _die_with_parent(self._parent)
         epoch = self.start_epoch + info.epoch_idx
         batch = info.iteration + self.skipped(epoch)
         if batch >= self.num_batches(epoch):
@@ -209,4 +250,4 @@ class BatchSource:
         # Whole arrays are batches to DALI (first axis = sample); images vary in size (JPEG).
         return (images, labels, (p["x"] / span).astype(np.float32),
                 (p["y"] / span).astype(np.float32), p["flip"].astype(np.int32),
-                (self.channel_mean - offsets).astype(np.float32), valid)
+                (self.channel_mean - offsets).astype(np.float32), valid, idx.astype(np.int64))

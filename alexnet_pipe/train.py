@@ -170,7 +170,7 @@ def train_one_epoch(model, loader, optimizer, *, device, amp: bool, epoch: int, 
             return {"stopped": True, "batch": batch_index, "step": step, "done": done}
         t0 = time.perf_counter()
         try:
-            images, labels, _ = next(it)
+            images, labels, _, _ = next(it)
         except StopIteration:
             break
         wait += time.perf_counter() - t0  # time the step waited for the loader
@@ -230,7 +230,7 @@ def evaluate(model, loader, *, device, amp: bool, ten_crop: bool = False) -> dic
     model.eval()
     use_amp = amp and device.type == "cuda"
     counts = [0.0, 0.0, 0.0, 0.0]  # images, top-1 correct, top-5 correct, loss sum
-    for images, labels, valid in loader:
+    for images, labels, valid, _ in loader:
         images, labels, valid = (t.to(device) for t in (images, labels, valid))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             if ten_crop:  # (B, 10, C, H, W): the paper averages the ten softmax outputs
@@ -295,6 +295,8 @@ def run(config: TrainConfig) -> dict:
 
 def _run(config, env, mode, device, run_dir, resume_from) -> dict:
     split = load_split(config.loader.data, "train")
+    config.loader.validate()
+    config.loader.augment.validate(split.size)  # before anything is written
     num_classes = split.num_classes
     stats = load_stats(config.loader.data, split)
     state = None

@@ -16,7 +16,7 @@ def preview_grid(config, out: Path, n: int = 8) -> Path:
     from alexnet_pipe.pipeline import make_loader
     from alexnet_pipe.reader import load_stats
     loader = make_loader(replace(config, batch_size=n, dtype="float32"), split="train")
-    images, _, _ = next(iter(loader))
+    images = next(iter(loader)).images
     src = loader.source
     idx, _ = src.batch_indices(0, 0)
     originals, _ = src.read(idx)

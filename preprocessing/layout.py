@@ -36,6 +36,7 @@ class Tree:
     names: dict[str, str]                   # wnid -> human-readable name (wnid when unknown)
     samples: dict[str, list[Sample]]        # split -> labelled inputs, sorted by key
     unlabelled: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    left_out: dict[str, int] = field(default_factory=dict)  # split -> inputs over the limit
     val_layout: str = ""                    # "folders" | "kaggle" | "labels-file"
 
 
@@ -158,4 +159,5 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
                 if seen[s.label] <= limit_per_class:
                     kept.append(s)
             tree.samples[split] = kept
+            tree.left_out[split] = len(samples) - len(kept)  # counted, not listed
     return tree

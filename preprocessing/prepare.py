@@ -287,6 +287,7 @@ def _write_results(config, tree, jobs, records) -> dict:
         "shards": shard_list,
         "stats": stats_summary,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "left_out_by_limit": {split: tree.left_out.get(split, 0) for split in config.splits},
     }
     shards.write_json(config.out / shards.MANIFEST_FILE, manifest)
     return manifest

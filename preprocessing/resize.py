@@ -4,7 +4,8 @@ This is the paper's preprocessing. Speed comes from two shortcuts on top of the 
 "open, resize, crop" recipe: the JPEG decoder's DCT scaling (`draft`) decodes large JPEGs at 1/2,
 1/4 or 1/8 size, never below twice the target so the antialiasing filter still has detail to
 work with; and the resize computes only the central square (`box=`), so no pixel that the crop
-throws away is ever resampled. Without draft the result is bit-identical to the plain recipe.
+throws away is ever resampled. Without draft the result equals the plain recipe with the same
+filter to within 1 (the box's floating-point rounding; tested).
 """
 from __future__ import annotations
 

@@ -51,6 +51,23 @@ def shards_raw(tmp_path_factory, sample_tree) -> Path:
     return _prepare(tmp_path_factory, sample_tree, "shards_raw", shard_size=16, encoding="raw")
 
 
+# Small and quick: 16 train images in batches of 8, no flips or lighting noise in the way.
+FAST = ["--batch-size", "8", "--device", "cpu", "--threads", "1", "--workers", "1",
+        "--log-every", "1", "--bias-init", "caffe", "--lr", "0.005", "--mean", "channel"]
+
+
+def train_args(data, out, *extra):
+    return ["train", "--data", data, "--out", out, *FAST, *extra]
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, shards_small) -> Path:
+    """Two epochs on shards_small. Read-only: a test that writes into it copies it first."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    cli(*train_args(shards_small, run, "--epochs", "2"))
+    return run
+
+
 def has_cuda() -> bool:
     try:
         import torch
@@ -76,3 +93,52 @@ def shards_small(tmp_path_factory, sample_tree) -> Path:
     """16 train images (4 a class) and the 12 val images, raw: for training tests."""
     return _prepare(tmp_path_factory, sample_tree, "shards_small", shard_size=16, encoding="raw",
                     limit_per_class=4)
+
+
+# --- coordinate-coded images: every pixel says where it came from --------------------------------
+
+COORD_CLASSES, COORD_TRAIN, COORD_VAL = 3, 32, 4  # per class
+
+
+def coord_image(ident: int, size: int) -> "np.ndarray":
+    """(size, size, 3) uint8: R = column, G = row, B = the image's id. Any crop, flip or shift of
+    it can be read back from its pixels, independently of the code that made it."""
+    import numpy as np
+    cols, rows = np.meshgrid(np.arange(size), np.arange(size))
+    return np.stack([cols, rows, np.full((size, size), ident)], -1).astype(np.uint8)
+
+
+def make_coord_tree(root: Path, size: int, classes: int, per_class: int,
+                    val_per_class: int) -> dict[str, tuple[int, int]]:
+    """Lossless PNGs of coord_image in train/<wnid>/ and val/<wnid>/. Returns key -> (id, label).
+    At the shard size a resize is the identity, so the shards hold these very pixels."""
+    from PIL import Image
+    from make_sample_imagenet import wnid
+    truth, ident = {}, 0
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for k in range(classes):
+            folder = root / split / wnid(k)
+            folder.mkdir(parents=True)
+            for i in range(n):
+                key = f"{split}/{wnid(k)}/{ident:03d}.png"
+                Image.fromarray(coord_image(ident, size)).save(root / key)
+                truth[key] = (ident, k)
+                ident += 1
+    return truth
+
+
+@pytest.fixture(scope="session")
+def coord_shards(tmp_path_factory):
+    """(shard folder, key -> (id, label)): 96 train images in 12 raw shards, 12 val in 2."""
+    root = tmp_path_factory.mktemp("coord_tree")
+    truth = make_coord_tree(root, 256, COORD_CLASSES, COORD_TRAIN, COORD_VAL)
+    return _prepare(tmp_path_factory, root, "coord_shards", shard_size=8, encoding="raw"), truth
+
+
+@pytest.fixture(scope="session")
+def coord_shards_small(tmp_path_factory):
+    """32x32 coordinate images (64 train): many augmentation draws at little cost."""
+    root = tmp_path_factory.mktemp("coord_tree_small")
+    truth = make_coord_tree(root, 32, 2, 32, 0)
+    return _prepare(tmp_path_factory, root, "coord_shards_small", shard_size=16,
+                    encoding="raw", size=32, splits=("train",)), truth

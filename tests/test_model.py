@@ -1,6 +1,8 @@
 """The model: the paper's layer shapes and parameter count; towers equal to the grouped net."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from alexnet_pipe.model import AlexNet, TowerAlexNet, build_model, count_parameters
@@ -20,13 +22,78 @@ def test_parameter_count_and_layer_shapes():
     assert build_model("alexnet-owt", 10)(torch.zeros(2, 3, 224, 224)).shape == (2, 10)
 
 
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
 def test_paper_initialisation():
+    torch.manual_seed(0)
     model = build_model("alexnet", 10, bias_init="paper")
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert [float(m.bias.mean()) for m in layers] == [0, 1, 0, 1, 1, 1, 1, 0]
-    assert abs(float(layers[6].weight.std()) - 0.01) < 1e-3
-    caffe = build_model("alexnet", 10, bias_init="caffe")
-    assert abs(float(list(caffe.features.children())[5].bias.mean()) - 0.1) < 1e-6
+    layers = _layers(model)
+    # The paper, section 5: weights N(0, 0.01) in every layer; biases 1 in conv2, conv4, conv5
+    # and the hidden fully connected layers, 0 in the others.
+    assert len(layers) == 8
+    for layer, bias in zip(layers, [0, 1, 0, 1, 1, 1, 1, 0]):
+        w = layer.weight.detach().double()
+        assert abs(float(w.std()) - 0.01) < 0.0003, layer  # >= 34848 weights: std error < 0.4%
+        assert abs(float(w.mean())) < 0.0003, layer
+        assert torch.equal(layer.bias.detach(), torch.full_like(layer.bias, bias)), layer
+    caffe = _layers(build_model("alexnet", 10, bias_init="caffe"))
+    assert [float(m.bias[0].detach()) for m in caffe] == pytest.approx([0, 0.1, 0, 0.1, 0.1, 0.1, 0.1, 0])
+
+
+def _lrn_reference(a: np.ndarray, groups: int) -> np.ndarray:
+    """cuda-convnet2's response normalisation, within each group of channels:
+    b_c = a_c / (k + alpha/n * sum over c' in [c-2, c+2] of a_c'^2) ** beta, k=2 n=5 alpha=1e-4
+    beta=0.75 (the paper's constants; alpha divided by n as cuda-convnet2 does)."""
+    k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
+    out = np.empty_like(a)
+    per = a.shape[0] // groups
+    for c in range(a.shape[0]):
+        g0 = c // per * per
+        lo, hi = max(g0, c - n // 2), min(g0 + per, c + n // 2 + 1)
+        out[c] = a[c] / (k + alpha / n * (a[lo:hi] ** 2).sum(0)) ** beta
+    return out
+
+
+def test_lrn_against_the_formula():
+    model = build_model("alexnet", 10)
+    lrns = [m for m in model.features if type(m).__name__ == "GroupLRN"]
+    assert len(lrns) == 2  # after conv1 and conv2 (the paper's section 3.3)
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 120, (8, 2, 3))  # large enough that alpha matters (sum a^2 ~ 3e4)
+    want = _lrn_reference(a, groups=2)
+    got = lrns[0](torch.from_numpy(a)[None])[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.abs(want - a / 2.0 ** 0.75).max() > 0.5  # the test would see a wrong alpha or n
+
+
+def test_conv1_pads_right_and_bottom_only():
+    """With 224 crops conv1 pads 3 px on the right and bottom (cuda-convnet2), so output pixel
+    (i, j) sees input rows 4i..4i+10 and columns 4j..4j+10, and the 55th row and column reach
+    into the padding."""
+    model = build_model("alexnet", 10).double().eval()
+    conv1 = _layers(model)[0]
+    captured = []
+    conv1.register_forward_hook(lambda m, i, o: captured.append(o))
+    x = torch.zeros(1, 3, 224, 224, dtype=torch.float64)
+    x[0, 0] = torch.arange(224 * 224, dtype=torch.float64).view(224, 224) + 1  # distinct, > 0
+    with torch.no_grad():
+        conv1.bias.zero_()
+        for ky, kx in [(0, 0), (10, 10), (3, 7)]:
+            conv1.weight.zero_()
+            conv1.weight[0, 0, ky, kx] = 1  # output channel 0 copies one tap of the window
+            captured.clear()
+            model(x)
+            out = captured[0][0, 0]
+            assert out.shape == (55, 55)
+            want = torch.zeros(55, 55, dtype=torch.float64)
+            for i in range(55):
+                for j in range(55):
+                    r, c = 4 * i + ky, 4 * j + kx
+                    if r < 224 and c < 224:
+                        want[i, j] = x[0, 0, r, c]
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_towers_equal_grouped_outputs_and_gradients():

@@ -167,7 +167,7 @@ def test_raw_pixels_against_pil_reference(sample_tree, shards_raw, shards_jpeg):
         if _short_side(path) < 4 * 256:  # no draft: the plain recipe with our filter, up to
             same_filter = plain_pil(path, resample=resize.RESAMPLE)  # rounding of the box
             diff = np.abs(image.astype(int) - same_filter)
-            assert diff.max() <= 2 and psnr(image, same_filter) > 45, key
+            assert diff.max() <= 1 and psnr(image, same_filter) > 50, key  # box rounding only
             checked_exact += 1
         assert psnr(image, reference) > 35, key     # against bicubic, draft-decoded or not
         assert psnr(jpeg[key][1], image) > 35, key  # quality-95 re-encoding
@@ -179,7 +179,11 @@ def test_draft_decoding_keeps_quality(sample_tree):
            and _short_side(p) >= 1024]
     assert big, "the sample tree should hold a large image"
     for path in big:
-        assert psnr(resize.load_image(path, 256), plain_pil(path)) > 35
+        # Measured on the sample's large image: decoded at 1/2 (the draft never goes below 2x
+        # the target) 51 dB against the full decode with the same filter; at 1/4 (draft to 1x)
+        # 46 dB; at 1/8 and upsampled 40 dB.
+        full = plain_pil(path, resample=resize.RESAMPLE)
+        assert psnr(resize.load_image(path, 256), full) > 49
 
 
 def _short_side(path: Path) -> int:
@@ -229,7 +233,38 @@ def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
     assert written_now <= 33 - 2  # the finished shards were not written again
     assert _shard_bytes(out) == _shard_bytes(reference)
     assert (out / "stats.h5").read_bytes() == (reference / "stats.h5").read_bytes()
+    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text() \
+        .replace(str(reference), str(out))
     assert not list(out.glob("*.tmp-*"))
+    # Another seed: the same train images in another order.
+    other = tmp_path / "seed1"
+    cli("prepare", *args, "--out", other, "--seed", "1", "--splits", "train")
+    keys = {d: [k for p in shards.list_shards(d, "train")
+                for k in h5py.File(p, "r")[shards.KEYS][...].tolist()] for d in (reference, other)}
+    assert sorted(keys[reference]) == sorted(keys[other]) and keys[reference] != keys[other]
+
+
+def test_stray_files_unknown_classes_and_limit_per_class(tmp_path):
+    tree = tmp_path / "tree"
+    make_sample(tree, 3, 4, 2, seed=6, val_layout="folders", quirks=False, large=0)
+    (tree / "train" / "README.txt").write_text("a stray file beside the class folders\n")
+    (tree / "val" / "stray.JPEG").write_bytes((tree / "val" / wnid(0)).glob("*.JPEG").__next__()
+                                               .read_bytes())
+    unknown = tree / "val" / "n99999999"
+    unknown.mkdir()
+    shutil.copy(next((tree / "val" / wnid(1)).glob("*.JPEG")), unknown / "x.JPEG")
+    out = tmp_path / "out"
+    cli("prepare", "--imagenet-root", tree, "--out", out, "--limit-per-class", "3",
+        "--workers", "1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {
+        "train/README.txt": "not inside a class folder train/<wnid>/",
+        "val/stray.JPEG": "not inside a class folder val/<wnid>/",
+        "val/n99999999/x.JPEG": "class n99999999 is not among the train classes"}
+    # 4 train and 2 val a class; the limit keeps 3 and 2: what it leaves out is counted.
+    assert manifest["counts_per_class"] == {"train": [3, 3, 3], "val": [2, 2, 2]}
+    assert manifest["left_out_by_limit"] == {"train": 3, "val": 0}
 
 
 @pytest.mark.parametrize("args, message", [

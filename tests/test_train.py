@@ -1,26 +1,24 @@
 """`train` as users run it: real subprocesses, real DALI pipelines on the CPU, torchrun with gloo."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli
+from alexnet_pipe.model import build_model
+from conftest import ROOT, cli, train_args
 
-# Small and quick: 16 train images in batches of 8, no flips or lighting noise in the way.
-FAST = ["--batch-size", "8", "--device", "cpu", "--threads", "1", "--workers", "1",
-        "--log-every", "1", "--bias-init", "caffe", "--lr", "0.005", "--mean", "channel"]
-
-
-def train_args(data, out, *extra):
-    return ["train", "--data", data, "--out", out, *FAST, *extra]
+HARNESS = ROOT / "tests" / "harness.py"
 
 
 def records(run: Path, kind: str) -> list[dict]:
@@ -39,13 +37,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.fixture(scope="session")
-def straight_run(tmp_path_factory, shards_small) -> Path:
-    run = tmp_path_factory.mktemp("straight") / "run"
-    cli(*train_args(shards_small, run, "--epochs", "2"))
-    return run
-
-
 def test_learning_loss_falls(tmp_path, shards_small):
     run = tmp_path / "run"
     # Overfitting two batches: no dropout, no flips or lighting, a constant learning rate.
@@ -57,103 +48,206 @@ def test_learning_loss_falls(tmp_path, shards_small):
     assert min(losses[12:]) < 0.6 * start, losses
 
 
-def test_resume_continues_exactly(tmp_path, shards_small, straight_run):
-    run = tmp_path / "run"
-    cli(*train_args(shards_small, run, "--epochs", "1"))
-    resumed = cli(*train_args(shards_small, run, "--epochs", "2", "--resume"))
-    assert "resumed from" in resumed.stdout
-    assert_same_weights(run / "checkpoints/epoch-0002.pt", straight_run / "checkpoints/epoch-0002.pt")
-    epochs = records(run, "epoch")
-    assert [r["step"] for r in epochs] == [2, 4]
-    for r in epochs:  # what every epoch record holds
-        assert {"train_loss", "lr", "top1_err", "top5_err", "images_per_s", "data_wait"} <= r.keys()
-        assert 0 <= r["data_wait"] < 1 and r["train_loss"] > 0
+def harness(*args, env: dict, check=True, timeout=300) -> subprocess.CompletedProcess:
+    """`alexnet-pipe ARGS` through tests/harness.py, with the faults that `env` names."""
+    proc = subprocess.run([sys.executable, str(HARNESS), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"harness {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, shards_small, straight_run):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "alexnet_pipe",
-                             *map(str, train_args(shards_small, run, "--epochs", "2"))],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-            (run / "metrics.jsonl").exists() and records(run, "step")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "continue with --resume" in out
-    interrupt = run / "checkpoints/interrupt.pt"
-    if interrupt.exists():  # stopped mid-epoch: the checkpoint says where
-        state = torch.load(interrupt, weights_only=True)
-        assert state["step"] >= 1 and 0 < state["batch"] < 2
-    else:  # the signal came in an epoch's last step: that epoch was finished and saved
-        assert (run / "checkpoints/epoch-0001.pt").exists()
+    # The signal arrives after step 1 of 2 in epoch 1: deterministically mid-epoch.
+    proc = harness(*train_args(shards_small, run, "--epochs", "2"),
+                   env={"HARNESS_FAULT": "sigterm@1"}, check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "continue with --resume" in proc.stdout
+    state = torch.load(run / "checkpoints/interrupt.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 1, 1)
+    assert not list((run / "checkpoints").glob("epoch-*.pt"))
     cli(*train_args(shards_small, run, "--epochs", "2", "--resume"))
     assert_same_weights(run / "checkpoints/epoch-0002.pt", straight_run / "checkpoints/epoch-0002.pt")
     assert not (run / "checkpoints/interrupt.pt").exists()
 
 
-def test_nan_guard_names_the_step(tmp_path, shards_small):
+def test_nan_after_a_good_epoch_keeps_that_epoch(tmp_path, shards_small, straight_run):
     run = tmp_path / "run"
-    proc = cli(*train_args(shards_small, run, "--epochs", "1", "--lr", "1e6"), check=False)
-    assert proc.returncode == 1 and "non-finite loss at step" in proc.stderr, proc.stderr
+    # Step 3 (the first of epoch 2) turns the weights into NaN: the loss of step 4 is NaN.
+    proc = harness(*train_args(shards_small, run, "--epochs", "2"), env={"HARNESS_FAULT": "nan@3"},
+                   check=False)
+    assert proc.returncode == 1 and "non-finite loss at step" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert not list((run / "checkpoints").glob("epoch-*.pt")) if (run / "checkpoints").exists() \
-        else True
+    assert [p.name for p in (run / "checkpoints").glob("epoch-*.pt")] == ["epoch-0001.pt"]
+    assert_same_weights(run / "checkpoints/epoch-0001.pt", straight_run / "checkpoints/epoch-0001.pt")
+
+
+@pytest.mark.parametrize("how", ["raise", "sigkill"])
+def test_crash_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, shards_small,
+                                                              straight_run, how):
+    run = tmp_path / "run"
+    # The second save (epoch 2) writes half a file, then fails with ENOSPC or dies.
+    proc = harness(*train_args(shards_small, run, "--epochs", "2"),
+                   env={"HARNESS_SAVE_FAULT": f"{how}@2"}, check=False)
+    ckpts = run / "checkpoints"
+    if how == "raise":
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        err = proc.stderr.strip().splitlines()[-1]
+        assert "epoch-0002.pt" in err and "No space left on device" in err, err
+        assert not list(ckpts.glob("*.tmp*"))
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["best.pt", "epoch-0001.pt"]
+    saved = [line.split()[2:] for line in proc.stderr.splitlines() if line.startswith("HARNESS saved")]
+    assert saved == [["epoch-0001.pt", hashlib.sha256((ckpts / "epoch-0001.pt").read_bytes()).hexdigest()]]
+    cli(*train_args(shards_small, run, "--epochs", "2", "--resume"))
+    assert not list(ckpts.glob("*.tmp*"))  # a killed save's leftovers are cleared on resume
+    assert_same_weights(ckpts / "epoch-0002.pt", straight_run / "checkpoints/epoch-0002.pt")
+
+
+def test_keep_best_and_resume_across_a_learning_rate_drop(tmp_path, shards_small):
+    # A tiny rate keeps the val error flat, so patience 0 drops the rate after epoch 2.
+    args = ["--lr", "1e-5", "--lr-patience", "0", "--keep", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cli(*train_args(shards_small, straight, "--epochs", "3", *args))
+    cli(*train_args(shards_small, split, "--epochs", "2", *args))
+    cli(*train_args(shards_small, split, "--epochs", "3", "--resume", *args))
+    epochs = records(straight, "epoch")
+    lrs = [r["lr"] for r in epochs]
+    assert lrs[0] == 1e-5 and lrs[2] == pytest.approx(1e-6), lrs  # the premise: a drop
+    assert [r["lr"] for r in records(split, "epoch")] == lrs
+    assert "resumed from" in (split / "train.log").read_text()
+    for r in records(split, "epoch"):  # what every epoch record holds
+        assert {"train_loss", "lr", "top1_err", "top5_err", "images_per_s", "data_wait"} <= r.keys()
+        assert 0 <= r["data_wait"] < 1 and r["train_loss"] > 0
+    assert [r["step"] for r in records(split, "epoch")] == [2, 4, 6]
+    assert_same_weights(split / "checkpoints/epoch-0003.pt", straight / "checkpoints/epoch-0003.pt")
+    names = sorted(p.name for p in (straight / "checkpoints").glob("*.pt"))
+    assert names == ["best.pt", "epoch-0003.pt"]  # --keep 1
+    errors = [r["top1_err"] for r in epochs]
+    best = torch.load(straight / "checkpoints/best.pt", weights_only=True)
+    assert best["epoch"] == errors.index(min(errors)) + 1  # the first epoch with the least error
+    r = json.loads(cli("evaluate", "--checkpoint", straight / "checkpoints/best.pt", "--data",
+                       shards_small, "--device", "cpu", "--json").stdout)
+    assert r["top1_err"] == min(errors)
 
 
 def test_torchrun_two_processes_gloo(tmp_path, shards_small):
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run, rec = tmp_path / "run", tmp_path / "record"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_RECORD": str(rec)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29517", "-m", "alexnet_pipe",
-         *map(str, train_args(shards_small, run, "--epochs", "1"))],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(HARNESS), *map(str, train_args(shards_small, run, "--epochs", "2", "--keep", "1"))],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    epoch, = records(run, "epoch")
-    assert epoch["train_images"] == 16 and epoch["images"] == 12  # disjoint shares, all of val
+    epochs = records(run, "epoch")
+    assert [(e["train_images"], e["images"]) for e in epochs] == [(16, 12)] * 2
     done, = records(run, "done")
     assert done["ranks_in_sync"] is True
     assert json.loads((run / "config.json").read_text())["parallel"] == "ddp"
+    # What each rank's loader delivered: batches of 8 / 2 = 4, disjoint shares of one seeded
+    # permutation of the 16 train images per epoch (the documented order), all of it read.
+    got = {r: [json.loads(line) for line in (rec / f"rank-{r}.jsonl").read_text().splitlines()]
+           for r in range(2)}
+    for epoch in range(2):
+        order = np.random.default_rng([0, epoch]).permutation(16).tolist()
+        for r in range(2):
+            batches = [b["index"] for b in got[r] if b["epoch"] == epoch]
+            assert [len(b) for b in batches] == [4, 4]
+            assert sum(batches, []) == order[r * 8:(r + 1) * 8]
 
 
-def test_towers_on_the_cpu_and_checkpoint_tools(tmp_path, shards_small, straight_run):
+def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_small, straight_run):
+    ckpt = straight_run / "checkpoints/epoch-0002.pt"
+    state = torch.load(ckpt, weights_only=True)
+    model = build_model("alexnet", 4).double().eval()
+    model.load_state_dict({k: v.double() for k, v in state["model"].items()})
+    images, labels = [], []
+    for path in sorted(shards_small.glob("val-*.h5")):
+        with h5py.File(path, "r") as f:
+            images.append(f["images"][...])
+            labels.append(f["labels"][...])
+    images, labels = np.concatenate(images), torch.from_numpy(np.concatenate(labels)).long()
+    with h5py.File(shards_small / "stats.h5", "r") as f:
+        mean = f["channel_mean"][...]  # the run used --mean channel
+
+    def logits_at(x, y, flip):
+        crop = images[:, y:y + 224, x:x + 224]
+        crop = crop[:, :, ::-1] if flip else crop
+        batch = torch.from_numpy(np.ascontiguousarray((crop - mean).transpose(0, 3, 1, 2)))
+        with torch.no_grad():
+            return model(batch)
+
+    def errors(logits):
+        top5 = logits.topk(4, 1).indices  # 4 classes: top-5 is every class
+        return (1 - (top5[:, 0] == labels).double().mean().item(),
+                1 - (top5 == labels[:, None]).any(1).double().mean().item())
+
+    centre = errors(logits_at(16, 16, False))
+    crops = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]
+    probs = torch.stack([torch.softmax(logits_at(x, y, f), 1) for x, y in crops
+                         for f in (False, True)]).mean(0)
+    ten = errors(probs)
+    # Batch 5 over 12 images: the last batch holds 2 images and 3 masked paddings.
+    for extra, want in (([], centre), (["--ten-crop"], ten)):
+        r = json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small, "--device",
+                           "cpu", "--batch-size", "5", "--json", *extra).stdout)
+        assert r["images"] == 12
+        assert (r["top1_err"], r["top5_err"]) == pytest.approx(want, abs=1e-9), extra
+    logged = records(straight_run, "epoch")[1]
+    assert logged["top1_err"] == pytest.approx(centre[0], abs=1e-9)
+
+    # predict on the original val file: prepare's resize, then the same centre crop and mean.
+    keys = []
+    for path in sorted(shards_small.glob("val-*.h5")):
+        with h5py.File(path, "r") as f:
+            keys += [k.decode() for k in f["keys"][...]]
+    want = torch.softmax(logits_at(16, 16, False), 1)
+    tree = json.loads((shards_small / "manifest.json").read_text())["options"]["imagenet_root"]
+    files = [Path(tree) / keys[i] for i in (0, 5)]
+    out = json.loads(cli("predict", *files, "--checkpoint", ckpt, "--top", "4", "--json").stdout)
+    for i, r in zip((0, 5), out):
+        got = {t["class"]: t["p"] for t in r["top"]}
+        assert sorted(got) == [0, 1, 2, 3]
+        for c in range(4):
+            assert got[c] == pytest.approx(float(want[i, c]), abs=1e-4)
+
+
+def test_towers_on_the_cpu(tmp_path, shards_small, straight_run):
     run = tmp_path / "towers"
     cli(*train_args(shards_small, run, "--epochs", "1", "--parallel", "towers",
                     "--tower-devices", "cpu,cpu"))
     ckpt = run / "checkpoints/epoch-0001.pt"
     r = json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small, "--device", "cpu",
                        "--batch-size", "6", "--json").stdout)
-    assert r["images"] == 12 and 0 <= r["top1_err"] <= 1
-    ten = cli("evaluate", "--checkpoint", straight_run / "checkpoints/best.pt", "--data",
-              shards_small, "--device", "cpu", "--ten-crop", "--batch-size", "6")
-    assert "12 images" in ten.stdout and "ten crops" in ten.stdout
+    assert r["top1_err"] == records(run, "epoch")[0]["top1_err"]
     image = next(Path(ROOT).glob("tests/*.py"))  # not an image: a clear error
     bad = cli("predict", image, "--checkpoint", ckpt, check=False)
     assert bad.returncode == 1 and "not an image" in bad.stderr
 
 
-def test_predict_plot_filters(tmp_path, sample_tree, straight_run):
+def test_plot_filters(tmp_path, straight_run):
     ckpt = straight_run / "checkpoints/epoch-0002.pt"
-    images = sorted((sample_tree / "val").glob("*.JPEG"))[:2]
-    out = json.loads(cli("predict", *images, "--checkpoint", ckpt, "--json").stdout)
-    assert len(out) == 2 and len(out[0]["top"]) == 4  # 4 classes
-    assert abs(sum(t["p"] for t in out[0]["top"]) - 1) < 1e-4
-    assert out[0]["top"][0]["name"]
-    cli("plot", straight_run)
-    assert (straight_run / "curves.png").stat().st_size > 1000
+    cli("plot", straight_run, "--out", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     cli("filters", "--checkpoint", ckpt, "--out", tmp_path / "conv1.png")
     from PIL import Image
     assert Image.open(tmp_path / "conv1.png").size[0] > 16 * 44
 
 
 def test_resume_with_another_arch_is_refused(tmp_path, shards_small, straight_run):
-    proc = cli(*train_args(shards_small, straight_run, "--epochs", "3", "--resume", "--arch",
+    run = copy_run(straight_run, tmp_path / "run")
+    proc = cli(*train_args(shards_small, run, "--epochs", "3", "--resume", "--arch",
                            "alexnet-owt"), check=False)
     assert proc.returncode == 1 and "a checkpoint of --arch alexnet, not alexnet-owt" in proc.stderr
-    again = cli(*train_args(shards_small, straight_run, "--epochs", "3"), check=False)
+    again = cli(*train_args(shards_small, run, "--epochs", "3"), check=False)
     assert again.returncode == 1 and "--resume" in again.stderr
 
 

@@ -79,7 +79,7 @@ def main() -> int:
 
     def real():
         while True:
-            for images, labels, _ in loader:
+            for images, labels, _, _ in loader:
                 yield images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
     syn = step_rate(fwd, opt, synthetic(), a.steps, a.warmup, gpu, channels_last)
     rl = step_rate(fwd, opt, real(), a.steps, a.warmup, gpu, channels_last)

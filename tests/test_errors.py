@@ -1,0 +1,111 @@
+"""Bad input on the command line, as a user meets it: exit status 1, one line that names the file
+or option, no traceback, and nothing written that was not there."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import cli
+
+CPU = ["--device", "cpu", "--threads", "1", "--workers", "1"]
+
+
+def assert_one_line_error(proc, *needles, decoder_log=False):
+    """decoder_log: DALI's JPEG decoder logs its own line ("[jpeg_parser] Invalid marker") to
+    stderr from C++ before ours; only that one may precede the message."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = err.splitlines()
+    if decoder_log:
+        lines = [line for line in lines if "[jpeg_parser]" not in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    err = lines[0]
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def train(data, out, *extra, env=None):
+    return cli("train", "--data", data, "--out", out, "--batch-size", "8", *CPU, "--epochs", "1",
+               *extra, check=False, env=env)
+
+
+def test_truncated_shard(tmp_path, shards_small):
+    data = copy(shards_small, tmp_path / "d")
+    shard = data / "train-00000.h5"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    proc = train(data, tmp_path / "run")
+    assert_one_line_error(proc, str(shard))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_stats(tmp_path, shards_small):
+    data = copy(shards_small, tmp_path / "d")
+    (data / "stats.h5").unlink()
+    assert_one_line_error(train(data, tmp_path / "run"), str(data / "stats.h5"), "not found")
+
+
+def test_manifest_count_mismatch(tmp_path, shards_small):
+    data = copy(shards_small, tmp_path / "d")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["images"] += 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(train(data, tmp_path / "run"), manifest["shards"][0]["file"],
+                          "the manifest says")
+
+
+def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, straight_run,
+                                                       coord_shards):
+    good = straight_run / "checkpoints/epoch-0001.pt"
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(good.read_bytes()[:100_000])
+    proc = cli("evaluate", "--checkpoint", bad, "--data", shards_small, "--device", "cpu",
+               check=False)
+    assert_one_line_error(proc, str(bad), "not a readable alexnet-pipe checkpoint")
+    proc = cli("evaluate", "--checkpoint", good, "--data", coord_shards[0], "--device", "cpu",
+               check=False)
+    assert_one_line_error(proc, "4 classes", "3")
+
+
+@pytest.mark.parametrize("extra, env, needles", [
+    (["--device", "gpu"], None, ["--device gpu", "no CUDA GPU"]),
+    (["--batch-size", "7"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+     ["--batch-size 7", "2 processes"]),
+    (["--parallel", "ddp"], None, ["--parallel ddp", "torchrun"]),
+    (["--std"], None, ["--std", "--mean channel"]),
+])
+def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
+    proc = train(shards_small, tmp_path / "run", *extra,
+                 env={**os.environ, **env} if env else None)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_malformed_val_labels(tmp_path, sample_tree):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("ILSVRC2012_val_00000001.JPEG n01440764\nthree words here\n")
+    proc = cli("prepare", "--imagenet-root", sample_tree, "--out", tmp_path / "o",
+               "--val-labels", labels, check=False)
+    assert_one_line_error(proc, f"{labels}:2", "filename wnid")
+
+
+def test_corrupt_jpeg_inside_a_shard(tmp_path, shards_jpeg):
+    data = copy(shards_jpeg, tmp_path / "d")
+    shard = data / "train-00001.h5"
+    with h5py.File(shard, "a") as f:
+        key = f["keys"][3].decode()
+        data_bytes = np.frombuffer(b"\xff\xd8\xff\xe0 this is no JPEG " * 40, np.uint8)
+        f["images"][3] = data_bytes
+    proc = cli("bench-loader", "--data", data, *CPU, "--batch-size", "8", "--batches", "8",
+               "--repeats", "1", "--warmup", "0", check=False)
+    assert_one_line_error(proc, str(shard), key, decoder_log=True)
