@@ -5,39 +5,9 @@ Pixel scale everywhere: 0-255. Images are HWC uint8 on input, CHW float on outpu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-MEAN_MODES = ("pixel", "channel")
-LIGHTING_SCALES = ("stdev", "eigval")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    crop: int = 224                 # px; the paper's 224 (227 also supported)
-    mean: str = "pixel"             # "pixel": subtract the 256x256 mean image (the paper)
-                                    # "channel": subtract the RGB mean
-    std: bool = False               # with mean="channel": also divide by the RGB std
-    lighting_std: float = 0.1       # sigma of the PCA lighting alphas (the paper); 0 turns it off
-    lighting_scale: str = "stdev"   # "stdev": sqrt(eigval) on 0-255 (cuda-convnet2, the author's)
-                                    # "eigval": eigval of [0,1] pixels (fb.resnet.torch, torchvision)
-    flip: bool = True               # horizontal flip with probability 0.5
-
-    def validate(self, size: int) -> None:
-        from preprocessing.errors import UserError
-        if not 1 <= self.crop <= size:
-            raise UserError(f"--crop {self.crop}: must be between 1 and the shard size {size}")
-        if self.mean not in MEAN_MODES:
-            raise UserError(f"--mean {self.mean}: choose one of {', '.join(MEAN_MODES)}")
-        if self.lighting_scale not in LIGHTING_SCALES:
-            raise UserError(f"--lighting-scale {self.lighting_scale}: choose one of "
-                            f"{', '.join(LIGHTING_SCALES)}")
-        if self.lighting_std < 0:
-            raise UserError(f"--lighting-std {self.lighting_std}: must be >= 0")
-        if self.std and self.mean != "channel":
-            raise UserError("--std needs --mean channel (the paper's pixel mean has no std)")
-
+from alexnet_base.config import AugmentConfig
 
 def lighting_basis(eigval: np.ndarray, eigvec: np.ndarray, scale: str) -> np.ndarray:
     """(3, 3) matrix B with offset = B @ alpha, on the 0-255 scale.
@@ -84,7 +54,7 @@ def mean_terms(stats, config: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) to apply after cropping: mean is (size, size, 3) for pixel, (3,) for channel."""
     if config.mean == "pixel":
         return stats.pixel_mean, np.ones(3)
-    return stats.channel_mean, (stats.channel_std if config.std else np.ones(3))
+    return stats.channel_mean, (stats.channel_std if config.divide_std else np.ones(3))
 
 
 def reference(image: np.ndarray, *, x: int, y: int, flip: bool, offset: np.ndarray, mean, std,

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from alexnet_pipe import augment
-from alexnet_pipe.pipeline import LoaderConfig, make_loader, resolve_device
-from alexnet_pipe.reader import BatchSource, load_split, load_stats
+from alexnet_base.config import BenchConfig, LoaderConfig
+from alexnet_base.errors import UserError
+from alexnet_pipe import augment, distributed
+from alexnet_pipe.pipeline import make_loader
+from alexnet_pipe.reader import BatchSource
 from preprocessing import resize
-from preprocessing.errors import UserError
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    loader: LoaderConfig
-    split: str = "train"
-    batches: int = 20          # timed batches per repeat (ignored when seconds is set)
-    seconds: float | None = None
-    repeats: int = 3
-    warmup: int = 5            # batches before timing: worker start, first decode, allocations
-    compare_model: bool = False
-    baseline: bool = False
+from preprocessing.shards import load_split, load_stats
 
 
 def timed_rate(it, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
@@ -56,18 +45,20 @@ def endless(loader):
 
 def bench_loader(config: BenchConfig) -> dict:
     cfg = config.loader
-    gpu = resolve_device(cfg.device) == "gpu"
+    device = distributed.device(cfg.device)
+    gpu = device.type == "cuda"
     info = load_split(cfg.data, config.split)
     mb_per_image = sum(Path(f).stat().st_size for f in info.files) / info.total / 1e6
     sync = _cuda_sync if gpu else (lambda: None)
     rates = []
-    loader = make_loader(cfg, split=config.split, train=True)
+    loader = make_loader(cfg, split=config.split, train=True, device=device, info=info)
     it = endless(loader)
     for _ in range(config.repeats):
         rates.append(timed_rate(it, config.batches, config.seconds,
                                 config.warmup if not rates else 0, cfg.batch_size, sync))
+    threads, workers = cfg.readers()
     result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
-              "batch_size": cfg.batch_size, "threads": cfg.threads, "workers": cfg.workers,
+              "batch_size": cfg.batch_size, "threads": threads, "workers": workers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),
               "mb_per_s": statistics.median(rates) * mb_per_image, "repeats": rates}
     if config.compare_model:
@@ -89,6 +80,7 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
     """AlexNet SGD steps on synthetic device-resident input: what the loader has to keep up with."""
     import torch
     from alexnet_pipe.model import build_model
+    from alexnet_pipe.train import train_step
     device = torch.device("cuda" if gpu else "cpu")
     model = build_model(num_classes=num_classes, crop=cfg.augment.crop).to(device)
     if gpu:
@@ -97,16 +89,9 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
     x = torch.randn(cfg.batch_size, 3, cfg.augment.crop, cfg.augment.crop, device=device)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     def steps_iter():
         while True:
-            step()
+            train_step(model, opt, x, y, amp=gpu)
             yield
     return timed_rate(steps_iter(), steps, None, warmup, cfg.batch_size,
                       _cuda_sync if gpu else (lambda: None))
@@ -131,7 +116,7 @@ class _TorchDataset:
                                   lighting_std=src.lighting_std)
         (data,), (label,) = src.read(np.array([i]))
         image = resize.decode_jpeg(data.tobytes()) if data.ndim == 1 else data
-        offset = src.offsets(p)[0]
+        offset = src.lighting_shifts(p)[0]
         out = augment.reference(image, x=int(p["x"][0]), y=int(p["y"][0]), flip=bool(p["flip"][0]),
                                 offset=offset, mean=self.mean, std=self.std, crop=src.crop)
         return torch.from_numpy(out.astype(np.float32)), int(label)
@@ -148,7 +133,7 @@ def baseline_rate(config: BenchConfig, info) -> float:
                          lighting_std=cfg.augment.lighting_std, lighting_basis=basis)
     loader = torch.utils.data.DataLoader(
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
-        num_workers=cfg.workers + cfg.threads, drop_last=True, persistent_workers=True,
+        num_workers=sum(cfg.readers()), drop_last=True, persistent_workers=True,
         prefetch_factor=2)
     it = endless(loader)
     rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,

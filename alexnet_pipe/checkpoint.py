@@ -6,7 +6,8 @@
 
 Each holds: model (the grouped AlexNet layout, whatever the parallel mode), optimizer, scheduler,
 epoch (completed epochs), batch (batches done of the next epoch), step, rng, config, arch,
-num_classes, crop, class_names, normalisation (mean, std) and the best error so far.
+num_classes, size (px of the shards), crop, class_names, normalisation (mean, std) and the best
+centre-crop error so far.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from preprocessing.errors import UserError
-from preprocessing.shards import atomic_path
+from alexnet_base.errors import UserError
+from alexnet_base.files import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
 _EPOCH = re.compile(r"epoch-(\d{4,})\.pt$")

@@ -1,5 +1,6 @@
-"""Everything distributed in one place: rank and world size from torchrun's environment, the
-process group (NCCL on GPUs, gloo on the CPU), and the few collectives training needs."""
+"""Everything distributed and device-related in one place: rank and world size from torchrun's
+environment, the device each process uses, the process group (NCCL on GPUs, gloo on the CPU),
+and the few collectives training needs."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from alexnet_base.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,38 @@ def from_environment() -> DistEnv:
                    local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(env: DistEnv, gpu: bool) -> None:
+def device(choice: str, env: DistEnv | None = None) -> torch.device:
+    """--device auto|cpu|gpu -> this process's torch device: the GPU of its LOCAL_RANK. gpu
+    without CUDA is an error, never a silent CPU run."""
+    env = env or from_environment()
+    if choice == "auto":
+        choice = "gpu" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device gpu: no CUDA GPU is visible; use --device cpu")
+    check_devices([f"cuda:{env.local_rank}"])
+    return torch.device("cuda", env.local_rank)
+
+
+def check_devices(names) -> None:
+    """Every named device exists (cuda:1 on a one-GPU machine is a clear error)."""
+    for name in names:
+        try:
+            d = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"device {name!r}: not a torch device (cpu, cuda:0, ...)") from None
+        if d.type == "cuda":
+            count = torch.cuda.device_count()
+            if (d.index or 0) >= count:
+                raise UserError(f"device {name}: this machine has {count} CUDA GPU(s)")
+
+
+def init(env: DistEnv, dev: torch.device) -> None:
     if env.enabled and not dist.is_initialized():
-        if gpu:
-            torch.cuda.set_device(env.local_rank)
-        dist.init_process_group("nccl" if gpu else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
 
 
 def shutdown() -> None:
@@ -42,19 +72,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_sum(values: list[float], device) -> list[float]:
+def all_sum(values: list[float], dev) -> list[float]:
     """Sum numbers over ranks (a sync point)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def same_on_all_ranks(value: float, device) -> bool:
+def same_on_all_ranks(value: float, dev) -> bool:
     """True when every rank holds the same number (for example a parameter checksum)."""
     if not dist.is_initialized():
         return True
-    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    t = torch.tensor([value, -value], dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t[0].item() == value and -t[1].item() == value
 

@@ -1,16 +1,21 @@
-"""Using a checkpoint: `evaluate` on the val shards, `predict` single image files."""
+"""Using a checkpoint: `evaluate` on the val shards, `predict` single image files. Both take the
+preprocessing (shard size, crop, mean) from the checkpoint alone."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alexnet_pipe import augment, checkpoint
+from alexnet_base.config import AugmentConfig, EvalConfig
+from alexnet_base.errors import UserError
+from alexnet_pipe import augment, checkpoint, distributed
+from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.model import build_model
-from alexnet_pipe.pipeline import LoaderConfig, make_loader, resolve_device
+from alexnet_pipe.pipeline import make_loader
 from preprocessing import resize
-from preprocessing.errors import UserError
+from preprocessing.shards import load_split
 
 
 def model_from_checkpoint(path: Path, device) -> tuple[torch.nn.Module, dict]:
@@ -20,40 +25,39 @@ def model_from_checkpoint(path: Path, device) -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), state
 
 
-def _augment_from(state: dict) -> augment.AugmentConfig:
+def _augment_from(state: dict) -> AugmentConfig:
     a = state["config"]["loader"]["augment"]
-    return augment.AugmentConfig(crop=a["crop"], mean=a["mean"], std=a["std"])
+    return AugmentConfig(crop=a["crop"], mean=a["mean"], divide_std=a["divide_std"])
 
 
-def evaluate_checkpoint(path: Path, data: Path, *, ten_crop: bool, device: str = "auto",
-                        batch_size: int = 64, threads: int = 2, workers: int = 2) -> dict:
-    from alexnet_pipe.reader import load_split
-    from alexnet_pipe.train import evaluate
-    gpu = resolve_device(device) == "gpu"
-    dev = torch.device("cuda" if gpu else "cpu")
-    model, state = model_from_checkpoint(path, dev)
-    checkpoint.check_compatible(state, path, arch=state["arch"],
-                                num_classes=load_split(data, "val").num_classes)
-    cfg = LoaderConfig(data=data, batch_size=batch_size, device="gpu" if gpu else "cpu",
-                       threads=threads, workers=workers, augment=_augment_from(state))
-    loader = make_loader(cfg, split="val", ten_crop=ten_crop)
-    return evaluate(model, loader, device=dev, amp=gpu, ten_crop=ten_crop)
+def evaluate_checkpoint(config: EvalConfig) -> dict:
+    dev = distributed.device(config.loader.device)
+    model, state = model_from_checkpoint(config.checkpoint, dev)
+    info = load_split(config.loader.data, "val")
+    checkpoint.check_compatible(state, config.checkpoint, arch=state["arch"],
+                                num_classes=info.num_classes)
+    if info.size != state["size"]:
+        raise UserError(f"{config.checkpoint}: trained on {state['size']} px shards; "
+                        f"{config.loader.data} holds {info.size} px")
+    loader = make_loader(replace(config.loader, augment=_augment_from(state)), split="val",
+                         ten_crop=config.ten_crop, device=dev, info=info)
+    return evaluate(model, loader, device=dev, amp=dev.type == "cuda", ten_crop=config.ten_crop)
 
 
 @torch.no_grad()
 def predict(images: list[Path], path: Path, top: int = 5) -> list[dict]:
-    """Each image as `prepare` would store it (256x256), centre crop, the run's mean; top-k."""
+    """Each image as `prepare` stored the run's data (its size), the centre crop, the run's mean."""
     model, state = model_from_checkpoint(path, torch.device("cpu"))
-    crop = state["crop"]
+    size, crop = state["size"], state["crop"]
     mean = state["normalization"]["mean"].double().numpy()
     std = state["normalization"]["std"].double().numpy()
     results = []
     for image_path in images:
         try:
-            pixels = resize.load_image(Path(image_path), 256)
+            pixels = resize.load_image(Path(image_path), size)
         except (resize.SkipImage, FileNotFoundError) as e:
             raise UserError(f"{image_path}: {e}") from None
-        c = (256 - crop) // 2
+        c = (size - crop) // 2
         x = augment.reference(pixels, x=c, y=c, flip=False, offset=np.zeros(3), mean=mean,
                               std=std, crop=crop)
         probs = torch.softmax(model(torch.from_numpy(x).float()[None]), 1)[0]

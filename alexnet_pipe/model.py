@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHS = ("alexnet", "alexnet-owt")
-BIAS_INITS = ("paper", "caffe")  # biases of conv2, conv4, conv5, fc6, fc7: 1 (paper) or 0.1
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # alpha divided by n, as torch and cuda-convnet2
 
 
@@ -137,9 +135,9 @@ class TowerAlexNet(nn.Module):
                  devices=("cpu", "cpu")):
         super().__init__()
         self.devices = [torch.device(d) for d in devices]
-        self.split = (num_classes + 1) // 2  # tower A computes the first half of the logits
-        self.towers = nn.ModuleList([_Tower(self.split, crop, dropout),
-                                     _Tower(num_classes - self.split, crop, dropout)])
+        self.logits_a = (num_classes + 1) // 2  # tower A computes the first half of the logits
+        self.towers = nn.ModuleList([_Tower(self.logits_a, crop, dropout),
+                                     _Tower(num_classes - self.logits_a, crop, dropout)])
         for tower, device in zip(self.towers, self.devices):
             tower.to(device)
 
@@ -165,7 +163,7 @@ class TowerAlexNet(nn.Module):
             ("classifier.3", "fc7", "out"), ("classifier.6", "fc8", "logits")]
 
     def _halves(self, n: int, kind: str) -> list[slice]:
-        k = self.split if kind == "logits" else n // 2
+        k = self.logits_a if kind == "logits" else n // 2
         return [slice(0, k), slice(k, n)]
 
     def load_grouped_state_dict(self, state: dict) -> None:

@@ -13,52 +13,15 @@ its last batch (the `valid` output masks the padding).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from alexnet_base.config import LoaderConfig
+from alexnet_base.errors import UserError
 from alexnet_pipe import augment
-from alexnet_pipe.reader import BatchSource, load_split, load_stats
-from preprocessing.errors import UserError
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    data: Path
-    batch_size: int = 128           # per process (the paper's 128 is global: 2 GPUs x 64 in DDP)
-    device: str = "auto"            # auto | cpu | gpu: where decoding and augmentation run
-    threads: int = 2                # DALI CPU threads per pipeline
-    workers: int = 2                # Python worker processes reading HDF5 (parallel source)
-    dtype: str = "float32"          # of the output images
-    seed: int = 0
-    prefetch: int = 2               # batches DALI prepares ahead
-    augment: augment.AugmentConfig = field(default_factory=augment.AugmentConfig)
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise UserError(f"--device {self.device}: choose auto, cpu or gpu")
-        if self.threads < 1 or self.workers < 1:
-            raise UserError("--threads and --workers must be at least 1")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
-
-
-def resolve_device(device: str) -> str:
-    """auto -> gpu when CUDA is there; gpu without CUDA is an error, never a silent CPU run."""
-    import torch
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "gpu" and not torch.cuda.is_available():
-        raise UserError("--device gpu: no CUDA GPU is visible; use --device cpu")
-    return device
-
+from alexnet_pipe.reader import BatchSource
+from preprocessing.shards import load_split, load_stats
 
 def _dali_modules():
     try:
@@ -68,13 +31,20 @@ def _dali_modules():
     return fn, pipeline_def, types
 
 
+def _start_method(gpu: bool) -> str:
+    """DALI refuses to fork its reader workers once the CUDA driver is initialised (any torch.cuda
+    call does it, even in a CPU pipeline's process); spawn costs about a second per worker."""
+    from nvidia.dali.backend import IsDriverInitialized
+    return "spawn" if gpu or IsDriverInitialized() else "fork"
+
+
 def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: bool,
                    device_id: int | None, ten_crop: bool = False):
     """The DALI graph for `source` (train or val). Returns an unbuilt Pipeline."""
     fn, pipeline_def, types = _dali_modules()
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
-    pixel_mean = np.ndim(mean) == 3
+    threads, workers = config.readers()
     dev = "gpu" if gpu else "cpu"
     out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
 
@@ -91,10 +61,9 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                                  device=dev)
         return fn.cast(out, dtype=out_type) if out_type != types.FLOAT else out
 
-    @pipeline_def(batch_size=config.batch_size, num_threads=config.threads, device_id=device_id,
-                  seed=config.seed, py_num_workers=config.workers,
-                  # fork is unsafe once CUDA is initialised; spawn costs a second per worker
-                  py_start_method="spawn" if gpu else "fork",
+    @pipeline_def(batch_size=config.batch_size, num_threads=threads, device_id=device_id,
+                  seed=config.seed, py_num_workers=workers,
+                  py_start_method=_start_method(gpu),
                   prefetch_queue_depth=config.prefetch)
     def pipe():
         jpeg = split.encoding == "jpeg"
@@ -110,7 +79,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
         elif gpu:
             images = images.gpu()
         mean_image = None
-        if pixel_mean:
+        if aug.mean == "pixel":
             mean_image = fn.constant(fdata=np.asarray(mean, np.float32).ravel().tolist(),
                                      shape=list(np.shape(mean)), layout="HWC", dtype=types.FLOAT,
                                      device=dev)
@@ -188,18 +157,18 @@ class Loader:
 
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
                 rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
-                ten_crop: bool = False, device_id: int | None = None, info=None,
-                stats=None) -> Loader:
-    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader.
-    `info` (the split's SplitInfo) and `stats` may be passed when the caller has read them."""
+                ten_crop: bool = False, device=None, info=None, stats=None) -> Loader:
+    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader delivering
+    to `device` (a torch.device; default: --device for this process). `info` (the split's
+    SplitInfo) and `stats` may be passed when the caller has read them."""
+    from alexnet_pipe import distributed
     config.validate()
     train = (split == "train") if train is None else train
     info = load_split(config.data, split) if info is None else info
     stats = load_stats(config.data, info) if stats is None else stats
     config.augment.validate(info.size)
-    gpu = resolve_device(config.device) == "gpu"
-    if gpu and device_id is None:
-        device_id = int(os.environ.get("LOCAL_RANK", 0))
+    device = distributed.device(config.device) if device is None else device
+    gpu = device.type == "cuda"
     aug = config.augment
     basis = None
     if train and aug.lighting_std > 0:
@@ -214,7 +183,6 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
                         f"the {split} split ({len(source.samples(start_epoch))} images); "
                         f"use a smaller batch")
     pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
-                          device_id=device_id if gpu else None, ten_crop=ten_crop)
+                          device_id=(device.index or 0) if gpu else None, ten_crop=ten_crop)
     return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
                   prefetch=config.prefetch)
-

@@ -1,5 +1,6 @@
-"""Reading the shards for the DALI pipelines: which samples each rank reads in which epoch, in
-which batch, with which augmentation draws, and the batch reads from HDF5.
+"""The DALI callback that reads the shards: which samples each rank reads in which epoch, in
+which batch, with which augmentation draws, and the batch reads from HDF5. What the files are
+(names, manifest, statistics, their checks) is preprocessing/shards.py's business.
 
 `BatchSource` is the callback of a parallel, batch-mode `fn.external_source`: stateless (batch k
 of epoch e is a pure function of the seed, e and k), picklable, and it opens its h5py files lazily
@@ -19,56 +20,7 @@ import numpy as np
 
 from alexnet_pipe import augment
 from preprocessing import shards
-from preprocessing.errors import UserError
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    """The shards of one split, as the manifest lists them, checked against the files."""
-    files: tuple[str, ...]
-    counts: tuple[int, ...]
-    encoding: str
-    size: int
-    num_classes: int
-    class_names: tuple[str, ...]
-    train_images: int | None  # images in the train split: what stats.h5 must have counted
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
-def load_split(data: Path, split: str) -> SplitInfo:
-    data = Path(data)
-    manifest = shards.read_manifest(data)
-    if manifest.get("format_version") != shards.FORMAT_VERSION:
-        raise UserError(f"{data / shards.MANIFEST_FILE}: format version "
-                        f"{manifest.get('format_version')}, this alexnet-pipe reads "
-                        f"{shards.FORMAT_VERSION}; prepare the data again")
-    entries = [e for e in manifest["shards"] if e["split"] == split]
-    if not entries or sum(e["images"] for e in entries) == 0:
-        raise UserError(f"{data}: no {split} images; prepare with --splits including {split}")
-    for e in entries:  # a missing or foreign shard is named now, not deep inside a DALI worker
-        info = shards.shard_info(data / e["file"])
-        if info["images"] != e["images"] or info["split"] != split:
-            raise UserError(f"{data / e['file']}: {info['images']} {info['split']} images, the "
-                            f"manifest says {e['images']} {split}; run prepare again")
-    return SplitInfo(files=tuple(str(data / e["file"]) for e in entries),
-                     counts=tuple(e["images"] for e in entries), encoding=manifest["encoding"],
-                     size=manifest["size"], num_classes=len(manifest["classes"]),
-                     class_names=tuple(c["name"] for c in manifest["classes"]),
-                     train_images=manifest["counts"].get("train"))
-
-
-def load_stats(data: Path, split: SplitInfo) -> shards.ImageStats:
-    path = Path(data) / shards.STATS_FILE
-    stats = shards.read_stats(path)
-    if stats.pixel_mean.shape != (split.size, split.size, 3) or stats.count != split.train_images:
-        raise UserError(f"{path}: statistics of {stats.count} images of "
-                        f"{stats.pixel_mean.shape[0]} px do not match the shards "
-                        f"({split.train_images} train images of {split.size} px); "
-                        f"run prepare again")
-    return stats
+from preprocessing.shards import SplitInfo
 
 
 def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int,
@@ -136,7 +88,7 @@ class BatchSource:
     def __post_init__(self):
         self._parent = os.getpid()  # the process that owns the pipeline
         self._armed = False         # set in a worker once it dies with its parent
-        self._offsets = np.concatenate([[0], np.cumsum(self.split.counts)])
+        self._shard_starts = np.concatenate([[0], np.cumsum(self.split.counts)])
         self._shards = {}       # shard index -> (images dataset, all labels), per process
         self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
 
@@ -165,7 +117,7 @@ class BatchSource:
         return augment.random_params(rng, n, size=self.split.size, crop=self.crop,
                                      flip=self.flip, lighting_std=self.lighting_std)
 
-    def offsets(self, params: dict) -> np.ndarray:
+    def lighting_shifts(self, params: dict) -> np.ndarray:
         """(n, 3) PCA lighting offsets of a batch's draws, 0-255 scale (zeros without lighting)."""
         if self.lighting_basis is None:
             return np.zeros((len(params["alpha"]), 3))
@@ -183,11 +135,11 @@ class BatchSource:
 
     def read(self, indices: np.ndarray) -> tuple[list, np.ndarray]:
         """Images and labels of global `indices`, one sorted h5py read per shard touched."""
-        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+        shard_of = np.searchsorted(self._shard_starts, indices, side="right") - 1
         images, labels = [None] * len(indices), np.empty(len(indices), np.int32)
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)
-            local = indices[where] - self._offsets[s]
+            local = indices[where] - self._shard_starts[s]
             unique, inverse = np.unique(local, return_inverse=True)  # h5py wants increasing
             ds, all_labels = self._open(int(s))
             if ds.ndim == 1:  # JPEG bytes: one fancy read of the sorted indices
@@ -209,9 +161,9 @@ class BatchSource:
 
     def locate(self, index: int) -> tuple[str, str]:
         """(shard file, key) of global sample `index`."""
-        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        s = int(np.searchsorted(self._shard_starts, index, side="right") - 1)
         with shards.open_shard(self.split.files[s]) as f:
-            return self.split.files[s], f[shards.KEYS][index - self._offsets[s]].decode()
+            return self.split.files[s], f[shards.KEYS][index - self._shard_starts[s]].decode()
 
     def undecodable(self, epoch: int, batch: int) -> tuple[str, str, str] | None:
         """(shard file, key, reason) of the first image of a batch that cannot be decoded."""
@@ -246,8 +198,8 @@ class BatchSource:
         images, labels = self.read(idx)
         p = self.params(epoch, batch, len(idx))
         span = max(self.split.size - self.crop, 1)
-        offsets = self.offsets(p)
+        shifts = self.lighting_shifts(p)
         # Whole arrays are batches to DALI (first axis = sample); images vary in size (JPEG).
         return (images, labels, (p["x"] / span).astype(np.float32),
                 (p["y"] / span).astype(np.float32), p["flip"].astype(np.int32),
-                (self.channel_mean - offsets).astype(np.float32), valid, idx.astype(np.int64))
+                (self.channel_mean - shifts).astype(np.float32), valid, idx.astype(np.int64))

@@ -10,12 +10,13 @@ from PIL import Image, ImageDraw
 from alexnet_pipe import augment
 
 
-def preview_grid(config, out: Path, n: int = 8) -> Path:
-    """PNG: each original 256x256 shard image beside its augmented crop, the mean added back."""
-    from dataclasses import replace
+def preview_grid(config, out: Path) -> Path:
+    """PNG: each original shard image of a train batch (config.batch_size of them) beside its
+    augmented crop, the mean added back."""
     from alexnet_pipe.pipeline import make_loader
-    from alexnet_pipe.reader import load_stats
-    loader = make_loader(replace(config, batch_size=n, dtype="float32"), split="train")
+    from preprocessing.shards import load_stats
+    n = config.batch_size
+    loader = make_loader(config, split="train")
     images = next(iter(loader)).images
     src = loader.source
     idx, _ = src.batch_indices(0, 0)
@@ -56,7 +57,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from preprocessing.errors import UserError
+    from alexnet_base.errors import UserError
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {run_dir} a run directory of `alexnet-pipe train`?")
@@ -81,6 +82,14 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def draw_checkpoint_filters(checkpoint_path: Path, out: Path) -> Path:
+    """conv1_filters of a checkpoint's first layer (either architecture)."""
+    from alexnet_pipe import checkpoint
+    state = checkpoint.load(checkpoint_path)
+    name = "features.1.weight" if state["arch"] == "alexnet" else "features.0.weight"
+    return conv1_filters(state["model"][name].float().numpy(), out)
 
 
 def conv1_filters(weight: np.ndarray, out: Path, scale: int = 4) -> Path:

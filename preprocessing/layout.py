@@ -16,9 +16,9 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocessing.errors import UserError
+from alexnet_base.config import SPLITS
+from alexnet_base.errors import UserError
 
-SPLITS = ("train", "val")
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
 MAPPING_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 

@@ -22,54 +22,21 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing import layout, resize, shards
-from preprocessing.errors import UserError
+from alexnet_base.config import PrepareConfig
+from alexnet_base.errors import UserError, os_error
+from alexnet_base.files import atomic_path, write_json
 from preprocessing.stats import PixelSums
 
 PLAN_FILE = "plan.json"
 
 
-@dataclass(frozen=True)
-class PrepareConfig:
-    imagenet_root: Path
-    out: Path
-    size: int = 256                 # px, shorter side and crop (the paper)
-    encoding: str = "jpeg"          # "jpeg" (re-encoded bytes) or "raw" (uint8 pixels)
-    quality: int = 95               # JPEG quality of re-encoded images
-    shard_size: int = 1024          # images per shard (~25 MB of JPEG at 256 px)
-    workers: int = os.cpu_count() or 1
-    splits: tuple[str, ...] = ("train", "val")
-    val_labels: Path | None = None
-    limit_per_class: int | None = None
-    seed: int = 0                   # seeds the train shuffle across shards
-    overwrite: bool = False
-    progress: bool | None = None    # None: a bar only when stderr is a terminal
-
-    def validate(self) -> None:
-        if self.encoding not in shards.ENCODINGS:
-            raise UserError(f"--encoding {self.encoding}: choose one of {', '.join(shards.ENCODINGS)}")
-        if not 1 <= self.quality <= 100:
-            raise UserError(f"--quality {self.quality}: must be 1..100")
-        if self.size < 8:
-            raise UserError(f"--size {self.size}: must be at least 8 px")
-        if self.shard_size < 1:
-            raise UserError(f"--shard-size {self.shard_size}: must be at least 1")
-        if self.workers < 1:
-            raise UserError(f"--workers {self.workers}: must be at least 1")
-        if self.limit_per_class is not None and self.limit_per_class < 1:
-            raise UserError(f"--limit-per-class {self.limit_per_class}: must be at least 1")
-        bad = [s for s in self.splits if s not in layout.SPLITS]
-        if bad or not self.splits:
-            raise UserError(f"--splits {','.join(self.splits)}: choose from train,val")
-        if self.val_labels is not None and not Path(self.val_labels).is_file():
-            raise UserError(f"--val-labels {self.val_labels}: file not found")
-
-    def output_options(self) -> dict:
-        """The options that decide the output bytes (workers and progress do not)."""
-        return {"imagenet_root": str(Path(self.imagenet_root).resolve()), "size": self.size,
-                "encoding": self.encoding, "quality": self.quality, "shard_size": self.shard_size,
-                "splits": list(self.splits), "limit_per_class": self.limit_per_class,
-                "seed": self.seed,
-                "val_labels": str(Path(self.val_labels).resolve()) if self.val_labels else None}
+def output_options(config: PrepareConfig) -> dict:
+    """The options that decide the output bytes (workers and progress do not)."""
+    return {"imagenet_root": str(Path(config.imagenet_root).resolve()), "size": config.size,
+            "encoding": config.encoding, "quality": config.quality,
+            "shard_size": config.shard_size, "splits": list(config.splits),
+            "limit_per_class": config.limit_per_class, "seed": config.seed,
+            "val_labels": str(Path(config.val_labels).resolve()) if config.val_labels else None}
 
 
 @dataclass(frozen=True)
@@ -141,7 +108,7 @@ def write_one_shard(job: ShardJob, config: PrepareConfig, image_root: Path) -> d
         info = {"file": final.name, "split": job.split, "images": len(labels),
                 "sha256": _sha256(final), "labels": np.bincount(labels).tolist() if labels else [],
                 "skipped": skipped}
-        with shards.atomic_path(partial_path(config.out, job.split, job.index)) as ptmp:
+        with atomic_path(partial_path(config.out, job.split, job.index)) as ptmp:
             with open(ptmp, "wb") as f:  # np.savez would append .npz to a temporary name
                 np.savez(f, info=json.dumps(info), **sums.to_arrays())
     except OSError as e:
@@ -183,9 +150,9 @@ def _prepare_out(config: PrepareConfig) -> None:
         shutil.rmtree(out / shards.PARTIAL_DIR, ignore_errors=True)
     elif plan_path.is_file():
         previous = json.loads(plan_path.read_text())
-        if previous != config.output_options():
-            changed = sorted(k for k in previous.keys() | config.output_options().keys()
-                             if previous.get(k) != config.output_options().get(k))
+        if previous != output_options(config):
+            changed = sorted(k for k in previous.keys() | output_options(config).keys()
+                             if previous.get(k) != output_options(config).get(k))
             raise UserError(f"--out {out}: holds a run with other options ({', '.join(changed)}); "
                             f"use --overwrite to replace it, or another --out")
     elif ours:
@@ -196,7 +163,7 @@ def _prepare_out(config: PrepareConfig) -> None:
         # Temporary files left by a killed run: never under a final name, never reused.
         for stale in [*out.glob("*.tmp-*"), *(out / shards.PARTIAL_DIR).glob("*.tmp-*")]:
             stale.unlink()
-        shards.write_json(plan_path, config.output_options())
+        write_json(plan_path, output_options(config))
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
@@ -275,19 +242,10 @@ def _write_results(config, tree, jobs, records) -> dict:
                          "channel_mean": stats.channel_mean.tolist(),
                          "channel_std": stats.channel_std.tolist(),
                          "eigval": stats.eigval.tolist(), "eigvec": stats.eigvec.tolist()}
-    manifest = {
-        "format_version": shards.FORMAT_VERSION,
-        "encoding": config.encoding,
-        "size": config.size,
-        "options": config.output_options(),
-        "val_layout": tree.val_layout or None,
-        "classes": [{"index": i, "wnid": w, "name": tree.names[w]} for i, w in enumerate(tree.classes)],
-        "counts": {split: sum(c) for split, c in counts.items()},
-        "counts_per_class": counts,
-        "shards": shard_list,
-        "stats": stats_summary,
-        "skipped": sorted(skipped, key=lambda s: s["path"]),
-        "left_out_by_limit": {split: tree.left_out.get(split, 0) for split in config.splits},
-    }
-    shards.write_json(config.out / shards.MANIFEST_FILE, manifest)
+    manifest = shards.manifest(
+        encoding=config.encoding, size=config.size, options=output_options(config),
+        val_layout=tree.val_layout or None, classes=tree.classes, names=tree.names,
+        counts=counts, shard_list=shard_list, stats=stats_summary, skipped=skipped,
+        left_out={split: tree.left_out.get(split, 0) for split in config.splits})
+    write_json(config.out / shards.MANIFEST_FILE, manifest)
     return manifest

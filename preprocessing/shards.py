@@ -18,19 +18,18 @@ Each shard holds three datasets of equal length N and four attributes:
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from preprocessing.errors import UserError
+from alexnet_base.config import ENCODINGS
+from alexnet_base.errors import UserError
+from alexnet_base.files import atomic_path, write_json  # noqa: F401  (writers use both)
 
 FORMAT_VERSION = 1
-ENCODINGS = ("jpeg", "raw")
 IMAGES, LABELS, KEYS = "images", "labels", "keys"
 STATS_FILE = "stats.h5"
 MANIFEST_FILE = "manifest.json"
@@ -46,24 +45,6 @@ def shard_name(split: str, index: int) -> str:
 def list_shards(out: Path, split: str) -> list[Path]:
     """The complete shards of one split, in index order (temporary files are never listed)."""
     return sorted(Path(out).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].h5"))
-
-
-def temporary_path(path: Path) -> Path:
-    """Where a file is written before `os.replace` gives it its final name."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path; on success rename it to `path`, on any failure remove it."""
-    tmp = temporary_path(Path(path))
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def write_shard(path: Path, *, images: list, labels: list[int], keys: list[str], encoding: str,
@@ -156,11 +137,6 @@ def read_stats(path: Path) -> ImageStats:
     return ImageStats(count=count, **arrays)
 
 
-def write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def read_manifest(out: Path) -> dict:
     path = Path(out) / MANIFEST_FILE
     if not path.is_file():
@@ -170,3 +146,76 @@ def read_manifest(out: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: unreadable manifest ({e}); run prepare again")
+
+
+def manifest(*, encoding: str, size: int, options: dict, val_layout: str | None,
+             classes: list[str], names: dict[str, str], counts: dict[str, list[int]],
+             shard_list: list[dict], stats: dict | None, skipped: list[dict],
+             left_out: dict[str, int]) -> dict:
+    """The manifest.json schema: what `prepare` made, for `inspect`, the loaders and people."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "encoding": encoding,
+        "size": size,
+        "options": options,             # the options that decide the bytes
+        "val_layout": val_layout,       # folders | kaggle | labels-file
+        "classes": [{"index": i, "wnid": w, "name": names[w]} for i, w in enumerate(classes)],
+        "counts": {split: sum(c) for split, c in counts.items()},
+        "counts_per_class": counts,     # split -> images per class index
+        "shards": shard_list,           # {file, split, images, sha256}, in index order
+        "stats": stats,                 # summary of stats.h5, or None without train
+        "skipped": sorted(skipped, key=lambda s: s["path"]),  # {path, reason}
+        "left_out_by_limit": left_out,  # split -> inputs over --limit-per-class (not listed)
+    }
+
+
+# --- reading a prepared folder: what the loaders, evaluate and inspect check ----------------------
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """The shards of one split, as the manifest lists them, checked against the files."""
+    name: str                       # "train" | "val"
+    files: tuple[str, ...]
+    counts: tuple[int, ...]         # images per shard
+    encoding: str
+    size: int                       # px, the side of every stored image
+    num_classes: int
+    class_names: tuple[str, ...]
+    train_images: int | None        # images in the train split: what stats.h5 must have counted
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def load_split(data: Path, split: str) -> SplitInfo:
+    data = Path(data)
+    m = read_manifest(data)
+    if m.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{data / MANIFEST_FILE}: format version {m.get('format_version')}, this "
+                        f"alexnet-pipe reads {FORMAT_VERSION}; prepare the data again")
+    entries = [e for e in m["shards"] if e["split"] == split]
+    if not entries or sum(e["images"] for e in entries) == 0:
+        raise UserError(f"{data}: no {split} images; prepare with --splits including {split}")
+    for e in entries:  # a missing or foreign shard is named now, not deep inside a DALI worker
+        info = shard_info(data / e["file"])
+        if info["images"] != e["images"] or info["split"] != split:
+            raise UserError(f"{data / e['file']}: {info['images']} {info['split']} images, the "
+                            f"manifest says {e['images']} {split}; run prepare again")
+    return SplitInfo(name=split, files=tuple(str(data / e["file"]) for e in entries),
+                     counts=tuple(e["images"] for e in entries), encoding=m["encoding"],
+                     size=m["size"], num_classes=len(m["classes"]),
+                     class_names=tuple(c["name"] for c in m["classes"]),
+                     train_images=m["counts"].get("train"))
+
+
+def load_stats(data: Path, split: SplitInfo) -> ImageStats:
+    """stats.h5 of a prepared folder, checked against the split's shards."""
+    path = Path(data) / STATS_FILE
+    stats = read_stats(path)
+    if stats.pixel_mean.shape != (split.size, split.size, 3) or stats.count != split.train_images:
+        raise UserError(f"{path}: statistics of {stats.count} images of "
+                        f"{stats.pixel_mean.shape[0]} px do not match the shards "
+                        f"({split.train_images} train images of {split.size} px); "
+                        f"run prepare again")
+    return stats

@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from make_sample_imagenet import make_sample  # noqa: E402
 
-from preprocessing.prepare import PrepareConfig, run as prepare_run  # noqa: E402
+from alexnet_base.config import PrepareConfig
+from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 12, 3
 

@@ -82,7 +82,7 @@ def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, s
     (["--batch-size", "7"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
      ["--batch-size 7", "2 processes"]),
     (["--parallel", "ddp"], None, ["--parallel ddp", "torchrun"]),
-    (["--std"], None, ["--std", "--mean channel"]),
+    (["--divide-std"], None, ["--divide-std", "--mean channel"]),
 ])
 def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
     proc = train(shards_small, tmp_path / "run", *extra,

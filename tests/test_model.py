@@ -122,3 +122,28 @@ def test_towers_equal_grouped_outputs_and_gradients():
     # and the state dict round trip
     for k, v in towers.grouped_state_dict().items():
         torch.testing.assert_close(v, grouped.state_dict()[k])
+
+
+@pytest.mark.parametrize("rule", ["author", "uniform"])
+def test_bias_rule_learning_rates_and_decay(rule):
+    from pathlib import Path
+
+    from alexnet_base.config import LoaderConfig, TrainConfig
+    from alexnet_pipe.train import param_groups
+    torch.manual_seed(0)
+    model = build_model("alexnet", 4, dropout=0.0).double()
+    config = TrainConfig(loader=LoaderConfig(data=Path(".")), out=Path("."), bias_rule=rule)
+    lr, wd = config.lr, config.weight_decay
+    optimizer = torch.optim.SGD(param_groups(model, config), lr=lr, momentum=0)
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64) * 50
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 3])).backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    optimizer.step()
+    # AlexNet has no 1-D parameter but its biases; the author's rule (cuda-convnet2 epsB = 2 epsW,
+    # wcB = 0): b -= 2 lr g. Weights, and every parameter under "uniform": w -= lr (g + wd w).
+    for n, p in model.named_parameters():
+        w, g = before[n]
+        bias = w.ndim == 1
+        want = w - 2 * lr * g if (bias and rule == "author") else w - lr * (g + wd * w)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-15, msg=n)
+    assert sum(1 for _, p in model.named_parameters() if p.ndim == 1) == 8

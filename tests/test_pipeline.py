@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 
 from alexnet_pipe import augment
-from alexnet_pipe.pipeline import LoaderConfig, make_loader
-from alexnet_pipe.reader import load_stats, load_split
+from alexnet_base.config import AugmentConfig, LoaderConfig
+from alexnet_pipe.pipeline import make_loader
+from preprocessing.shards import load_split, load_stats
 from conftest import cli
 from preprocessing import resize, shards
-from preprocessing.errors import UserError
+from alexnet_base.errors import UserError
 
 
 def config(data, **aug) -> LoaderConfig:
     return LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, workers=1,
-                        augment=augment.AugmentConfig(**aug))
+                        augment=AugmentConfig(**aug))
 
 
 def first_batch(loader):
@@ -35,7 +36,7 @@ def twin(loader, data, aug, epoch=0, batch=0):
     p = src.params(epoch, batch, len(idx))
     stats = load_stats(data, src.split)
     mean, std = augment.mean_terms(stats, aug)
-    offsets = src.offsets(p)
+    offsets = src.lighting_shifts(p)
     out = [augment.reference(img if img.ndim == 3 else resize.decode_jpeg(img.tobytes()),
                              x=int(p["x"][i]), y=int(p["y"][i]), flip=bool(p["flip"][i]),
                              offset=offsets[i], mean=mean, std=std, crop=aug.crop)
@@ -43,8 +44,8 @@ def twin(loader, data, aug, epoch=0, batch=0):
     return np.stack(out), labels, p, offsets
 
 
-@pytest.mark.parametrize("aug", [augment.AugmentConfig(),
-                                 augment.AugmentConfig(mean="channel", std=True, crop=227,
+@pytest.mark.parametrize("aug", [AugmentConfig(),
+                                 AugmentConfig(mean="channel", divide_std=True, crop=227,
                                                        lighting_scale="eigval")])
 def test_train_batch_matches_numpy_twin_raw(shards_raw, aug):
     loader = make_loader(replace(config(shards_raw), augment=aug))
@@ -56,7 +57,7 @@ def test_train_batch_matches_numpy_twin_raw(shards_raw, aug):
 
 
 def test_train_batch_jpeg_within_decoder_error(shards_jpeg):
-    aug = augment.AugmentConfig()
+    aug = AugmentConfig()
     loader = make_loader(config(shards_jpeg))
     got, _, _ = first_batch(loader)
     want, _, _, _ = twin(loader, shards_jpeg, aug)  # PIL decode vs DALI's libjpeg-turbo decode
@@ -64,7 +65,7 @@ def test_train_batch_jpeg_within_decoder_error(shards_jpeg):
 
 
 def test_val_centre_and_ten_crops_exact(shards_raw):
-    aug = augment.AugmentConfig(mean="channel")
+    aug = AugmentConfig(mean="channel")
     got, _, valid = first_batch(make_loader(config(shards_raw, mean="channel"), split="val"))
     ten, _, _ = first_batch(make_loader(config(shards_raw, mean="channel"), split="val",
                                         ten_crop=True))

@@ -18,8 +18,9 @@ from PIL import Image
 from conftest import CLASSES, PER_CLASS, ROOT, VAL_PER_CLASS, cli
 from make_sample_imagenet import make_sample, wnid
 from preprocessing import layout, resize, shards
-from preprocessing.errors import UserError
-from preprocessing.prepare import PrepareConfig, run as prepare_run
+from alexnet_base.errors import UserError
+from alexnet_base.config import PrepareConfig
+from preprocessing.prepare import run as prepare_run
 
 
 def read_split(out: Path, split: str) -> dict[str, tuple[int, np.ndarray]]:

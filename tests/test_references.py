@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from alexnet_pipe import augment
-from alexnet_pipe.pipeline import LoaderConfig, make_loader
+from alexnet_base.config import AugmentConfig, LoaderConfig
+from alexnet_pipe.pipeline import make_loader
 
 SIZE, CROP = 256, 224
 SPAN = SIZE - CROP  # 32: offsets 0..32 on both axes
@@ -40,7 +41,7 @@ def shard_keys(data, split: str) -> list[str]:
 
 def loader_config(data, batch_size: int, **aug) -> LoaderConfig:
     return LoaderConfig(data=data, batch_size=batch_size, device="cpu", threads=1, workers=1,
-                        augment=augment.AugmentConfig(mean="channel", **aug))
+                        augment=AugmentConfig(mean="channel", **aug))
 
 
 def decode(out: np.ndarray, mean: np.ndarray) -> dict:
@@ -176,7 +177,7 @@ def test_pixel_mean_subtracts_the_crop_window_of_the_mean_image(coord_shards):
     data, _ = coord_shards
     st = stats_h5(data)
     cfg = replace(loader_config(data, 16, crop=CROP, lighting_std=0),
-                  augment=augment.AugmentConfig(mean="pixel", crop=CROP, lighting_std=0))
+                  augment=AugmentConfig(mean="pixel", crop=CROP, lighting_std=0))
     loader = make_loader(cfg)
     batch = next(iter(loader))
     # The mean of coordinate images is coordinates too (B: the mean id): image - mean(image's own

@@ -113,8 +113,8 @@ def test_crash_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, shards_
 
 
 def test_keep_best_and_resume_across_a_learning_rate_drop(tmp_path, shards_small):
-    # A tiny rate keeps the val error flat, so patience 0 drops the rate after epoch 2.
-    args = ["--lr", "1e-5", "--lr-patience", "0", "--keep", "1"]
+    # A tiny rate keeps the val error flat, so patience 1 drops the rate after epoch 2.
+    args = ["--lr", "1e-5", "--lr-patience", "1", "--keep", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     cli(*train_args(shards_small, straight, "--epochs", "3", *args))
     cli(*train_args(shards_small, split, "--epochs", "2", *args))
@@ -261,3 +261,29 @@ def test_gpu_training_bf16_and_towers_on_one_gpu(tmp_path, shards_small):
     cli("train", "--data", shards_small, "--out", towers, "--epochs", "1", *gpu,
         "--parallel", "towers", "--tower-devices", "cuda:0,cuda:0")
     assert (towers / "checkpoints/epoch-0001.pt").exists()
+
+
+def test_predict_takes_size_crop_and_mean_from_the_checkpoint(tmp_path, sample_tree):
+    data = tmp_path / "shards240"
+    cli("prepare", "--imagenet-root", sample_tree, "--out", data, "--size", "240", "--encoding",
+        "raw", "--limit-per-class", "2", "--shard-size", "16", "--workers", "1")
+    run = tmp_path / "run"
+    cli(*train_args(data, run, "--epochs", "1", "--crop", "227", "--batch-size", "4"))
+    ckpt = run / "checkpoints/epoch-0001.pt"
+    state = torch.load(ckpt, weights_only=True)
+    model = build_model("alexnet", 4, crop=227).double().eval()
+    model.load_state_dict({k: v.double() for k, v in state["model"].items()})
+    with h5py.File(data / "val-00000.h5", "r") as f:
+        image, key = f["images"][0], f["keys"][0].decode()
+    with h5py.File(data / "stats.h5", "r") as f:
+        mean = f["channel_mean"][...]
+    c = (240 - 227) // 2  # the centre crop of a 240 px image
+    x = torch.from_numpy(np.ascontiguousarray((image[c:c + 227, c:c + 227] - mean).transpose(2, 0, 1)))
+    with torch.no_grad():
+        want = torch.softmax(model(x[None]), 1)[0]
+    tree = json.loads((data / "manifest.json").read_text())["options"]["imagenet_root"]
+    out = json.loads(cli("predict", Path(tree) / key, "--checkpoint", ckpt, "--top", "4",
+                         "--json").stdout)
+    got = {t["class"]: t["p"] for t in out[0]["top"]}
+    for k in range(4):
+        assert got[k] == pytest.approx(float(want[k]), abs=1e-4)

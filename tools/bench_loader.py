@@ -24,11 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_sample_imagenet import make_sample  # noqa: E402
 
-from alexnet_pipe.augment import AugmentConfig  # noqa: E402
-from alexnet_pipe.bench import BenchConfig, bench_loader, endless, timed_rate  # noqa: E402
-from alexnet_pipe.pipeline import LoaderConfig  # noqa: E402
+from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
+from alexnet_pipe.bench import bench_loader, endless, timed_rate  # noqa: E402
 from preprocessing import shards  # noqa: E402
-from preprocessing.prepare import PrepareConfig, run as prepare_run  # noqa: E402
+from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 
 def extract(shard_dir: Path, out: Path, raw: bool) -> None:

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from alexnet_pipe.augment import AugmentConfig
+from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_pipe.model import build_model
-from alexnet_pipe.pipeline import LoaderConfig, make_loader
-from alexnet_pipe.reader import load_split
+from alexnet_pipe.pipeline import make_loader
+from alexnet_pipe.train import train_step
+from preprocessing.shards import load_split
 
 
 def step_rate(model, opt, batches, steps: int, warmup: int, gpu: bool, channels_last: bool):
@@ -33,11 +33,7 @@ def step_rate(model, opt, batches, steps: int, warmup: int, gpu: bool, channels_
             t0 = time.perf_counter()
         if channels_last and gpu:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda" if gpu else "cpu", dtype=torch.bfloat16, enabled=gpu):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y, amp=gpu)
         if i >= warmup:
             n += len(y)
         if i + 1 == warmup + steps:

@@ -1,0 +1,223 @@
+"""Every option of every command, declared once: one frozen dataclass per stage, the choice lists,
+and for each field its default (the paper's value unless said), unit and help text.
+
+The command line (alexnet_pipe/cli.py) builds its options from these fields, so a default or a
+help text is never typed twice. `opt(...)` attaches the help; `cli=False` keeps a field off the
+command line; `csv=True` reads a comma-separated list.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alexnet_base.errors import UserError
+
+ENCODINGS = ("jpeg", "raw")
+SPLITS = ("train", "val")
+DEVICES = ("auto", "cpu", "gpu")
+DTYPES = ("float32", "float16", "bfloat16")
+MEAN_MODES = ("pixel", "channel")
+LIGHTING_SCALES = ("stdev", "eigval")
+ARCHS = ("alexnet", "alexnet-owt")
+BIAS_INITS = ("paper", "caffe")
+BIAS_RULES = ("author", "uniform")
+PARALLEL = ("auto", "none", "ddp", "towers")
+
+
+def opt(default=None, help: str = "", *, choices=None, cli: bool = True, csv: bool = False,
+        required: bool = False, metavar: str | None = None):
+    meta = {"help": help, "choices": choices, "cli": cli, "csv": csv, "metavar": metavar}
+    if required:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choose(option: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"--{option} {value}: choose one of {', '.join(choices)}")
+
+
+def _at_least(option: str, value, low) -> None:
+    if value is not None and value < low:
+        raise UserError(f"--{option} {value}: must be at least {low}")
+
+
+# --- prepare ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    imagenet_root: Path = opt(required=True, help="ImageNet tree: train/<wnid>/*.JPEG and val/ "
+                              "(class folders, or flat with LOC_val_solution.csv or --val-labels).")
+    out: Path = opt(required=True, help="Output folder of shards, stats.h5 and manifest.json.")
+    size: int = opt(256, "Shorter side and square crop, px (the paper: 256).")
+    encoding: str = opt("jpeg", "Shard images as re-encoded JPEG bytes or raw uint8 pixels.",
+                        choices=ENCODINGS)
+    quality: int = opt(95, "JPEG quality of re-encoded images (jpeg encoding), 1-100.")
+    shard_size: int = opt(1024, "Images per shard (about 25 MB of JPEG at 256 px).")
+    workers: int = opt(os.cpu_count() or 1, "Worker processes (default: all cores).")
+    splits: tuple[str, ...] = opt(SPLITS, "Comma-separated splits to prepare.", csv=True)
+    val_labels: Path | None = opt(None, "Flat val/: a file of 'filename wnid' lines.")
+    limit_per_class: int | None = opt(None, "Keep at most N images per class (subsets); what "
+                                      "is left out is counted in the manifest, not listed.")
+    seed: int = opt(0, "Seed of the train shuffle across shards.")
+    overwrite: bool = opt(False, "Replace the shards of another run in --out.")
+    progress: bool | None = opt(None, cli=False)  # None: a bar only when stderr is a terminal
+
+    def validate(self) -> None:
+        _choose("encoding", self.encoding, ENCODINGS)
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality {self.quality}: must be 1..100")
+        _at_least("size", self.size, 8)
+        _at_least("shard-size", self.shard_size, 1)
+        _at_least("workers", self.workers, 1)
+        _at_least("limit-per-class", self.limit_per_class, 1)
+        if not self.splits or any(s not in SPLITS for s in self.splits):
+            raise UserError(f"--splits {','.join(self.splits)}: choose from {','.join(SPLITS)}")
+        if self.val_labels is not None and not Path(self.val_labels).is_file():
+            raise UserError(f"--val-labels {self.val_labels}: file not found")
+
+
+# --- the pipelines ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop: int = opt(224, "Crop size, px: the paper's 224 (conv1 pads 3 px right/bottom) or 227.")
+    mean: str = opt("pixel", "Subtract the 256x256 mean image, the same window as the crop "
+                    "(the paper), or the RGB mean.", choices=MEAN_MODES)
+    divide_std: bool = opt(False, "With --mean channel: also divide by the RGB std.")
+    lighting_std: float = opt(0.1, "Sigma of the PCA lighting alphas (the paper); 0 turns it off.")
+    lighting_scale: str = opt("stdev", "stdev: sqrt(eigenvalue) on 0-255 (the author's code); "
+                              "eigval: eigenvalue of [0,1] pixels (the widely copied form).",
+                              choices=LIGHTING_SCALES)
+    flip: bool = opt(True, "Random horizontal flips with probability 0.5.")
+
+    def validate(self, size: int) -> None:
+        if not 1 <= self.crop <= size:
+            raise UserError(f"--crop {self.crop}: must be between 1 and the shard size {size}")
+        _choose("mean", self.mean, MEAN_MODES)
+        _choose("lighting-scale", self.lighting_scale, LIGHTING_SCALES)
+        if self.lighting_std < 0:
+            raise UserError(f"--lighting-std {self.lighting_std}: must be >= 0")
+        if self.divide_std and self.mean != "channel":
+            raise UserError("--divide-std needs --mean channel (the paper's pixel mean has no std)")
+
+
+def default_readers() -> tuple[int, int]:
+    """(DALI threads, reader processes) per local process: the cores this process may use,
+    shared by the processes torchrun starts on this machine, about half to each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    share = max(2, (cores or 2) // max(local, 1))
+    return max(1, share // 2), max(1, share - share // 2)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    data: Path = opt(required=True, help="Shard folder (the --out of prepare).")
+    batch_size: int = opt(128, "Images per batch. train: the global batch, split evenly over the "
+                          "torchrun processes (the paper's 128); other commands: one process.")
+    device: str = opt("auto", "Where the pipeline and the model run (auto: GPU when visible).",
+                      choices=DEVICES)
+    threads: int | None = opt(None, "DALI CPU threads per process (default: half the cores "
+                              "available to each local process).")
+    workers: int | None = opt(None, "Processes reading the shards per pipeline (default: the "
+                              "other half of those cores).")
+    dtype: str = opt("float32", "Image dtype handed to the model.", choices=DTYPES)
+    seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
+                    "the weight initialisation with it).")
+    prefetch: int = opt(2, "Batches each pipeline prepares ahead.")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        _at_least("batch-size", self.batch_size, 1)
+        _choose("device", self.device, DEVICES)
+        _at_least("threads", self.threads, 1)
+        _at_least("workers", self.workers, 1)
+        _at_least("prefetch", self.prefetch, 1)
+        _choose("dtype", self.dtype, DTYPES)
+
+    def readers(self) -> tuple[int, int]:
+        """(threads, workers), the defaults filled in."""
+        threads, workers = default_readers()
+        return self.threads or threads, self.workers or workers
+
+
+# --- train -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loader: LoaderConfig
+    out: Path = opt(required=True, help="Run directory (config, logs, checkpoints).")
+    epochs: int = opt(90, "Passes over the train split (the paper: about 90).")
+    lr: float = opt(0.01, "Initial learning rate (the paper).")
+    momentum: float = opt(0.9, "SGD momentum (the paper).")
+    weight_decay: float = opt(5e-4, "Weight decay of the weights (the paper).")
+    bias_rule: str = opt("author", "author: biases get twice the learning rate and no weight "
+                         "decay (cuda-convnet2, Caffe); uniform: biases are treated as weights.",
+                         choices=BIAS_RULES)
+    lr_factor: float = opt(0.1, "Learning-rate multiplier at each drop (the paper: /10).")
+    lr_patience: int = opt(2, "Drop the learning rate after this many epochs in a row whose "
+                           "centre-crop val top-1 error did not improve.")
+    max_lr_drops: int = opt(3, "Drops at most (the paper: 3).")
+    arch: str = opt("alexnet", "The paper's two towers, or torchvision's one tower.",
+                    choices=ARCHS)
+    bias_init: str = opt("paper", "Biases of conv2/4/5 and fc6/7: 1 (paper) or 0.1 (Caffe).",
+                         choices=BIAS_INITS)
+    dropout: float = opt(0.5, "Dropout of fc6 and fc7 (the paper).")
+    parallel: str = opt("auto", "auto: ddp under torchrun with several processes, else none; "
+                        "towers: the paper's model parallelism over --tower-devices.",
+                        choices=PARALLEL)
+    tower_devices: tuple[str, ...] = opt(("cuda:0", "cuda:1"), "Devices of tower A and tower B "
+                                         "with --parallel towers.", csv=True)
+    amp: bool = opt(True, "bf16 autocast on GPUs.")
+    channels_last: bool = opt(True, "channels_last memory format on GPUs.")
+    compile: bool = opt(False, "torch.compile the model.")
+    resume: bool = opt(False, "Continue the run in --out from its last checkpoint.")
+    keep: int = opt(3, "Epoch checkpoints kept (best.pt is kept besides).")
+    log_every: int = opt(10, "Steps between log records (each is a CPU-GPU sync point).")
+    flat_check_steps: int = opt(300, "Warn if the loss is still ln(classes) after this many steps.")
+    ten_crop: bool = opt(False, "A ten-crop evaluation after the last epoch.")
+    progress: bool | None = opt(None, cli=False)  # None: a bar when stderr is a terminal
+
+    def validate(self) -> None:
+        self.loader.validate()
+        _at_least("epochs", self.epochs, 1)
+        if self.lr <= 0:
+            raise UserError(f"--lr {self.lr}: must be positive")
+        _choose("arch", self.arch, ARCHS)
+        _choose("bias-init", self.bias_init, BIAS_INITS)
+        _choose("bias-rule", self.bias_rule, BIAS_RULES)
+        _choose("parallel", self.parallel, PARALLEL)
+        if self.parallel == "towers" and self.arch != "alexnet":
+            raise UserError("--parallel towers needs --arch alexnet (the two-tower network)")
+        if len(self.tower_devices) != 2:
+            raise UserError(f"--tower-devices {','.join(self.tower_devices)}: give two devices")
+        _at_least("lr-patience", self.lr_patience, 1)
+        _at_least("max-lr-drops", self.max_lr_drops, 0)
+        _at_least("keep", self.keep, 1)
+        _at_least("log-every", self.log_every, 1)
+
+
+# --- benchmarks and checkpoints ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchConfig:
+    loader: LoaderConfig
+    split: str = opt("train", "Shards to read (always with the train augmentation).",
+                     choices=SPLITS)
+    batches: int = opt(20, "Timed batches per repeat.")
+    seconds: float | None = opt(None, "Time each repeat for this many seconds instead.")
+    repeats: int = opt(3, "Timed repeats; the median is reported.")
+    warmup: int = opt(5, "Untimed batches first (worker start, first decode, allocations).")
+    compare_model: bool = opt(False, "Also time AlexNet train steps on synthetic input.")
+    baseline: bool = opt(False, "Also time a torch DataLoader doing the same work.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    loader: LoaderConfig
+    checkpoint: Path = opt(required=True, help="A checkpoint written by train.")
+    ten_crop: bool = opt(False, "The paper's ten-crop test-time augmentation.")

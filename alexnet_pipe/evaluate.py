@@ -1,0 +1,32 @@
+"""Validation error of a model over a loader: top-1 and top-5, centre crop or ten crops."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alexnet_pipe import distributed
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, device, amp: bool, ten_crop: bool = False) -> dict:
+    """Top-1 and top-5 error over this rank's share, summed over ranks; padding masked out.
+    Counts stay on the device; the one sync is the sum at the end."""
+    model.eval()
+    use_amp = amp and device.type == "cuda"
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1, top-5, loss
+    for images, labels, valid, _ in loader:
+        images, labels, valid = (t.to(device, non_blocking=True) for t in (images, labels, valid))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            if ten_crop:  # (B, 10, C, H, W): the paper averages the ten softmax outputs
+                b = images.shape[0]
+                probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, 10, -1).mean(1)
+                logits = probs.log()
+            else:
+                logits = model(images).float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        counts += torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(),
+                               (loss * valid).sum()]).double()
+    n, top1, top5, loss = distributed.all_sum(counts.tolist(), device)
+    return {"images": int(n), "top1_err": 1 - top1 / n, "top5_err": 1 - top5 / n,
+            "val_loss": loss / n}
