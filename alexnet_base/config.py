@@ -175,6 +175,9 @@ class TrainConfig:
     amp: bool = opt(True, "bf16 autocast on GPUs.")
     channels_last: bool = opt(True, "channels_last memory format on GPUs.")
     compile: bool = opt(False, "torch.compile the model.")
+    deterministic: bool = opt(False, "Deterministic cuDNN algorithms: a resumed GPU run repeats "
+                              "an uninterrupted one exactly, at some speed; by default cuDNN "
+                              "picks the fastest (benchmark mode, not bit-reproducible).")
     resume: bool = opt(False, "Continue the run in --out from its last checkpoint.")
     keep: int = opt(3, "Epoch checkpoints kept (best.pt is kept besides).")
     log_every: int = opt(10, "Steps between log records (each is a CPU-GPU sync point).")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_pipe import distributed
+from alexnet_pipe.model import input_dtype
 
 
 @torch.no_grad()
@@ -16,6 +17,7 @@ def evaluate(model, loader, *, device, amp: bool, ten_crop: bool = False) -> dic
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1, top-5, loss
     for images, labels, valid, _ in loader:
         images, labels, valid = (t.to(device, non_blocking=True) for t in (images, labels, valid))
+        images = input_dtype(images, use_amp)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             if ten_crop:  # (B, 10, C, H, W): the paper averages the ten softmax outputs
                 b = images.shape[0]

@@ -102,6 +102,12 @@ def build_model(arch: str = "alexnet", num_classes: int = 1000, crop: int = 224,
     return model
 
 
+def input_dtype(images: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Without autocast the float32 weights take float32 input: bfloat16/float16 images from the
+    loader (--dtype) are cast back (autocast does this itself)."""
+    return images if amp or images.dtype == torch.float32 else images.float()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -69,6 +69,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
         jpeg = split.encoding == "jpeg"
         images, labels, x, y, mirror, norm_mean, valid, index = fn.external_source(
             source=source, num_outputs=8, batch=True, batch_info=True, parallel=True,
+            # one batch in flight per worker at least, else --workers N reads one at a time
+            prefetch_queue_depth=max(config.prefetch, workers),
             dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT,
                    types.INT32, types.INT64],
             ndim=[1 if jpeg else 3, 0, 0, 0, 0, 1, 0, 0],
@@ -91,6 +93,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                norm_mean)
                      for cx, cy, flip in augment.ten_crop_positions(split.size, aug.crop)]
             out = fn.stack(*crops, axis=0)
+        if gpu:  # labels and mask arrive on the device with the images: no pageable copy
+            labels, valid = labels.gpu(), valid.gpu()
         return out, labels, valid, index
 
     return pipe()

@@ -39,16 +39,6 @@ def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int,
     return np.array_split(np.arange(total), world)[rank]
 
 
-def _read_raw_image(ds, i: int) -> np.ndarray:
-    """Image i of a raw images dataset: its chunk's bytes as they are on disk (2x faster than
-    ds[i]; the format writes one uncompressed chunk per image), else the ordinary read."""
-    shape = ds.shape[1:]
-    mask, data = ds.id.read_direct_chunk((i, 0, 0, 0))
-    if mask == 0 and len(data) == shape[0] * shape[1] * shape[2]:
-        return np.frombuffer(data, np.uint8).reshape(shape)
-    return ds[i]
-
-
 def _die_with_parent(parent: int) -> None:
     """In a reader worker: end when the process that owns the pipeline ends, however it ends.
     DALI's workers otherwise outlive a SIGKILLed trainer, holding memory and its pipes."""
@@ -84,17 +74,18 @@ class BatchSource:
     rank: int = 0
     world: int = 1
     channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
+    max_open_files: int = 32  # shard files a reader process keeps open at most
 
     def __post_init__(self):
         self._parent = os.getpid()  # the process that owns the pipeline
         self._armed = False         # set in a worker once it dies with its parent
         self._shard_starts = np.concatenate([[0], np.cumsum(self.split.counts)])
-        self._shards = {}       # shard index -> (images dataset, all labels), per process
+        self._files = None      # shards.ShardFiles, opened lazily in each process
         self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_shards"] = {}  # h5py handles stay behind: each worker opens its own
+        state["_files"] = None  # open descriptors stay behind: each worker opens its own
         return state
 
     def num_batches(self, epoch: int = 0) -> int:
@@ -134,30 +125,21 @@ class BatchSource:
         return idx, valid
 
     def read(self, indices: np.ndarray) -> tuple[list, np.ndarray]:
-        """Images and labels of global `indices`, one sorted h5py read per shard touched."""
+        """Images and labels of global `indices`: one pread per image (shards.ShardFiles)."""
+        if self._files is None:  # per process: descriptors neither pickle nor survive a fork
+            self._files = shards.ShardFiles(self.split.files, self.max_open_files)
         shard_of = np.searchsorted(self._shard_starts, indices, side="right") - 1
         images, labels = [None] * len(indices), np.empty(len(indices), np.int32)
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)
             local = indices[where] - self._shard_starts[s]
-            unique, inverse = np.unique(local, return_inverse=True)  # h5py wants increasing
-            ds, all_labels = self._open(int(s))
-            if ds.ndim == 1:  # JPEG bytes: one fancy read of the sorted indices
-                data = ds[unique]
-            else:  # raw: one chunk per image; h5py's fancy indexing is 100x slower here
-                data = [_read_raw_image(ds, int(i)) for i in unique]
-            labs = all_labels[unique]
-            for w, i in zip(where, inverse):
-                images[w] = data[i]
-                labels[w] = labs[i]
+            order = np.argsort(local, kind="stable")  # file order: sequential where possible
+            data = self._files.read(int(s), local[order])
+            labs = self._files.index(int(s)).labels[local]
+            for w, d in zip(where[order], data):
+                images[w] = d
+            labels[where] = labs
         return images, labels
-
-    def _open(self, s: int):
-        """(images dataset, labels array) of shard s, opened once per process."""
-        if s not in self._shards:
-            f = shards.open_shard(self.split.files[s])
-            self._shards[s] = (f[shards.IMAGES], f[shards.LABELS][...])
-        return self._shards[s]
 
     def locate(self, index: int) -> tuple[str, str]:
         """(shard file, key) of global sample `index`."""

@@ -33,7 +33,7 @@ from alexnet_base.config import TrainConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import __version__, augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
-from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters
+from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, input_dtype
 from alexnet_pipe.pipeline import make_loader
 from preprocessing.shards import load_split, load_stats
 
@@ -134,6 +134,9 @@ def set_up(config: TrainConfig) -> tuple[Run, Path | None]:
     config.loader.augment.validate(split.size)
     stats = load_stats(config.loader.data, split)
     distributed.init(env, device)
+    if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cudnn.deterministic = config.deterministic
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(  # resolved: parallel is never "auto"
@@ -279,6 +282,7 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
             break
         wait += time.perf_counter() - t0
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        images = input_dtype(images, amp)
         if dev.type == "cuda" and cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         loss = train_step(run.model, run.optimizer, images, labels, amp=amp)

@@ -8,10 +8,12 @@ An output folder of `prepare` holds
     manifest.json                         counts, classes, options, shard checksums, skipped inputs
     .partial/                             per-shard partial sums, so a resumed run need not re-decode
 
-Each shard holds three datasets of equal length N and four attributes:
+Each shard (format version 2) holds, for N images, plain contiguous HDF5 datasets that any h5py
+user can read and that the loaders read without h5py, at each dataset's file offset:
 
-    images   jpeg: (N,) variable-length uint8, the bytes of a 256x256 RGB JPEG
-             raw:  (N, 256, 256, 3) uint8, HWC RGB, one HDF5 chunk per image
+    images   jpeg: (total_bytes,) uint8, every image's JPEG bytes one after the other
+             raw:  (N, 256, 256, 3) uint8, HWC RGB
+    offsets  jpeg only: (N + 1,) int64, image i is images[offsets[i]:offsets[i + 1]]
     labels   (N,) int32, class index 0..C-1 (sorted wnids)
     keys     (N,) UTF-8 strings, the source path relative to the ImageNet root
     attrs    format_version (int), encoding ("jpeg" | "raw"), size (int), split (str)
@@ -19,6 +21,8 @@ Each shard holds three datasets of equal length N and four attributes:
 from __future__ import annotations
 
 import json
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +30,11 @@ import h5py
 import numpy as np
 
 from alexnet_base.config import ENCODINGS
-from alexnet_base.errors import UserError
+from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path, write_json  # noqa: F401  (writers use both)
 
-FORMAT_VERSION = 1
-IMAGES, LABELS, KEYS = "images", "labels", "keys"
+FORMAT_VERSION = 2
+IMAGES, OFFSETS, LABELS, KEYS = "images", "offsets", "labels", "keys"
 STATS_FILE = "stats.h5"
 MANIFEST_FILE = "manifest.json"
 PARTIAL_DIR = ".partial"
@@ -53,16 +57,16 @@ def write_shard(path: Path, *, images: list, labels: list[int], keys: list[str],
     n = len(labels)
     with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
         # track_times=False: no timestamps in the file, so two runs write identical bytes.
+        # Contiguous, uncompressed datasets: their bytes sit at one file offset.
         if encoding == "jpeg":
-            ds = f.create_dataset(IMAGES, (n,), dtype=h5py.vlen_dtype(np.uint8), track_times=False)
-            for i, data in enumerate(images):
-                ds[i] = np.frombuffer(data, np.uint8)
+            lengths = [len(data) for data in images]
+            f.create_dataset(IMAGES, data=np.frombuffer(b"".join(images), np.uint8),
+                             track_times=False)
+            f.create_dataset(OFFSETS, data=np.concatenate([[0], np.cumsum(lengths)]).astype(
+                np.int64), track_times=False)
         else:
-            shape = (n, size, size, 3)
-            chunks = (1, size, size, 3) if n else None  # one chunk per image: random reads
-            ds = f.create_dataset(IMAGES, shape, dtype=np.uint8, chunks=chunks, track_times=False)
-            if n:
-                ds[...] = np.stack(images)
+            f.create_dataset(IMAGES, data=np.stack(images) if n else
+                             np.zeros((0, size, size, 3), np.uint8), track_times=False)
         f.create_dataset(LABELS, data=np.asarray(labels, np.int32).reshape(n), track_times=False)
         f.create_dataset(KEYS, data=np.array(keys, dtype=object).reshape(n),
                          dtype=h5py.string_dtype("utf-8"), track_times=False)
@@ -80,7 +84,10 @@ def open_shard(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise UserError(f"{path}: not a readable HDF5 shard ({e}); delete it and run prepare again")
+        if e.errno is not None:  # the OS refused (too many open files, I/O error, ...)
+            raise os_error(path, e, "open the shard") from None
+        raise UserError(f"{path}: not a readable HDF5 shard ({e}); if its sha256 differs from "
+                        f"the one in {MANIFEST_FILE}, it is damaged: prepare it again") from None
     version = f.attrs.get("format_version")
     if version != FORMAT_VERSION or f.attrs.get("encoding") not in ENCODINGS:
         f.close()
@@ -219,3 +226,93 @@ def load_stats(data: Path, split: SplitInfo) -> ImageStats:
                         f"({split.train_images} train images of {split.size} px); "
                         f"run prepare again")
     return stats
+
+
+# --- reading images at memory speed ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What a reader needs of one shard, read once with h5py: no image is read here."""
+    path: str
+    encoding: str
+    size: int
+    labels: np.ndarray              # (N,) int32
+    data_offset: int | None         # file offset of the images dataset; None: not contiguous
+    jpeg_offsets: np.ndarray | None  # (N + 1,) int64 (jpeg)
+
+
+def index_shard(path: str) -> ShardIndex:
+    with open_shard(path) as f:
+        ds = f[IMAGES]
+        jpeg = f.attrs["encoding"] == "jpeg"
+        return ShardIndex(path=str(path), encoding=str(f.attrs["encoding"]),
+                          size=int(f.attrs["size"]), labels=f[LABELS][...].astype(np.int32),
+                          data_offset=ds.id.get_offset(),
+                          jpeg_offsets=f[OFFSETS][...] if jpeg else None)
+
+
+class ShardFiles:
+    """Images of a split's shards: one pread per image at its place in the file, from a bounded
+    set of open descriptors (least recently used closed first). h5py reads only a dataset that
+    is not contiguous (another writer's layout). A process holds at most `max_open` files,
+    whatever the number of shards, and no h5py handle between reads."""
+
+    def __init__(self, files, max_open: int = 32):
+        self.files, self.max_open = list(files), max_open
+        self._index: dict[int, ShardIndex] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def index(self, s: int) -> ShardIndex:
+        if s not in self._index:
+            self._index[s] = index_shard(self.files[s])
+        return self._index[s]
+
+    def read(self, s: int, local) -> list[np.ndarray]:
+        """Images `local` (indices within shard s): JPEG bytes (uint8) or HWC uint8 arrays."""
+        ix = self.index(s)
+        if ix.data_offset is None:
+            return self._read_h5py(ix, local)
+        fd = self._fd(s)
+        try:
+            if ix.encoding == "jpeg":
+                o = ix.jpeg_offsets
+                return [np.frombuffer(_pread(fd, int(o[i + 1] - o[i]), ix.data_offset + int(o[i])),
+                                      np.uint8) for i in local]
+            n = ix.size * ix.size * 3
+            return [np.frombuffer(_pread(fd, n, ix.data_offset + int(i) * n), np.uint8)
+                    .reshape(ix.size, ix.size, 3) for i in local]
+        except OSError as e:
+            raise os_error(ix.path, e, "read the shard") from None
+
+    def _fd(self, s: int) -> int:
+        if s in self._fds:
+            self._fds.move_to_end(s)
+            return self._fds[s]
+        while len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        try:
+            fd = os.open(self.files[s], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise os_error(self.files[s], e, "open the shard") from None
+        self._fds[s] = fd
+        return fd
+
+    @staticmethod
+    def _read_h5py(ix: ShardIndex, local) -> list[np.ndarray]:
+        with open_shard(ix.path) as f:
+            ds = f[IMAGES]
+            if ix.encoding == "jpeg":
+                o = ix.jpeg_offsets
+                return [ds[int(o[i]):int(o[i + 1])] for i in local]
+            return [ds[int(i)] for i in local]
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:  # the file is shorter than its own index says
+        raise OSError(0, f"short read: {len(data)} of {n} bytes at offset {offset}")
+    return data

@@ -12,6 +12,8 @@ Configured by environment variables, so that torchrun can pass them to every ran
                               sigkill           the process kills itself outright
                               nan               every parameter becomes NaN (the next loss is NaN)
     HARNESS_FAULT_RANK=R    only rank R (RANK from torchrun) injects; default every rank
+    HARNESS_SYNC_DEBUG=1    train epochs run under torch.cuda.set_sync_debug_mode("error") except
+                            at log points: a hidden CPU-GPU sync in the step raises
     HARNESS_SAVE_FAULT=KIND@N  the N-th torch.save writes half a file, then: raise (an OSError,
                             ENOSPC, as a full disk gives) or sigkill (the process dies mid-write);
                             the saves before it print "HARNESS saved NAME SHA256" to stderr
@@ -98,7 +100,24 @@ def _install_recorder(folder: Path) -> None:
     pipeline.Loader.__iter__ = recording_iter
 
 
+def _install_sync_debug() -> None:
+    from alexnet_pipe import train
+
+    def guarded(fn, inside: str, after: str):
+        def wrapper(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode(inside)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(after)
+        return wrapper
+    train._log_point = guarded(train._log_point, "default", "error")
+    train.train_one_epoch = guarded(train.train_one_epoch, "error", "default")
+
+
 def main() -> None:
+    if os.environ.get("HARNESS_SYNC_DEBUG"):
+        _install_sync_debug()
     if os.environ.get("HARNESS_FAULT"):
         _install_step_fault(os.environ["HARNESS_FAULT"])
     if os.environ.get("HARNESS_SAVE_FAULT"):

@@ -102,10 +102,11 @@ def test_malformed_val_labels(tmp_path, sample_tree):
 def test_corrupt_jpeg_inside_a_shard(tmp_path, shards_jpeg):
     data = copy(shards_jpeg, tmp_path / "d")
     shard = data / "train-00001.h5"
-    with h5py.File(shard, "a") as f:
+    with h5py.File(shard, "a") as f:  # image 3's bytes overwritten in place, same length
         key = f["keys"][3].decode()
-        data_bytes = np.frombuffer(b"\xff\xd8\xff\xe0 this is no JPEG " * 40, np.uint8)
-        f["images"][3] = data_bytes
+        start, end = int(f["offsets"][3]), int(f["offsets"][4])
+        junk = (b"\xff\xd8\xff\xe0 this is no JPEG " * 4000)[:end - start]
+        f["images"][start:end] = np.frombuffer(junk, np.uint8)
     proc = cli("bench-loader", "--data", data, *CPU, "--batch-size", "8", "--batches", "8",
                "--repeats", "1", "--warmup", "0", check=False)
     assert_one_line_error(proc, str(shard), key, decoder_log=True)

@@ -29,8 +29,13 @@ def read_split(out: Path, split: str) -> dict[str, tuple[int, np.ndarray]]:
     for path in shards.list_shards(out, split):
         with shards.open_shard(path) as f:
             raw = f.attrs["encoding"] == "raw"
-            for img, label, key in zip(f[shards.IMAGES], f[shards.LABELS], f[shards.KEYS]):
-                image = img if raw else resize.decode_jpeg(img.tobytes())
+            data = f[shards.IMAGES][...]
+            for i, (label, key) in enumerate(zip(f[shards.LABELS], f[shards.KEYS])):
+                if raw:
+                    image = data[i]
+                else:  # the documented layout: image i is images[offsets[i]:offsets[i + 1]]
+                    o = f[shards.OFFSETS]
+                    image = resize.decode_jpeg(data[o[i]:o[i + 1]].tobytes())
                 result[key.decode()] = (int(label), np.asarray(image))
     return result
 

@@ -268,7 +268,9 @@ def test_predict_takes_size_crop_and_mean_from_the_checkpoint(tmp_path, sample_t
     cli("prepare", "--imagenet-root", sample_tree, "--out", data, "--size", "240", "--encoding",
         "raw", "--limit-per-class", "2", "--shard-size", "16", "--workers", "1")
     run = tmp_path / "run"
-    cli(*train_args(data, run, "--epochs", "1", "--crop", "227", "--batch-size", "4"))
+    # bfloat16 images on the CPU (no autocast there): the step takes them as float32.
+    cli(*train_args(data, run, "--epochs", "1", "--crop", "227", "--batch-size", "4",
+                    "--dtype", "bfloat16"))
     ckpt = run / "checkpoints/epoch-0001.pt"
     state = torch.load(ckpt, weights_only=True)
     model = build_model("alexnet", 4, crop=227).double().eval()

@@ -1,0 +1,107 @@
+"""The GPU path's rules, checked where a CPU can check them, and on a GPU where one is present:
+no fork after CUDA, readers truly in parallel, bounded open files, no hidden sync."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet_base.config import LoaderConfig
+from alexnet_pipe import pipeline
+from alexnet_pipe.reader import BatchSource
+from conftest import ROOT, train_args
+from preprocessing import shards
+from preprocessing.shards import load_split, load_stats
+
+
+class RecordingSource(BatchSource):
+    """BatchSource that takes `delay` seconds a batch and logs (pid, start, end, epoch_idx,
+    iteration) per call to a file, from whichever worker process runs it."""
+    log: str = ""
+    delay: float = 0.0
+
+    def __call__(self, info):
+        t0 = time.monotonic()
+        time.sleep(self.delay)
+        out = super().__call__(info)
+        with open(self.log, "a") as f:
+            f.write(json.dumps([os.getpid(), t0, time.monotonic(), info.epoch_idx,
+                                info.iteration]) + "\n")
+        return out
+
+
+def recording_loader(data, tmp_path, *, workers: int, delay: float, batch: int = 8):
+    cfg = LoaderConfig(data=data, batch_size=batch, device="cpu", threads=1, workers=workers)
+    info = load_split(data, "train")
+    stats = load_stats(data, info)
+    source = RecordingSource(split=info, batch_size=batch, train=True, crop=224)
+    source.log, source.delay = str(tmp_path / "calls.jsonl"), delay
+    pipe = pipeline.build_pipeline(source, stats=stats, config=cfg, gpu=False, device_id=None)
+    loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0)
+    return loader, tmp_path / "calls.jsonl"
+
+
+def calls(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw):
+    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.3)
+    for _ in range(2):  # 2 epochs of 6 batches
+        for _ in loader:
+            pass
+    c = calls(log)
+    assert len({pid for pid, *_ in c}) == 2
+    overlaps = sum(1 for a in c for b in c if a[0] < b[0] and a[1] < b[2] and b[1] < a[2])
+    assert overlaps >= 3, c  # reads of the two workers ran at the same time
+
+
+def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_raw):
+    import nvidia.dali.backend as backend
+    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, workers=1)
+    want = next(iter(pipeline.make_loader(cfg))).images  # forked readers
+    monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
+    assert pipeline._start_method(gpu=False) == "spawn"
+    got = next(iter(pipeline.make_loader(cfg))).images  # spawned readers (fork would be refused)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
+    for data in (shards_jpeg, shards_raw):
+        info = load_split(data, "train")
+        files = shards.ShardFiles(info.files, max_open=2)
+        for s, path in enumerate(info.files):
+            with shards.open_shard(path) as f:
+                n = f["labels"].shape[0]
+                if info.encoding == "jpeg":
+                    o = f["offsets"][...]
+                    want = [f["images"][o[i]:o[i + 1]] for i in range(n)]
+                else:
+                    want = list(f["images"][...])
+            got = files.read(s, np.arange(n)[::-1])[::-1]
+            assert all(np.array_equal(a, b) for a, b in zip(got, want))
+            assert len(files._fds) <= 2
+        files.close()
+
+
+@pytest.mark.gpu
+def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_small):
+    gpu = ["--device", "gpu", "--deterministic", "--log-every", "2"]
+    env = {**os.environ, "HARNESS_SYNC_DEBUG": "1"}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    harness = [sys.executable, str(ROOT / "tests" / "harness.py")]
+    for run, epochs, extra in ((straight, "2", []), (split, "1", []), (split, "2", ["--resume"])):
+        args = train_args(shards_small, run, "--epochs", epochs, *gpu, *extra)
+        proc = subprocess.run([*harness, *map(str, args)], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(straight / "checkpoints/epoch-0002.pt", weights_only=True)["model"]
+    b = torch.load(split / "checkpoints/epoch-0002.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

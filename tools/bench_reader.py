@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Reader-only throughput: the parallel external source alone (shard reads and augmentation
+draws, no decode, no crop), images/s per worker count. What the CPU must sustain once nvJPEG
+decodes on the GPU.
+
+Usage: bench_reader.py --data SHARDS [--workers 1 2] [--batch-size 128] [--seconds 4]
+       [--depth N]  (the source's prefetch_queue_depth; default: max(2, workers))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+try:  # format 2 keeps split loading with the format; format 1 kept it in the reader
+    from preprocessing.shards import load_split
+except ImportError:
+    from alexnet_pipe.reader import load_split
+from alexnet_pipe.reader import BatchSource  # noqa: E402
+
+
+def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None) -> float:
+    from nvidia.dali import fn, pipeline_def, types
+    info = load_split(data, "train")
+    source = BatchSource(split=info, batch_size=batch, train=True, crop=224)
+    jpeg = info.encoding == "jpeg"
+    kw = {} if depth == 0 else {"prefetch_queue_depth": depth or max(2, workers)}
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
+                  py_start_method="fork", prefetch_queue_depth=2)
+    def pipe():
+        outs = fn.external_source(source=source, num_outputs=len(source.batch(0, 0)), batch=True,
+                                  batch_info=True, parallel=True, **kw)
+        return outs[0], outs[1]
+    p = pipe()
+    p.build()
+    def run():
+        try:
+            p.run()
+        except StopIteration:  # format-1 sources end each epoch: DALI drains and refills
+            p.reset()
+            p.run()
+    for _ in range(3):  # warm-up: workers started, first reads done
+        run()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        run()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--depth", type=int, help="0: DALI's default (1)")
+    a = ap.parse_args()
+    for w in a.workers:
+        rate = reader_rate(a.data, w, a.batch_size, a.seconds, a.depth)
+        print(json.dumps({"workers": w, "images_per_s": round(rate, 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
