@@ -129,16 +129,22 @@ class BatchSource:
         if self._files is None:  # per process: descriptors neither pickle nor survive a fork
             self._files = shards.ShardFiles(self.split.files, self.max_open_files)
         shard_of = np.searchsorted(self._shard_starts, indices, side="right") - 1
-        images, labels = [None] * len(indices), np.empty(len(indices), np.int32)
+        raw = self.split.encoding == "raw"
+        size = self.split.size
+        # raw: one (n, size, size, 3) batch array that the reads fill in place; jpeg: a list
+        images = np.empty((len(indices), size, size, 3), np.uint8) if raw else [None] * len(indices)
+        labels = np.empty(len(indices), np.int32)
         for s in np.unique(shard_of):
             where = np.flatnonzero(shard_of == s)
             local = indices[where] - self._shard_starts[s]
             order = np.argsort(local, kind="stable")  # file order: sequential where possible
-            data = self._files.read(int(s), local[order])
-            labs = self._files.index(int(s)).labels[local]
-            for w, d in zip(where[order], data):
-                images[w] = d
-            labels[where] = labs
+            rows = where[order]
+            data = self._files.read(int(s), local[order],
+                                    out=[images[w] for w in rows] if raw else None)
+            if not raw:
+                for w, d in zip(rows, data):
+                    images[w] = d
+            labels[where] = self._files.index(int(s)).labels[local]
         return images, labels
 
     def locate(self, index: int) -> tuple[str, str]:

@@ -267,11 +267,17 @@ class ShardFiles:
             self._index[s] = index_shard(self.files[s])
         return self._index[s]
 
-    def read(self, s: int, local) -> list[np.ndarray]:
-        """Images `local` (indices within shard s): JPEG bytes (uint8) or HWC uint8 arrays."""
+    def read(self, s: int, local, out: list | None = None) -> list[np.ndarray]:
+        """Images `local` (indices within shard s): JPEG bytes (uint8) or HWC uint8 arrays.
+        Raw images go straight into `out` (writable (size, size, 3) views) when given: one copy
+        from the page cache, into memory allocated once per batch."""
         ix = self.index(s)
         if ix.data_offset is None:
-            return self._read_h5py(ix, local)
+            images = self._read_h5py(ix, local)
+            if out is not None:
+                for o, image in zip(out, images):
+                    o[...] = image
+            return images if out is None else out
         fd = self._fd(s)
         try:
             if ix.encoding == "jpeg":
@@ -279,8 +285,12 @@ class ShardFiles:
                 return [np.frombuffer(_pread(fd, int(o[i + 1] - o[i]), ix.data_offset + int(o[i])),
                                       np.uint8) for i in local]
             n = ix.size * ix.size * 3
-            return [np.frombuffer(_pread(fd, n, ix.data_offset + int(i) * n), np.uint8)
-                    .reshape(ix.size, ix.size, 3) for i in local]
+            if out is None:
+                out = [np.empty((ix.size, ix.size, 3), np.uint8) for _ in local]
+            for o, i in zip(out, local):
+                if os.preadv(fd, [o], ix.data_offset + int(i) * n) != n:
+                    raise OSError(0, f"short read of image {int(i)}: the file is truncated")
+            return out
         except OSError as e:
             raise os_error(ix.path, e, "read the shard") from None
 

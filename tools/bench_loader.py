@@ -33,14 +33,16 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 def extract(shard_dir: Path, out: Path, raw: bool) -> None:
     """Write each shard image as a file (JPEG, or .npy for raw) in class folders."""
     for path in shards.list_shards(shard_dir, "train"):
-        with shards.open_shard(path) as f:
-            for i, (img, label) in enumerate(zip(f[shards.IMAGES], f[shards.LABELS])):
-                folder = out / f"{label:04d}"
-                folder.mkdir(parents=True, exist_ok=True)
-                if raw:
-                    np.save(folder / f"{path.stem}_{i}.npy", img)
-                else:
-                    (folder / f"{path.stem}_{i}.jpg").write_bytes(img.tobytes())
+        files = shards.ShardFiles([path])
+        labels = files.index(0).labels
+        for i, (img, label) in enumerate(zip(files.read(0, np.arange(len(labels))), labels)):
+            folder = out / f"{label:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if raw:
+                np.save(folder / f"{path.stem}_{i}.npy", img)
+            else:
+                (folder / f"{path.stem}_{i}.jpg").write_bytes(img.tobytes())
+        files.close()
 
 
 def native_rate(files: Path, raw: bool, batch: int, threads: int, seconds: float, gpu: bool):
