@@ -183,6 +183,10 @@ class TrainConfig:
     log_every: int = opt(10, "Steps between log records (each is a CPU-GPU sync point).")
     flat_check_steps: int = opt(300, "Warn if the loss is still ln(classes) after this many steps.")
     ten_crop: bool = opt(False, "A ten-crop evaluation after the last epoch.")
+    max_steps: int | None = opt(None, "Stop after this many steps in all (smoke runs): evaluate, "
+                                "save a resumable interrupt.pt, exit 0.")
+    dist_timeout: float = opt(600.0, "Seconds a collective may wait for the other ranks before "
+                              "the process ends with an error (a rank that died).")
     progress: bool | None = opt(None, cli=False)  # None: a bar when stderr is a terminal
 
     def validate(self) -> None:
@@ -202,6 +206,9 @@ class TrainConfig:
         _at_least("max-lr-drops", self.max_lr_drops, 0)
         _at_least("keep", self.keep, 1)
         _at_least("log-every", self.log_every, 1)
+        _at_least("max-steps", self.max_steps, 1)
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout {self.dist_timeout}: must be positive")
 
 
 # --- benchmarks and checkpoints ----------------------------------------------------------------------

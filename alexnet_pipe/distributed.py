@@ -60,11 +60,15 @@ def check_devices(names) -> None:
                 raise UserError(f"device {name}: this machine has {count} CUDA GPU(s)")
 
 
-def init(env: DistEnv, dev: torch.device) -> None:
+def init(env: DistEnv, dev: torch.device, timeout_s: float = 600) -> None:
+    """The process group. A collective that waits longer than `timeout_s` (a rank died without
+    torchrun noticing) ends the process with an error instead of hanging."""
     if env.enabled and not dist.is_initialized():
+        from datetime import timedelta
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -87,6 +91,15 @@ def same_on_all_ranks(value: float, dev) -> bool:
     t = torch.tensor([value, -value], dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t[0].item() == value and -t[1].item() == value
+
+
+def max_over_ranks(value: int, dev) -> int:
+    """The largest of every rank's `value` (a sync point; 0 rank-local without a group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def barrier() -> None:

@@ -133,7 +133,7 @@ def set_up(config: TrainConfig) -> tuple[Run, Path | None]:
     split = load_split(config.loader.data, "train")
     config.loader.augment.validate(split.size)
     stats = load_stats(config.loader.data, split)
-    distributed.init(env, device)
+    distributed.init(env, device, config.dist_timeout)
     if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cudnn.deterministic = config.deterministic
@@ -252,7 +252,7 @@ class StopRequest:
 
 @dataclass
 class EpochResult:
-    stopped: bool        # a signal stopped the epoch before its end
+    stopped: int         # 0, or the signal that stopped the epoch before its end (every rank)
     images: int = 0      # images trained on by this rank
     seconds: float = 0.0
     loss_sum: float = 0.0
@@ -273,8 +273,8 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
     t_epoch = t_log = time.perf_counter()
     it = iter(loader)
     while True:
-        if stop.signal is not None and run.batch < n_batches:  # else: finish, then checkpoint
-            return EpochResult(stopped=True, images=done)
+        if cfg.max_steps and run.step >= cfg.max_steps and run.batch < n_batches:
+            return EpochResult(stopped=0, images=done, seconds=time.perf_counter() - t_epoch)
         t0 = time.perf_counter()
         try:
             images, labels, _, _ = next(it)
@@ -293,12 +293,26 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
         run.step, run.batch, done, n_log = run.step + 1, run.batch + 1, done + len(labels), n_log + 1
         if bar is not None:
             bar.update(1)
-        if run.step % cfg.log_every == 0 or run.batch == n_batches:
+        log_point = run.step % cfg.log_every == 0 or run.batch == n_batches
+        if log_point:
             t_log = _log_point(run, first_bad, since_log, n_log, len(labels), lr, t_log, bar)
             n_log = 0
+        if run.batch < n_batches:  # at the epoch's end: finish it, then checkpoint
+            signum = _agreed_stop(run, stop, log_point)
+            if signum:
+                return EpochResult(stopped=signum, images=done)
     seconds = time.perf_counter() - t_epoch
-    return EpochResult(stopped=False, images=done, seconds=seconds,
+    return EpochResult(stopped=0, images=done, seconds=seconds,
                        loss_sum=epoch_loss.item(), data_wait=wait / seconds if seconds else 0.0)
+
+
+def _agreed_stop(run: Run, stop: StopRequest, log_point: bool) -> int:
+    """The signal that stops every rank at this step, or 0. One process checks its own flag every
+    step; ranks agree through one small all-reduce at log points only (a signal to one rank stops
+    them all at the same step, within --log-every steps, without a sync per step)."""
+    if not run.env.enabled:
+        return stop.signal or 0
+    return distributed.max_over_ranks(stop.signal or 0, run.device) if log_point else 0
 
 
 def _log_point(run: Run, first_bad, since_log, n_log: int, batch: int, lr: float, t_log: float,
@@ -370,9 +384,11 @@ def _epochs(run: Run) -> dict:
             bar.close()
         if out.stopped:
             _save(run, "interrupt.pt", run.epoch, run.batch)
-            run.log.line(f"signal {stop.signal}: saved interrupt.pt at epoch {run.epoch + 1}, "
+            run.log.line(f"signal {out.stopped}: saved interrupt.pt at epoch {run.epoch + 1}, "
                          f"batch {run.batch}; continue with --resume")
-            sys.exit(128 + stop.signal)
+            sys.exit(128 + out.stopped)
+        if run.batch < train_loader.source.num_batches(run.epoch):  # --max-steps, mid-epoch
+            return _stop_at_max_steps(run, val_loader)
         metrics = evaluate(run.model, val_loader, device=run.device, amp=cfg.amp)
         run.scheduler.step(metrics["top1_err"])
         steps = run.batch - train_loader.source.skipped(run.epoch)
@@ -393,20 +409,39 @@ def _epochs(run: Run) -> dict:
         path = _save(run, f"epoch-{run.epoch:04d}.pt", run.epoch, 0)
         if env.is_main and is_best:
             checkpoint.mark_best(Path(cfg.out), path)
-        if stop.signal is not None:  # arrived during the epoch's last step or evaluation
-            run.log.line(f"signal {stop.signal}: stopped after epoch {run.epoch}; continue with "
+        signum = distributed.max_over_ranks(stop.signal or 0, run.device)  # every epoch
+        if signum:  # arrived during the epoch's last steps or evaluation, on some rank
+            run.log.line(f"signal {signum}: stopped after epoch {run.epoch}; continue with "
                          f"--resume")
-            sys.exit(128 + stop.signal)
+            sys.exit(128 + signum)
+        if cfg.max_steps and run.step >= cfg.max_steps:
+            break
     return _finish(run, per_rank, result)
 
 
+def _stop_at_max_steps(run: Run, val_loader) -> dict:
+    """--max-steps reached inside an epoch: evaluate, save a resumable interrupt.pt, end."""
+    metrics = evaluate(run.model, val_loader, device=run.device, amp=run.config.amp)
+    _save(run, "interrupt.pt", run.epoch, run.batch)
+    run.log.record(kind="max_steps", epoch=run.epoch + 1, step=run.step, **metrics)
+    run.log.line(f"--max-steps {run.config.max_steps} reached at epoch {run.epoch + 1}, batch "
+                 f"{run.batch}: centre-crop top-1 err {metrics['top1_err']:.4f}; saved "
+                 f"interrupt.pt (continue with --resume)")
+    return {"kind": "max_steps", "step": run.step, **metrics}
+
+
 def _save(run: Run, name: str, epoch: int, batch: int) -> Path:
-    """Rank 0 writes the checkpoint; every rank waits for it."""
-    path = None
+    """Rank 0 writes the checkpoint; the ranks agree on whether it worked (a full disk on rank 0
+    must not leave the others waiting in the next collective)."""
+    path, error = None, None
     if run.env.is_main:
-        path = checkpoint.save(Path(run.config.out), snapshot(run, epoch, batch), name=name,
-                               keep=run.config.keep)
-    distributed.barrier()
+        try:
+            path = checkpoint.save(Path(run.config.out), snapshot(run, epoch, batch), name=name,
+                                   keep=run.config.keep)
+        except UserError as e:
+            error = e
+    if distributed.max_over_ranks(int(error is not None), run.device):
+        raise error or UserError(f"rank 0 could not write {name}; see its message")
     return path
 
 

@@ -13,6 +13,7 @@ Every regular file under train/ and val/ becomes an input: a file that cannot be
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ KAGGLE_SOLUTION = "LOC_val_solution.csv"
 MAPPING_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 1.28 M of them: no per-instance dict
 class Sample:
     key: str    # path relative to the image root, with '/' separators
     label: int  # index into Tree.classes
@@ -40,8 +41,21 @@ class Tree:
     val_layout: str = ""                    # "folders" | "kaggle" | "labels-file"
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def _files(folder: Path) -> list[str]:
+    """Every regular file below `folder`, as sorted '/'-separated paths relative to it. os.scandir
+    and strings, not Path objects and a stat per file: ImageNet's 1.28 M files in seconds."""
+    out, todo = [], [("", str(folder))]
+    while todo:
+        rel, path = todo.pop()
+        with os.scandir(path) as it:
+            for entry in it:
+                name = f"{rel}{entry.name}"
+                if entry.is_dir(follow_symlinks=True):
+                    todo.append((name + "/", entry.path))
+                elif entry.is_file(follow_symlinks=True):
+                    out.append(name)
+    out.sort(key=lambda rel: rel.split("/"))  # component-wise, as paths sort
+    return out
 
 
 def _find(names, folders) -> Path | None:
@@ -116,8 +130,7 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
     tree = Tree(image_root=image_root, classes=classes,
                 names={w: names.get(w, w) for w in classes}, samples={})
 
-    def add(split: str, path: Path, wnid: str | None, missing: str) -> None:
-        key = _rel(path, image_root)
+    def add(split: str, key: str, wnid: str | None, missing: str) -> None:
         if wnid is None:
             tree.unlabelled.append((key, missing))
         elif wnid not in index:
@@ -127,9 +140,11 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
 
     if "train" in splits:
         tree.samples["train"] = []
-        for path in _files(train_dir):
-            wnid = path.parent.name if path.parent.parent == train_dir else None
-            add("train", path, wnid, "not inside a class folder train/<wnid>/")
+        base = _rel(train_dir, image_root)
+        for rel in _files(train_dir):
+            parts = rel.split("/")
+            wnid = parts[0] if len(parts) == 2 else None
+            add("train", f"{base}/{rel}", wnid, "not inside a class folder train/<wnid>/")
     if "val" in splits:
         if not val_dir.is_dir():
             raise UserError(f"{val_dir}: no val/ folder; drop 'val' from --splits")
@@ -144,13 +159,17 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
                 raise UserError(f"{val_dir}: flat val/ without labels; put {KAGGLE_SOLUTION} beside "
                                 f"it or pass --val-labels FILE ('filename wnid' lines)")
             labels, tree.val_layout = _read_kaggle_labels(solution), "kaggle"
-        for path in _files(val_dir):
+        base = _rel(val_dir, image_root)
+        for rel in _files(val_dir):
+            parts = rel.split("/")
+            name = parts[-1]
+            key = f"{base}/{rel}"
             if labels is None:
-                wnid = path.parent.name if path.parent.parent == val_dir else None
-                add("val", path, wnid, "not inside a class folder val/<wnid>/")
+                wnid = parts[0] if len(parts) == 2 else None
+                add("val", key, wnid, "not inside a class folder val/<wnid>/")
             else:
-                wnid = labels.get(path.name, labels.get(path.stem))
-                add("val", path, wnid, "no label for this file in the val labels")
+                wnid = labels.get(name, labels.get(name.rpartition(".")[0] or name))
+                add("val", key, wnid, "no label for this file in the val labels")
     if limit_per_class is not None:
         for split, samples in tree.samples.items():
             kept, seen = [], {}

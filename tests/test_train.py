@@ -139,31 +139,6 @@ def test_keep_best_and_resume_across_a_learning_rate_drop(tmp_path, shards_small
     assert r["top1_err"] == min(errors)
 
 
-def test_torchrun_two_processes_gloo(tmp_path, shards_small):
-    run, rec = tmp_path / "run", tmp_path / "record"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_RECORD": str(rec)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HARNESS), *map(str, train_args(shards_small, run, "--epochs", "2", "--keep", "1"))],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    epochs = records(run, "epoch")
-    assert [(e["train_images"], e["images"]) for e in epochs] == [(16, 12)] * 2
-    done, = records(run, "done")
-    assert done["ranks_in_sync"] is True
-    assert json.loads((run / "config.json").read_text())["parallel"] == "ddp"
-    # What each rank's loader delivered: batches of 8 / 2 = 4, disjoint shares of one seeded
-    # permutation of the 16 train images per epoch (the documented order), all of it read.
-    got = {r: [json.loads(line) for line in (rec / f"rank-{r}.jsonl").read_text().splitlines()]
-           for r in range(2)}
-    for epoch in range(2):
-        order = np.random.default_rng([0, epoch]).permutation(16).tolist()
-        for r in range(2):
-            batches = [b["index"] for b in got[r] if b["epoch"] == epoch]
-            assert [len(b) for b in batches] == [4, 4]
-            assert sum(batches, []) == order[r * 8:(r + 1) * 8]
-
-
 def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_small, straight_run):
     ckpt = straight_run / "checkpoints/epoch-0002.pt"
     state = torch.load(ckpt, weights_only=True)

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Does a long run hold its memory? The train loader's memory (the main process and its reader
+workers, PSS from /proc/PID/smaps_rollup, so shared memory is counted once) after every epoch of
+a small set, JPEG and raw shards. Reports the growth from epoch 2 to the last.
+
+Usage: bench_memory.py [--epochs 50] [--images 256] [--batch-size 32] [--work DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alexnet_base.config import LoaderConfig, PrepareConfig  # noqa: E402
+from alexnet_pipe.pipeline import make_loader  # noqa: E402
+from make_sample_imagenet import make_sample  # noqa: E402
+from preprocessing.prepare import run as prepare_run  # noqa: E402
+
+
+def family(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def pss_mb(pid: int) -> float:
+    total = 0
+    for p in family(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--work", type=Path)
+    a = ap.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    tree = work / "imagenet"
+    if not tree.exists():
+        make_sample(tree, 4, a.images // 4, 1, seed=0, quirks=False, large=0)
+    for enc in ("jpeg", "raw"):
+        data = work / enc
+        if not (data / "manifest.json").exists():
+            prepare_run(PrepareConfig(imagenet_root=tree, out=data, encoding=enc, shard_size=32,
+                                      progress=False, splits=("train",)))
+        loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu"))
+        mb = []
+        for _ in range(a.epochs):
+            for _ in loader:
+                pass
+            mb.append(pss_mb(os.getpid()))
+        growth = (mb[-1] - mb[1]) / mb[1]
+        print(json.dumps({"encoding": enc, "epochs": a.epochs, "processes": len(family(os.getpid())),
+                          "pss_mb_epoch2": round(mb[1], 1), "pss_mb_last": round(mb[-1], 1),
+                          "pss_mb_max": round(max(mb), 1), "growth": round(growth, 4),
+                          "every_10th": [round(m) for m in mb[::10]]}), flush=True)
+        del loader
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
