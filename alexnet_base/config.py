@@ -49,8 +49,12 @@ def _at_least(option: str, value, low) -> None:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    imagenet_root: Path = opt(required=True, help="ImageNet tree: train/<wnid>/*.JPEG and val/ "
-                              "(class folders, or flat with LOC_val_solution.csv or --val-labels).")
+    imagenet_root: Path = opt(required=True, help="ImageNet as downloaded: a folder holding "
+                              "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and "
+                              "ILSVRC2012_devkit_t12.tar.gz (read in place), or Kaggle's "
+                              "imagenet-object-localization-challenge.zip; or an extracted tree: "
+                              "train/<wnid>/*.JPEG and val/ (class folders, or flat with "
+                              "LOC_val_solution.csv or --val-labels).")
     out: Path = opt(required=True, help="Output folder of shards, stats.h5 and manifest.json.")
     size: int = opt(256, "Shorter side and square crop, px (the paper: 256).")
     encoding: str = opt("jpeg", "Shard images as re-encoded JPEG bytes or raw uint8 pixels.",

@@ -13,6 +13,7 @@ Every regular file under train/ and val/ becomes an input: a file that cannot be
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,11 @@ MAPPING_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
 
 @dataclass(frozen=True, slots=True)  # 1.28 M of them: no per-instance dict
 class Sample:
-    key: str    # path relative to the image root, with '/' separators
-    label: int  # index into Tree.classes
+    key: str          # path relative to the image root, with '/' separators
+    label: int        # index into Tree.classes
+    src: int = -1     # archives: index into Tree.sources (-1: a file under Tree.image_root)
+    offset: int = 0   # tar: the member's bytes in the archive
+    size: int = 0
 
 
 @dataclass
@@ -38,7 +42,8 @@ class Tree:
     samples: dict[str, list[Sample]]        # split -> labelled inputs, sorted by key
     unlabelled: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     left_out: dict[str, int] = field(default_factory=dict)  # split -> inputs over the limit
-    val_layout: str = ""                    # "folders" | "kaggle" | "labels-file"
+    val_layout: str = ""                    # "folders" | "kaggle" | "labels-file" | "devkit"
+    sources: list = field(default_factory=list)  # archives read by Sample.src: (kind, path, prefix)
 
 
 def _files(folder: Path) -> list[str]:
@@ -66,27 +71,34 @@ def _find(names, folders) -> Path | None:
     return None
 
 
-def _read_names(path: Path | None) -> dict[str, str]:
+def parse_names(text: str) -> dict[str, str]:
+    """LOC_synset_mapping.txt / synset_words.txt: "wnid name, name" lines."""
     names = {}
-    if path is not None:
-        for line in path.read_text(errors="replace").splitlines():
-            wnid, _, name = line.strip().partition(" ")
-            if wnid:
-                names[wnid] = name.strip() or wnid
+    for line in text.splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = name.strip() or wnid
     return names
 
 
-def _read_kaggle_labels(path: Path) -> dict[str, str]:
+def _read_names(path: Path | None) -> dict[str, str]:
+    return parse_names(path.read_text(errors="replace")) if path is not None else {}
+
+
+def parse_kaggle_labels(text: str, path) -> dict[str, str]:
     """LOC_val_solution.csv: ImageId,PredictionString where the first token is the wnid."""
     labels = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                labels[row["ImageId"]] = row["PredictionString"].split()[0]
-            except (KeyError, IndexError, AttributeError):
-                raise UserError(f"{path}: expected columns ImageId,PredictionString with a wnid "
-                                f"first, got {row}") from None
+    for row in csv.DictReader(io.StringIO(text)):
+        try:
+            labels[row["ImageId"]] = row["PredictionString"].split()[0]
+        except (KeyError, IndexError, AttributeError):
+            raise UserError(f"{path}: expected columns ImageId,PredictionString with a wnid "
+                            f"first, got {row}") from None
     return labels
+
+
+def _read_kaggle_labels(path: Path) -> dict[str, str]:
+    return parse_kaggle_labels(path.read_text(), path)
 
 
 def _read_labels_file(path: Path) -> dict[str, str]:
@@ -101,10 +113,6 @@ def _read_labels_file(path: Path) -> dict[str, str]:
         labels[Path(parts[0]).name] = parts[1]
         labels[Path(parts[0]).stem] = parts[1]
     return labels
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
 
 
 def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
@@ -130,25 +138,12 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
     tree = Tree(image_root=image_root, classes=classes,
                 names={w: names.get(w, w) for w in classes}, samples={})
 
-    def add(split: str, key: str, wnid: str | None, missing: str) -> None:
-        if wnid is None:
-            tree.unlabelled.append((key, missing))
-        elif wnid not in index:
-            tree.unlabelled.append((key, f"class {wnid} is not among the train classes"))
-        else:
-            tree.samples[split].append(Sample(key, index[wnid]))
-
-    if "train" in splits:
-        tree.samples["train"] = []
-        base = _rel(train_dir, image_root)
-        for rel in _files(train_dir):
-            parts = rel.split("/")
-            wnid = parts[0] if len(parts) == 2 else None
-            add("train", f"{base}/{rel}", wnid, "not inside a class folder train/<wnid>/")
+    train_files = _files(train_dir) if "train" in splits else None
+    val_files = None
+    labels = None
     if "val" in splits:
         if not val_dir.is_dir():
             raise UserError(f"{val_dir}: no val/ folder; drop 'val' from --splits")
-        tree.samples["val"] = []
         if val_labels is not None:
             labels, tree.val_layout = _read_labels_file(Path(val_labels)), "labels-file"
         elif val_class_dirs:
@@ -159,16 +154,44 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
                 raise UserError(f"{val_dir}: flat val/ without labels; put {KAGGLE_SOLUTION} beside "
                                 f"it or pass --val-labels FILE ('filename wnid' lines)")
             labels, tree.val_layout = _read_kaggle_labels(solution), "kaggle"
-        base = _rel(val_dir, image_root)
-        for rel in _files(val_dir):
+        val_files = _files(val_dir)
+    return fill(tree, train_files, val_files, labels, limit_per_class)
+
+
+def fill(tree: Tree, train_files: list[str] | None, val_files: list[str] | None,
+         val_labels: dict[str, str] | None, limit_per_class: int | None,
+         locations: dict | None = None) -> Tree:
+    """Label the listed files the same way whatever holds them (folders, tars, a zip): train
+    files (relative to train/) by their class folder; val files (relative to val/) by their class
+    folder or, with `val_labels` (file name or stem -> wnid), by name. `locations`: key ->
+    (source, offset, size) for archive members. Every file is either a sample or unlabelled."""
+    index = {wnid: i for i, wnid in enumerate(tree.classes)}
+    locations = locations or {}
+
+    def add(split: str, key: str, wnid: str | None, missing: str) -> None:
+        if wnid is None:
+            tree.unlabelled.append((key, missing))
+        elif wnid not in index:
+            tree.unlabelled.append((key, f"class {wnid} is not among the train classes"))
+        else:
+            tree.samples[split].append(Sample(key, index[wnid], *locations.get(key, ())))
+
+    if train_files is not None:
+        tree.samples["train"] = []
+        for rel in train_files:
             parts = rel.split("/")
-            name = parts[-1]
-            key = f"{base}/{rel}"
-            if labels is None:
+            wnid = parts[0] if len(parts) == 2 else None
+            add("train", f"train/{rel}", wnid, "not inside a class folder train/<wnid>/")
+    if val_files is not None:
+        tree.samples["val"] = []
+        for rel in val_files:
+            parts = rel.split("/")
+            name, key = parts[-1], f"val/{rel}"
+            if val_labels is None:
                 wnid = parts[0] if len(parts) == 2 else None
                 add("val", key, wnid, "not inside a class folder val/<wnid>/")
             else:
-                wnid = labels.get(name, labels.get(name.rpartition(".")[0] or name))
+                wnid = val_labels.get(name, val_labels.get(name.rpartition(".")[0] or name))
                 add("val", key, wnid, "no label for this file in the val labels")
     if limit_per_class is not None:
         for split, samples in tree.samples.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing import layout, resize, shards
+from preprocessing import archives, layout, resize, shards
 from alexnet_base.config import PrepareConfig
 from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path, write_json
@@ -80,13 +81,21 @@ def _init_worker(counter) -> None:
     _progress_counter = counter
 
 
-def write_one_shard(job: ShardJob, config: PrepareConfig, image_root: Path) -> dict:
+def _input(sample: layout.Sample, image_root: Path, sources: list):
+    """A file under the image root, or an archive member's bytes."""
+    if sample.src < 0:
+        return image_root / sample.key
+    return io.BytesIO(archives.read_member(sources, sample))
+
+
+def write_one_shard(job: ShardJob, config: PrepareConfig, image_root: Path,
+                    sources: list = ()) -> dict:
     """Decode, resize and encode the inputs of one shard; write it and its partial sums."""
     images, labels, keys, skipped = [], [], [], []
     sums = PixelSums(config.size)
     for sample in job.samples:
         try:
-            image = resize.load_image(image_root / sample.key, config.size)
+            image = resize.load_image(_input(sample, image_root, sources), config.size)
         except resize.SkipImage as e:
             skipped.append((sample.key, str(e)))
         else:
@@ -168,7 +177,7 @@ def _prepare_out(config: PrepareConfig) -> None:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
-def _run_jobs(todo: list[ShardJob], config: PrepareConfig, image_root: Path, total: int,
+def _run_jobs(todo: list[ShardJob], config: PrepareConfig, tree: layout.Tree, total: int,
               done_images: int) -> None:
     """Write the shards of `todo` in worker processes; their records land in .partial/."""
     from tqdm import tqdm
@@ -181,7 +190,8 @@ def _run_jobs(todo: list[ShardJob], config: PrepareConfig, image_root: Path, tot
                   initargs=(counter,)) as pool:
         bar = tqdm(total=total, initial=done_images, unit="img", disable=not show,
                    smoothing=0.1, desc="prepare")  # after the fork: no thread is forked
-        pending = pool.imap_unordered(_job_runner, [(job, config, image_root) for job in todo])
+        pending = pool.imap_unordered(_job_runner, [(job, config, tree.image_root, tree.sources)
+                                                    for job in todo])
         while finished < len(todo):
             try:
                 pending.next(timeout=0.5)
@@ -198,15 +208,22 @@ def run(config: PrepareConfig) -> dict:
     config.validate()
     config = PrepareConfig(**{**asdict(config), "out": Path(config.out),
                               "imagenet_root": Path(config.imagenet_root)})
-    tree = layout.discover(config.imagenet_root, config.splits, config.val_labels,
-                           config.limit_per_class)
+    if archives.kind(config.imagenet_root):  # the official tars or Kaggle's zip, read in place
+        if config.val_labels is not None:
+            raise UserError("--val-labels: the archives carry their own val labels (devkit or "
+                            "LOC_val_solution.csv); leave it out")
+        tree = archives.discover(config.imagenet_root, config.splits, config.limit_per_class,
+                                 config.workers)
+    else:
+        tree = layout.discover(config.imagenet_root, config.splits, config.val_labels,
+                               config.limit_per_class)
     _prepare_out(config)
     jobs = plan_shards(tree, config)
     todo = [j for j in jobs if _load_partial(config.out, j, sums=False) is None]
     total = sum(len(j.samples) for j in jobs)
     done_images = total - sum(len(j.samples) for j in todo)
     t0 = time.perf_counter()
-    _run_jobs(todo, config, tree.image_root, total, done_images)
+    _run_jobs(todo, config, tree, total, done_images)
     seconds = time.perf_counter() - t0
     records = [_load_partial(config.out, j) for j in jobs]
     if any(r is None for r in records):

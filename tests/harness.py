@@ -12,6 +12,8 @@ Configured by environment variables, so that torchrun can pass them to every ran
                               sigkill           the process kills itself outright
                               nan               every parameter becomes NaN (the next loss is NaN)
     HARNESS_FAULT_RANK=R    only rank R (RANK from torchrun) injects; default every rank
+    HARNESS_PREPARE_KILL=N  prepare: once a worker has written N shards, SIGKILL the whole process
+                            group (run it with start_new_session), as a crash mid-run would
     HARNESS_SYNC_DEBUG=1    train epochs run under torch.cuda.set_sync_debug_mode("error") except
                             at log points: a hidden CPU-GPU sync in the step raises
     HARNESS_SAVE_FAULT=KIND@N  the N-th torch.save writes half a file, then: raise (an OSError,
@@ -115,7 +117,22 @@ def _install_sync_debug() -> None:
     train.train_one_epoch = guarded(train.train_one_epoch, "error", "default")
 
 
+def _install_prepare_kill(after: int) -> None:
+    from preprocessing import prepare
+    real, count = prepare.write_one_shard, [0]
+
+    def write_one_shard(*args, **kwargs):
+        info = real(*args, **kwargs)
+        count[0] += 1
+        if count[0] >= after:
+            os.killpg(0, signal.SIGKILL)
+        return info
+    prepare.write_one_shard = write_one_shard
+
+
 def main() -> None:
+    if os.environ.get("HARNESS_PREPARE_KILL"):
+        _install_prepare_kill(int(os.environ["HARNESS_PREPARE_KILL"]))
     if os.environ.get("HARNESS_SYNC_DEBUG"):
         _install_sync_debug()
     if os.environ.get("HARNESS_FAULT"):

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_sample_imagenet import draw_image  # noqa: E402
 
 from preprocessing import resize  # noqa: E402
-from preprocessing.prepare import PrepareConfig, run as prepare_run  # noqa: E402
+from alexnet_base.config import PrepareConfig  # noqa: E402
+from preprocessing.prepare import run as prepare_run  # noqa: E402
 from preprocessing.stats import PixelSums  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
@@ -82,13 +83,66 @@ def psnr_db(a: bytes, b: bytes) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
+def _prepare_seconds(root: Path, out: Path) -> float:
+    t0 = time.perf_counter()
+    prepare_run(PrepareConfig(imagenet_root=root, out=out, workers=1, shard_size=64,
+                              splits=("train",), progress=False, overwrite=True))
+    return time.perf_counter() - t0
+
+
+def archive_comparison(n: int, repeats: int) -> int:
+    """Per-core prepare rate from ILSVRC2012_img_train.tar (a tar of class tars, read in place)
+    against the same images extracted, and the end-to-end time with the extraction counted."""
+    import shutil
+    import subprocess
+    import tarfile
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_photos(tmp / "tree", n, seed=0)
+        (tmp / "ar").mkdir()
+        for cls in sorted((tmp / "tree" / "train").iterdir()):
+            with tarfile.open(tmp / f"{cls.name}.tar", "w") as t:
+                for f in sorted(cls.iterdir()):
+                    t.add(f, f.name)
+        with tarfile.open(tmp / "ar" / "ILSVRC2012_img_train.tar", "w") as t:
+            for inner in sorted(tmp.glob("n*.tar")):
+                t.add(inner, inner.name)
+        folder = min(_prepare_seconds(tmp / "tree", tmp / "o1") for _ in range(repeats))
+        archive = min(_prepare_seconds(tmp / "ar", tmp / "o2") for _ in range(repeats))
+        same = all((tmp / "o1" / p.name).read_bytes() == p.read_bytes()
+                   for p in (tmp / "o2").glob("*.h5"))
+        t0 = time.perf_counter()  # what a user does first today: untar the tar of tars
+        x = tmp / "x" / "train"
+        x.mkdir(parents=True)
+        subprocess.run(["tar", "-xf", str(tmp / "ar" / "ILSVRC2012_img_train.tar"), "-C", str(x)],
+                       check=True)
+        for inner in sorted(x.glob("*.tar")):
+            (x / inner.stem).mkdir()
+            subprocess.run(["tar", "-xf", str(inner), "-C", str(x / inner.stem)], check=True)
+            inner.unlink()
+        extract = time.perf_counter() - t0
+        shutil.rmtree(tmp / "x")
+    print(json.dumps({"images": n, "folder_img_per_s_core": round(n / folder, 1),
+                      "archive_img_per_s_core": round(n / archive, 1),
+                      "archive_over_folder": round(folder / archive, 3),
+                      "extract_s": round(extract, 2), "extract_plus_prepare_s":
+                      round(extract + folder, 2), "archive_prepare_s": round(archive, 2),
+                      "identical_shards": same}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--archives", action="store_true",
+                    help="instead: prepare from ILSVRC-style tars vs from the extracted tree, one "
+                         "worker each, and extract + prepare vs prepare from the tars")
     a = ap.parse_args()
+    if a.archives:
+        return archive_comparison(a.images, a.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_photos(Path(tmp) / "tree", a.images, seed=0)
         kb = np.mean([p.stat().st_size for p in paths]) / 1024
