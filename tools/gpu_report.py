@@ -43,7 +43,8 @@ def main() -> int:
          "cores": len(os.sched_getaffinity(0))}
     tree = a.work / "imagenet"
     if not tree.exists():
-        make_sample(tree, 8, a.images // 8, 4, seed=0, quirks=False, large=0)
+        make_sample(tree, 8, a.images // 8, max(4, a.batch_size // 8), seed=0, quirks=False,
+                    large=0)  # val: at least one full batch
     for enc in ("jpeg", "raw"):
         prepare_run(PrepareConfig(imagenet_root=tree, out=a.work / enc, encoding=enc,
                                   progress=False))
