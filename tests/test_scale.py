@@ -133,10 +133,12 @@ def _limit_open_files(n: int):
 
 
 def test_imagenet_shape_smoke_run_under_a_low_open_file_limit(tmp_path):
-    """1,000 classes (ImageNet-style wnids), 526 HDF5 files, a limit of 256 open files:
+    """ImageNet's 1,000 classes (their real wnids), 526 HDF5 files, a limit of 256 open files:
     prepare -> inspect -> bench-loader -> a few training steps -> evaluate."""
     tree, rng = tmp_path / "tree", np.random.default_rng(0)
-    wnids = [f"n{1440764 + 7 * k:08d}" for k in range(1000)]
+    # The ILSVRC 2012 wnids, one a line (the list timm ships as data/_info/imagenet_synsets.txt).
+    wnids = (ROOT / "tests" / "imagenet_wnids.txt").read_text().split()
+    assert len(wnids) == 1000 and wnids[0] == "n01440764"
     for k, w in enumerate(wnids):
         for split, n in (("train", 2), ("val", 1 if k % 10 == 0 else 0)):
             if n:
