@@ -39,8 +39,11 @@ def _start_method(gpu: bool) -> str:
 
 
 def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: bool,
-                   device_id: int | None, ten_crop: bool = False):
-    """The DALI graph for `source` (train or val). Returns an unbuilt Pipeline."""
+                   device_id: int | None, ten_crop: bool = False, channels_last: bool = False):
+    """The DALI graph for `source` (train or val). Returns an unbuilt Pipeline. channels_last:
+    images come out HWC, which the Loader hands on as an NCHW view in channels_last memory
+    (what the GPU model takes) instead of CHW that would be copied into it every step."""
+    layout = "HWC" if channels_last else "CHW"
     fn, pipeline_def, types = _dali_modules()
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
@@ -53,11 +56,11 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
         out = fn.crop_mirror_normalize(images, crop=(aug.crop, aug.crop), crop_pos_x=x,
                                        crop_pos_y=y, mirror=mirror, mean=norm_mean,
                                        std=[float(s) for s in std], dtype=types.FLOAT,
-                                       output_layout="CHW", device=dev)
+                                       output_layout=layout, device=dev)
         if mean_image is not None:  # the same window of the mean image (the paper's mean)
             out = out - fn.crop_mirror_normalize(mean_image, crop=(aug.crop, aug.crop),
                                                  crop_pos_x=x, crop_pos_y=y, mirror=mirror,
-                                                 dtype=types.FLOAT, output_layout="CHW",
+                                                 dtype=types.FLOAT, output_layout=layout,
                                                  device=dev)
         return fn.cast(out, dtype=out_type) if out_type != types.FLOAT else out
 
@@ -118,12 +121,13 @@ class Loader:
     """Iterates `Batch`es, one epoch a `for` loop."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
-                 prefetch: int = 2):
+                 prefetch: int = 2, channels_last: bool = False):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
         self.epoch = start_epoch
         self._dtype = dtype
         self._prefetch = prefetch
+        self._channels_last = channels_last
         self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid", "index"],
                                          auto_reset=True)
 
@@ -137,7 +141,10 @@ class Loader:
         try:
             for data in self._iter:
                 d = data[0]
-                images = d["images"].to(torch.bfloat16) if bf16 else d["images"]
+                images = d["images"]
+                if self._channels_last:  # (..., H, W, C) -> an (..., C, H, W) view, no copy
+                    images = images.movedim(-1, -3)
+                images = images.to(torch.bfloat16) if bf16 else images
                 done += 1
                 yield Batch(images, d["labels"].reshape(-1).long(), d["valid"].reshape(-1).bool(),
                             d["index"].reshape(-1))
@@ -161,7 +168,8 @@ class Loader:
 
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
                 rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
-                ten_crop: bool = False, device=None, info=None, stats=None) -> Loader:
+                ten_crop: bool = False, device=None, info=None, stats=None,
+                channels_last: bool | None = None) -> Loader:
     """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader delivering
     to `device` (a torch.device; default: --device for this process). `info` (the split's
     SplitInfo) and `stats` may be passed when the caller has read them."""
@@ -186,7 +194,9 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split} split ({len(source.samples(start_epoch))} images); "
                         f"use a smaller batch")
+    channels_last = gpu if channels_last is None else channels_last  # default: on GPUs
     pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
-                          device_id=(device.index or 0) if gpu else None, ten_crop=ten_crop)
+                          device_id=(device.index or 0) if gpu else None, ten_crop=ten_crop,
+                          channels_last=channels_last)
     return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
-                  prefetch=config.prefetch)
+                  prefetch=config.prefetch, channels_last=channels_last)

@@ -106,6 +106,8 @@ def _build_model(config: TrainConfig, num_classes: int, mode: str, device):
         distributed.check_devices(config.tower_devices)
         towers = TowerAlexNet(num_classes, crop, config.dropout, config.tower_devices)
         towers.load_grouped_state_dict(model.state_dict())
+        if config.channels_last and any(d.type == "cuda" for d in towers.devices):
+            towers = towers.to(memory_format=torch.channels_last)  # on their own devices
         return towers, towers, towers.devices[0]
     model = model.to(device)
     if device.type == "cuda" and config.channels_last:

@@ -105,3 +105,17 @@ def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_sm
     b = torch.load(split / "checkpoints/epoch-0002.pt", weights_only=True)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_channels_last_output_is_the_same_batch_without_a_copy(shards_raw, ten_crop):
+    """What the GPU path uses (HWC out of DALI, an NCHW view in channels_last memory), run on the
+    CPU: the same numbers as the CHW output."""
+    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, workers=1)
+    split = "val" if ten_crop else "train"
+    chw = next(iter(pipeline.make_loader(cfg, split=split, ten_crop=ten_crop))).images
+    hwc = next(iter(pipeline.make_loader(cfg, split=split, ten_crop=ten_crop,
+                                         channels_last=True))).images
+    torch.testing.assert_close(hwc, chw, rtol=0, atol=0)
+    if not ten_crop:
+        assert hwc.is_contiguous(memory_format=torch.channels_last)
