@@ -1,12 +1,14 @@
 """The DALI train and validation pipelines, and the PyTorch-facing loader around them.
 
-    HDF5 shards --(BatchSource, parallel external_source: one sorted h5py read per shard a batch)
+    HDF5 shards --(BatchSource, parallel external_source: one pread per image at its offset)
       --> JPEG bytes --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
       or raw HWC uint8 --.gpu()-->
+      --> minus the 256x256 mean image (mean="pixel", the paper), before the crop, so the crop
+          cuts the same window of image and mean
       --> crop_mirror_normalize: crop window and mirror per sample, and mean_i = mean - offset_i,
           which folds the PCA lighting offset into the normalisation at no cost
-      --> minus the same crop of the mean image (mean="pixel", the paper)
-      --> (B, 3, crop, crop) NCHW float, or (B, 10, 3, crop, crop) with ten_crop
+      --> (B, 3, crop, crop) NCHW float (HWC underneath on GPUs: channels_last), or
+          (B, 10, 3, crop, crop) with ten_crop
 
 Train and val share one graph builder; val uses the centre crop, no flip, no lighting, and pads
 its last batch (the `valid` output masks the padding).
@@ -51,17 +53,12 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     dev = "gpu" if gpu else "cpu"
     out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
 
-    def normalize(images, mean_image, x, y, mirror, norm_mean):
+    def normalize(images, x, y, mirror, norm_mean):
         # (in - mean_i) / std with mean_i = mean - offset_i: + lighting, - channel mean, HWC->CHW
         out = fn.crop_mirror_normalize(images, crop=(aug.crop, aug.crop), crop_pos_x=x,
                                        crop_pos_y=y, mirror=mirror, mean=norm_mean,
                                        std=[float(s) for s in std], dtype=types.FLOAT,
                                        output_layout=layout, device=dev)
-        if mean_image is not None:  # the same window of the mean image (the paper's mean)
-            out = out - fn.crop_mirror_normalize(mean_image, crop=(aug.crop, aug.crop),
-                                                 crop_pos_x=x, crop_pos_y=y, mirror=mirror,
-                                                 dtype=types.FLOAT, output_layout=layout,
-                                                 device=dev)
         return fn.cast(out, dtype=out_type) if out_type != types.FLOAT else out
 
     @pipeline_def(batch_size=config.batch_size, num_threads=threads, device_id=device_id,
@@ -83,17 +80,18 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                        output_type=types.RGB)
         elif gpu:
             images = images.gpu()
-        mean_image = None
-        if aug.mean == "pixel":
+        if aug.mean == "pixel":  # the paper's mean image, subtracted before the crop: the
+            # crop then cuts the same window of both (one op; on 2 CPU cores as fast as
+            # cropping the mean image separately and subtracting: 0.67-0.69x the file reader)
             mean_image = fn.constant(fdata=np.asarray(mean, np.float32).ravel().tolist(),
                                      shape=list(np.shape(mean)), layout="HWC", dtype=types.FLOAT,
                                      device=dev)
+            images = images - mean_image  # uint8 - float32 -> float32, HWC
         if not ten_crop:
-            out = normalize(images, mean_image, x, y, mirror, norm_mean)
+            out = normalize(images, x, y, mirror, norm_mean)
         else:
             span = max(split.size - aug.crop, 1)
-            crops = [normalize(images, mean_image, float(cx / span), float(cy / span), int(flip),
-                               norm_mean)
+            crops = [normalize(images, float(cx / span), float(cy / span), int(flip), norm_mean)
                      for cx, cy, flip in augment.ten_crop_positions(split.size, aug.crop)]
             out = fn.stack(*crops, axis=0)
         if gpu:  # labels and mask arrive on the device with the images: no pageable copy
