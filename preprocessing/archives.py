@@ -155,9 +155,10 @@ def _ilsvrc(root: Path, splits, limit_per_class, workers: int) -> layout.Tree:
     train_files, val_files, val_labels = None, None, None
     if train.is_file():
         outer = _outer_members(train)
-        inner = [m for m in outer if m.name.endswith(".tar") and "/" not in m.name]
+        is_class = [m.name.endswith(".tar") and "/" not in m.name for m in outer]
+        inner = [m for m, ok in zip(outer, is_class) if ok]
         tree.unlabelled += [(f"train/{m.name}", "not a class archive (expected <wnid>.tar)")
-                            for m in outer if m not in inner]
+                            for m, ok in zip(outer, is_class) if not ok]
         tree.classes = sorted(m.name[:-4] for m in inner)
         if "train" in splits:
             train_files = []
@@ -256,7 +257,6 @@ def _kaggle_zip(root: Path, splits, limit_per_class, workers: int) -> layout.Tre
             raise UserError(f"{path}: no {layout.KAGGLE_SOLUTION} inside for the val labels "
                             f"(or drop 'val' from --splits)")
         val_labels, tree.val_layout = layout.parse_kaggle_labels(solution, path), "kaggle"
-    keys = [f"train/{r}" for r in train_files] + [f"val/{r}" for r in val_files]
     return layout.fill(tree, train_files if "train" in splits else None,
                        val_files if "val" in splits else None, val_labels, limit_per_class,
-                       {k: (0,) for k in keys})
+                       source=0)  # every member is read from the zip by name

@@ -160,13 +160,14 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
 
 def fill(tree: Tree, train_files: list[str] | None, val_files: list[str] | None,
          val_labels: dict[str, str] | None, limit_per_class: int | None,
-         locations: dict | None = None) -> Tree:
+         locations: dict | None = None, source: int = -1) -> Tree:
     """Label the listed files the same way whatever holds them (folders, tars, a zip): train
     files (relative to train/) by their class folder; val files (relative to val/) by their class
     folder or, with `val_labels` (file name or stem -> wnid), by name. `locations`: key ->
-    (source, offset, size) for archive members. Every file is either a sample or unlabelled."""
+    (source, offset, size) for tar members; `source`: the Tree.sources index of every other
+    file (-1: a file under the image root). Every file is either a sample or unlabelled."""
     index = {wnid: i for i, wnid in enumerate(tree.classes)}
-    locations = locations or {}
+    locations, default = locations or {}, (source,)
 
     def add(split: str, key: str, wnid: str | None, missing: str) -> None:
         if wnid is None:
@@ -174,7 +175,7 @@ def fill(tree: Tree, train_files: list[str] | None, val_files: list[str] | None,
         elif wnid not in index:
             tree.unlabelled.append((key, f"class {wnid} is not among the train classes"))
         else:
-            tree.samples[split].append(Sample(key, index[wnid], *locations.get(key, ())))
+            tree.samples[split].append(Sample(key, index[wnid], *locations.get(key, default)))
 
     if train_files is not None:
         tree.samples["train"] = []
