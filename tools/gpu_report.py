@@ -70,8 +70,8 @@ def main() -> int:
                           capture_output=True, text=True)
     r["train_seconds"] = time.perf_counter() - t0
     if proc.returncode == 0:
-        epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-                  if '"epoch"' in x and json.loads(x)["kind"] == "epoch"]
+        records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        epochs = [r for r in records if r["kind"] == "epoch"]
         steady = epochs[1:] or epochs
         r["train_real"] = sum(e["images_per_s"] for e in steady) / len(steady)
         r["real_over_synthetic"] = r["train_real"] / r["model_synthetic"]
