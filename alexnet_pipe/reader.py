@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

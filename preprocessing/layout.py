@@ -133,7 +133,6 @@ def discover(root: Path, splits=SPLITS, val_labels: Path | None = None,
         raise UserError(f"{train_dir}: no class folders (expected train/<wnid>/*.JPEG)")
     val_class_dirs = sorted(p for p in val_dir.iterdir() if p.is_dir()) if val_dir.is_dir() else []
     classes = [p.name for p in class_dirs] or [p.name for p in val_class_dirs]
-    index = {wnid: i for i, wnid in enumerate(classes)}
     names = _read_names(_find(MAPPING_FILES, [root, image_root, val_dir]))
     tree = Tree(image_root=image_root, classes=classes,
                 names={w: names.get(w, w) for w in classes}, samples={})

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import time
@@ -124,7 +123,7 @@ def write_one_shard(job: ShardJob, config: PrepareConfig, image_root: Path,
         if e.errno == errno.ENOSPC:
             raise UserError(f"{final}: disk full; free space under {config.out} and run the same "
                             f"command again to resume") from None
-        raise UserError(f"{final}: cannot write ({e.strerror or e}); check --out") from None
+        raise os_error(final, e, "write the shard") from None
     return info
 
 

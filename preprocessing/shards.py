@@ -31,7 +31,7 @@ import numpy as np
 
 from alexnet_base.config import ENCODINGS
 from alexnet_base.errors import UserError, os_error
-from alexnet_base.files import atomic_path, write_json  # noqa: F401  (writers use both)
+from alexnet_base.files import atomic_path
 
 FORMAT_VERSION = 2
 IMAGES, OFFSETS, LABELS, KEYS = "images", "offsets", "labels", "keys"

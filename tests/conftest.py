@@ -101,7 +101,7 @@ def shards_small(tmp_path_factory, sample_tree) -> Path:
 COORD_CLASSES, COORD_TRAIN, COORD_VAL = 3, 32, 4  # per class
 
 
-def coord_image(ident: int, size: int) -> "np.ndarray":
+def coord_image(ident: int, size: int):
     """(size, size, 3) uint8: R = column, G = row, B = the image's id. Any crop, flip or shift of
     it can be read back from its pixels, independently of the code that made it."""
     import numpy as np

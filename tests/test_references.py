@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 
-from alexnet_pipe import augment
 from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_pipe.pipeline import make_loader
 
