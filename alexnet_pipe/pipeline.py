@@ -116,7 +116,9 @@ class Batch(NamedTuple):
 
 
 class Loader:
-    """Iterates `Batch`es, one epoch a `for` loop."""
+    """Iterates `Batch`es, one epoch a `for` loop. The source streams `source.epochs` epochs
+    through one DALI epoch: the loader hands out each epoch's batches by count, so the readers
+    run on into the next epoch while this one's last batches are trained on."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
                  prefetch: int = 2, channels_last: bool = False):
@@ -126,19 +128,25 @@ class Loader:
         self._dtype = dtype
         self._prefetch = prefetch
         self._channels_last = channels_last
+        # reset by hand at the start of the next stream: nothing is read past the last one
         self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid", "index"],
-                                         auto_reset=True)
+                                         auto_reset=False)
+        self._ended = False  # the stream's end was taken from DALI: reset before reading on
 
     def __len__(self) -> int:
-        return self.source.num_batches(self.epoch) - self.source.skipped(self.epoch)
+        return self.source.num_batches() - self.source.skipped(self.epoch)
 
     def __iter__(self):
         import torch
         bf16 = self._dtype == "bfloat16"  # DALI has no bfloat16: cast on the device
-        done = 0
+        last = (self.epoch - self.source.start_epoch + 1) % self.source.epochs == 0
+        if self._ended:
+            self._iter.reset()
+            self._ended = False
+        done, total = 0, len(self)
         try:
-            for data in self._iter:
-                d = data[0]
+            while done < total:
+                d = self._next()[0]
                 images = d["images"]
                 if self._channels_last:  # (..., H, W, C) -> an (..., C, H, W) view, no copy
                     images = images.movedim(-1, -3)
@@ -146,16 +154,26 @@ class Loader:
                 done += 1
                 yield Batch(images, d["labels"].reshape(-1).long(), d["valid"].reshape(-1).bool(),
                             d["index"].reshape(-1))
+            if last:  # the stream's end: DALI's StopIteration is due now
+                if next(self._iter, None) is not None:
+                    raise AssertionError("the reader ran past the end of its stream")
+                self._ended = True
         except RuntimeError as e:  # DALI's errors name no file: find the image that failed
             raise self._explain(e, done) from None
         self.epoch += 1
+
+    def _next(self):
+        try:
+            return next(self._iter)
+        except StopIteration:  # never inside a stream: every epoch has num_batches()
+            raise AssertionError(f"the reader ended early in epoch {self.epoch}") from None
 
     def _explain(self, error: RuntimeError, done: int) -> Exception:
         """A UserError naming the shard and key of an undecodable image in the batches that
         were in flight, or `error` itself when none is found."""
         src = self.source
         first = src.skipped(self.epoch) + done
-        for batch in range(first, min(first + self._prefetch + 2, src.num_batches(self.epoch))):
+        for batch in range(first, min(first + self._prefetch + 2, src.num_batches())):
             found = src.undecodable(self.epoch, batch)
             if found is not None:
                 file, key, reason = found
@@ -166,11 +184,13 @@ class Loader:
 
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
                 rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
-                ten_crop: bool = False, device=None, info=None, stats=None,
+                epochs: int = 1, ten_crop: bool = False, device=None, info=None, stats=None,
                 channels_last: bool | None = None) -> Loader:
     """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader delivering
-    to `device` (a torch.device; default: --device for this process). `info` (the split's
-    SplitInfo) and `stats` may be passed when the caller has read them."""
+    to `device` (a torch.device; default: --device for this process). `epochs`: how many
+    epochs from `start_epoch` the readers stream without a drain between them (train: the rest
+    of the run; a loader may be iterated on past them, one more stream at a time). `info`
+    (the split's SplitInfo) and `stats` may be passed when the caller has read them."""
     from alexnet_pipe import distributed
     config.validate()
     train = (split == "train") if train is None else train
@@ -186,9 +206,9 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
     source = BatchSource(split=info, batch_size=config.batch_size, train=train, crop=aug.crop,
                          flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
                          lighting_basis=basis, seed=config.seed, start_epoch=start_epoch,
-                         start_batch=start_batch, rank=rank, world=world,
+                         start_batch=start_batch, epochs=epochs, rank=rank, world=world,
                          channel_mean=np.zeros(3) if aug.mean == "pixel" else stats.channel_mean)
-    if source.num_batches(start_epoch) == 0:
+    if source.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split} split ({len(source.samples(start_epoch))} images); "
                         f"use a smaller batch")

@@ -38,6 +38,13 @@ def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int,
     return np.array_split(np.arange(total), world)[rank]
 
 
+def share(total: int, *, train: bool, rank: int, world: int) -> int:
+    """How many samples `rank` reads each epoch: len(epoch_samples(...)) for any epoch."""
+    if train:
+        return total // world
+    return total // world + (rank < total % world)
+
+
 def _die_with_parent(parent: int) -> None:
     """In a reader worker: end when the process that owns the pipeline ends, however it ends.
     DALI's workers otherwise outlive a SIGKILLed trainer, holding memory and its pipes."""
@@ -70,6 +77,7 @@ class BatchSource:
     seed: int = 0
     start_epoch: int = 0   # the epoch of DALI's epoch_idx 0: resume counts from the checkpoint
     start_batch: int = 0   # batches of start_epoch already done (resume after an interrupt)
+    epochs: int = 1        # epochs one DALI epoch streams through: no drain at their boundaries
     rank: int = 0
     world: int = 1
     channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
@@ -87,8 +95,12 @@ class BatchSource:
         state["_files"] = None  # open descriptors stay behind: each worker opens its own
         return state
 
-    def num_batches(self, epoch: int = 0) -> int:
-        n = len(self.samples(epoch))
+    def share(self) -> int:
+        return share(self.split.total, train=self.train, rank=self.rank, world=self.world)
+
+    def num_batches(self) -> int:
+        """Batches per epoch, the same every epoch: train drops the remainder, val pads it."""
+        n = self.share()
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def samples(self, epoch: int) -> np.ndarray:
@@ -169,16 +181,26 @@ class BatchSource:
     def skipped(self, epoch: int) -> int:
         return self.start_batch if epoch == self.start_epoch else 0
 
+    def position(self, epoch_idx: int, iteration: int) -> tuple[int, int] | None:
+        """(epoch, batch) of DALI's call `iteration` in its epoch `epoch_idx`, or None past the
+        stream's end. One DALI epoch streams `epochs` of ours back to back (every epoch has the
+        same number of batches), so DALI's prefetch runs on into the next epoch instead of
+        draining at each boundary; the first stream starts at (start_epoch, start_batch)."""
+        per_epoch = self.num_batches()
+        done = iteration + (self.start_batch if epoch_idx == 0 else 0)
+        if done >= self.epochs * per_epoch:
+            return None
+        return self.start_epoch + epoch_idx * self.epochs + done // per_epoch, done % per_epoch
+
     def __call__(self, info):
         if not self._armed:
             self._armed = True
             if os.getpid() != self._parent:
                 _die_with_parent(self._parent)
-        epoch = self.start_epoch + info.epoch_idx
-        batch = info.iteration + self.skipped(epoch)
-        if batch >= self.num_batches(epoch):
+        where = self.position(info.epoch_idx, info.iteration)
+        if where is None:
             raise StopIteration  # also for every prefetched call past the end
-        return self.batch(epoch, batch)
+        return self.batch(*where)
 
     def batch(self, epoch: int, batch: int) -> tuple:
         idx, valid = self.batch_indices(epoch, batch)

@@ -35,6 +35,7 @@ from alexnet_pipe import __version__, augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, input_dtype
 from alexnet_pipe.pipeline import make_loader
+from alexnet_pipe.reader import share
 from preprocessing.shards import load_split, load_stats
 
 
@@ -271,7 +272,7 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
     first_bad = torch.full((), -1, device=dev)      # step of the first non-finite loss
     since_log = torch.zeros((), device=dev)         # loss sum since the last log record
     epoch_loss = torch.zeros((), device=dev)
-    n_batches, done, wait, n_log = loader.source.num_batches(run.epoch), 0, 0.0, 0
+    n_batches, done, wait, n_log = loader.source.num_batches(), 0, 0.0, 0
     t_epoch = t_log = time.perf_counter()
     it = iter(loader)
     while True:
@@ -362,8 +363,20 @@ def _loaders(run: Run):
     per_rank = replace(cfg.loader, batch_size=cfg.loader.batch_size // env.world)
     common = dict(rank=env.rank, world=env.world, device=run.device, stats=run.stats)
     train = make_loader(per_rank, split="train", start_epoch=run.epoch, start_batch=run.batch,
-                        info=run.split, **common)
+                        epochs=_stream_epochs(run, per_rank.batch_size), info=run.split, **common)
     return per_rank, train, make_loader(per_rank, split="val", **common)
+
+
+def _stream_epochs(run: Run, batch: int) -> int:
+    """Epochs the train readers stream without draining: the rest of the run, which
+    --max-steps may end early (nothing is then read past the epoch it ends in)."""
+    cfg = run.config
+    epochs = cfg.epochs - run.epoch
+    if cfg.max_steps:
+        per_epoch = share(run.split.total, train=True, rank=run.env.rank,
+                          world=run.env.world) // batch or 1
+        epochs = min(epochs, -(-(run.batch + max(cfg.max_steps - run.step, 1)) // per_epoch))
+    return max(epochs, 1)
 
 
 def _epochs(run: Run) -> dict:
@@ -389,7 +402,7 @@ def _epochs(run: Run) -> dict:
             run.log.line(f"signal {out.stopped}: saved interrupt.pt at epoch {run.epoch + 1}, "
                          f"batch {run.batch}; continue with --resume")
             sys.exit(128 + out.stopped)
-        if run.batch < train_loader.source.num_batches(run.epoch):  # --max-steps, mid-epoch
+        if run.batch < train_loader.source.num_batches():  # --max-steps, mid-epoch
             return _stop_at_max_steps(run, val_loader)
         metrics = evaluate(run.model, val_loader, device=run.device, amp=cfg.amp)
         run.scheduler.step(metrics["top1_err"])

@@ -36,11 +36,13 @@ class RecordingSource(BatchSource):
         return out
 
 
-def recording_loader(data, tmp_path, *, workers: int, delay: float, batch: int = 8):
+def recording_loader(data, tmp_path, *, workers: int, delay: float, batch: int = 8,
+                     epochs: int = 1, start_batch: int = 0):
     cfg = LoaderConfig(data=data, batch_size=batch, device="cpu", threads=1, workers=workers)
     info = load_split(data, "train")
     stats = load_stats(data, info)
-    source = RecordingSource(split=info, batch_size=batch, train=True, crop=224)
+    source = RecordingSource(split=info, batch_size=batch, train=True, crop=224, epochs=epochs,
+                             start_batch=start_batch)
     source.log, source.delay = str(tmp_path / "calls.jsonl"), delay
     pipe = pipeline.build_pipeline(source, stats=stats, config=cfg, gpu=False, device_id=None)
     loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0)
@@ -60,6 +62,34 @@ def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw):
     assert len({pid for pid, *_ in c}) == 2
     overlaps = sum(1 for a in c for b in c if a[0] < b[0] and a[1] < b[2] and b[1] < a[2])
     assert overlaps >= 3, c  # reads of the two workers ran at the same time
+
+
+def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw):
+    """Three epochs streamed as one (resumed at batch 1), then one more: the readers start on
+    the next epoch while this one's last batches are still being consumed, and every epoch
+    delivers the documented samples all the same."""
+    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.05, epochs=3,
+                                   start_batch=1)
+    got, last_taken = [], []
+    for _ in range(4):
+        rows = []
+        for batch in loader:
+            rows.append(batch.index.numpy())
+            time.sleep(0.1)  # a slow trainer: the readers run ahead of it
+        last_taken.append(time.monotonic())  # after the epoch's last batch was handed out
+        got.append(np.concatenate(rows))
+    # The documented order: a permutation of the 48 train images seeded by (seed 0, epoch);
+    # 6 batches of 8 each epoch; epoch 0 resumed after its first batch.
+    want = [np.random.default_rng([0, e]).permutation(48) for e in range(4)]
+    want[0] = want[0][8:]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    c = calls(log)
+    # DALI's iteration 5 of its first epoch is epoch 1's first batch (1 skipped + 5 = 6)
+    first_of_epoch1 = min(start for _, start, _, epoch_idx, it in c if (epoch_idx, it) == (0, 5))
+    assert first_of_epoch1 < last_taken[0] - 0.1, (first_of_epoch1, last_taken[0])
+    # the first stream read each of its 5 + 6 + 6 batches once and nothing past its end
+    assert sorted(it for *_, epoch_idx, it in c if epoch_idx == 0) == list(range(17))
 
 
 def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_raw):

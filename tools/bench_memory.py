@@ -65,7 +65,8 @@ def main() -> int:
         if not (data / "manifest.json").exists():
             prepare_run(PrepareConfig(imagenet_root=tree, out=data, encoding=enc, shard_size=32,
                                       progress=False, splits=("train",)))
-        loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu"))
+        loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu"),
+                             epochs=a.epochs)
         mb = []
         for _ in range(a.epochs):
             for _ in loader:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alexnet_base.config import AugmentConfig, LoaderConfig
+from alexnet_pipe.bench import STREAM
 from alexnet_pipe.model import build_model
 from alexnet_pipe.pipeline import make_loader
 from alexnet_pipe.train import train_step
@@ -59,7 +60,7 @@ def main() -> int:
     info = load_split(a.data, "train")
     cfg = LoaderConfig(data=a.data, batch_size=a.batch_size, device=a.device, threads=a.threads,
                        workers=a.workers, augment=AugmentConfig())
-    loader = make_loader(cfg, split="train")  # before CUDA work: the readers start first
+    loader = make_loader(cfg, split="train", epochs=STREAM)  # before CUDA work: readers first
     model = build_model(num_classes=info.num_classes).to(dev)
     channels_last = gpu and not a.no_channels_last
     if channels_last:
