@@ -27,7 +27,12 @@ class GroupLRN(nn.Module):
         self.lrn = nn.LocalResponseNorm(**LRN)
 
     def forward(self, x):
-        return torch.cat([self.lrn(part) for part in x.chunk(self.groups, dim=1)], dim=1)
+        # Computed in float32 (the sum of squares; autocast runs its pow in float32 anyway) and
+        # handed on in the input's dtype: under autocast the pool and conv2 then read bf16,
+        # not a float32 copy twice the size.
+        wide = torch.promote_types(x.dtype, torch.float32)
+        out = torch.cat([self.lrn(part.to(wide)) for part in x.chunk(self.groups, dim=1)], dim=1)
+        return out.to(x.dtype)
 
 
 def _conv1_pad(crop: int) -> nn.Module:

@@ -68,6 +68,19 @@ def test_lrn_against_the_formula():
     assert np.abs(want - a / 2.0 ** 0.75).max() > 0.5  # the test would see a wrong alpha or n
 
 
+def test_lrn_under_autocast_hands_on_bfloat16():
+    """Under autocast the LRN computes in float32 but hands on bf16 (what conv1 gave it), not a
+    float32 copy; its values are the formula's to bf16's precision (8 bits: rtol 2^-8)."""
+    lrn = build_model("alexnet", 10).features[3]
+    a = np.random.default_rng(1).uniform(0, 120, (1, 96, 5, 5)).astype(np.float32)
+    x = torch.from_numpy(a).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lrn(x)
+    assert got.dtype == torch.bfloat16
+    want = _lrn_reference(x.double().numpy()[0], groups=2)
+    np.testing.assert_allclose(got.double().numpy()[0], want, rtol=2 ** -8)
+
+
 def test_conv1_pads_right_and_bottom_only():
     """With 224 crops conv1 pads 3 px on the right and bottom (cuda-convnet2), so output pixel
     (i, j) sees input rows 4i..4i+10 and columns 4j..4j+10, and the 55th row and column reach
