@@ -28,22 +28,3 @@ def atomic_path(path: Path):
 def write_json(path: Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def raise_open_file_limit(want: int = 65536) -> int:
-    """Raise the soft RLIMIT_NOFILE towards `want`, as far as the hard limit allows. Nothing
-    relies on it (readers keep a bounded number of files open); it leaves headroom for DALI,
-    torch and the process group. Returns the soft limit in force."""
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return -1
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (ValueError, OSError):
-            pass
-    return soft

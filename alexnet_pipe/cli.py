@@ -88,7 +88,7 @@ def build(cls, values: dict, **given):
 @click.version_option(package_name="alexnet-pipe")
 def main():
     """AlexNet (2012) on a GPU data pipeline: prepare shards, bench the loader, train."""
-    from alexnet_base.files import raise_open_file_limit
+    from alexnet_base.resources import raise_open_file_limit
     raise_open_file_limit()
 
 

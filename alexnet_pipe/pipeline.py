@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from alexnet_base.config import LoaderConfig
+from alexnet_base import resources
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.reader import BatchSource
@@ -101,6 +102,12 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     return pipe()
 
 
+# The loader gives the C heap's free pages back at the first epoch end after this many batches:
+# every epoch at ImageNet's size (1,250-10,000 batches per process). A trim costs ~50 ms here
+# (freed pages are faulted in again), which each epoch of a tiny set would feel.
+TRIM_AFTER_BATCHES = 500
+
+
 class Batch(NamedTuple):
     """One batch as torch tensors.
 
@@ -132,6 +139,7 @@ class Loader:
         self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid", "index"],
                                          auto_reset=False)
         self._ended = False  # the stream's end was taken from DALI: reset before reading on
+        self._since_trim = 0  # batches handed out since the C heap was last trimmed
 
     def __len__(self) -> int:
         return self.source.num_batches() - self.source.skipped(self.epoch)
@@ -161,6 +169,10 @@ class Loader:
         except RuntimeError as e:  # DALI's errors name no file: find the image that failed
             raise self._explain(e, done) from None
         self.epoch += 1
+        self._since_trim += done
+        if self._since_trim >= TRIM_AFTER_BATCHES:  # else the CPU path's memory creeps up
+            resources.release_free_heap()
+            self._since_trim = 0
 
     def _next(self):
         try:
