@@ -26,7 +26,9 @@ from alexnet_pipe.reader import BatchSource  # noqa: E402
 def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None) -> float:
     from nvidia.dali import fn, pipeline_def
     info = load_split(data, "train")
-    source = BatchSource(split=info, batch_size=batch, train=True, crop=224)
+    # streaming across epochs as train's readers do (format 1's source ended every epoch)
+    stream = {"epochs": 10**6} if "epochs" in BatchSource.__dataclass_fields__ else {}
+    source = BatchSource(split=info, batch_size=batch, train=True, crop=224, **stream)
     kw = {} if depth == 0 else {"prefetch_queue_depth": depth or max(2, workers)}
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
