@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from alexnet_base.errors import UserError
+from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -32,11 +32,18 @@ def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.tmp-*"):  # left by a save that was killed: never complete
             stale.unlink()
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}, errno "
-                        f"{e.errno}); the earlier checkpoints in {folder} are intact") from None
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            # through a Python file: a full disk is then an OSError (ENOSPC), where torch's own
+            # writer for a path says only "unexpected pos" (a RuntimeError)
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer, closing after a failed write, raises its own RuntimeError over
+        # the OSError that caused it
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(f"{os_error(path, cause, 'write the checkpoint')}; the earlier "
+                        f"checkpoints in {folder} are intact") from None
     if _EPOCH.search(name):
         (folder / "interrupt.pt").unlink(missing_ok=True)  # superseded by a complete epoch
         for old in epoch_checkpoints(run_dir)[:-keep]:

@@ -72,6 +72,9 @@ def _install_save_fault(spec: str) -> None:
 
     def save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
+        if hasattr(f, "flush"):  # an open file: what it holds is on disk, by its name
+            f.flush()
+            f = f.name
         count[0] += 1
         if count[0] != int(at):  # a good save: say what it wrote, for the byte comparison
             digest = hashlib.sha256(Path(f).read_bytes()).hexdigest()

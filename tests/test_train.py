@@ -264,3 +264,27 @@ def test_predict_takes_size_crop_and_mean_from_the_checkpoint(tmp_path, sample_t
     got = {t["class"]: t["p"] for t in out[0]["top"]}
     for k in range(4):
         assert got[k] == pytest.approx(float(want[k]), abs=1e-4)
+
+
+def test_a_really_full_disk_in_a_checkpoint_is_one_clear_error(tmp_path):
+    """A real full file system (a 2 MB tmpfs), not a simulated error: torch's own writer for a
+    path reports it only as "unexpected pos"; the save must say ENOSPC, name the file, remove
+    its temporary and leave the earlier checkpoint as it was."""
+    from alexnet_base.errors import UserError
+    from alexnet_pipe import checkpoint
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        first = checkpoint.save(mnt, {"w": torch.ones(100_000)}, name="epoch-0001.pt")  # 400 KB
+        before = hashlib.sha256(first.read_bytes()).hexdigest()
+        with pytest.raises(UserError) as e:
+            checkpoint.save(mnt, {"w": torch.ones(1_000_000)}, name="epoch-0002.pt")  # 4 MB
+        msg = str(e.value)
+        assert "epoch-0002.pt" in msg and "ENOSPC" in msg and "\n" not in msg, msg
+        assert hashlib.sha256(first.read_bytes()).hexdigest() == before
+        assert sorted(p.name for p in first.parent.iterdir()) == ["epoch-0001.pt"]
+    finally:
+        subprocess.run(["umount", str(mnt)])
