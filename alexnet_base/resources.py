@@ -27,7 +27,7 @@ def raise_open_file_limit(want: int = 65536) -> int:
 
 def release_free_heap() -> bool:
     """Give the free pages of the C heap back to the system (glibc's malloc_trim), in every
-    malloc arena. The loader calls it once an epoch.
+    malloc arena. The loader calls it at an epoch end, at most every TRIM_AFTER_BATCHES.
 
     Why: on the CPU, DALI's decoders and threads allocate per image (~200 KB) and the PyTorch
     iterator a new output tensor per batch (19 MB at batch 32), from several arenas; glibc keeps

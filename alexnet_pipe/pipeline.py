@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from alexnet_base.config import LoaderConfig
 from alexnet_base import resources
+from alexnet_base.config import LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.reader import BatchSource
@@ -222,7 +222,7 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
                          channel_mean=np.zeros(3) if aug.mean == "pixel" else stats.channel_mean)
     if source.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
-                        f"the {split} split ({len(source.samples(start_epoch))} images); "
+                        f"the {split} split ({source.share()} images); "
                         f"use a smaller batch")
     channels_last = gpu if channels_last is None else channels_last  # default: on GPUs
     pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,

@@ -45,6 +45,12 @@ def share(total: int, *, train: bool, rank: int, world: int) -> int:
     return total // world + (rank < total % world)
 
 
+def batches_per_epoch(total: int, batch_size: int, *, train: bool, rank: int, world: int) -> int:
+    """The same every epoch: train drops the remainder of a share, val pads its last batch."""
+    n = share(total, train=train, rank=rank, world=world)
+    return n // batch_size if train else -(-n // batch_size)
+
+
 def _die_with_parent(parent: int) -> None:
     """In a reader worker: end when the process that owns the pipeline ends, however it ends.
     DALI's workers otherwise outlive a SIGKILLed trainer, holding memory and its pipes."""
@@ -99,9 +105,8 @@ class BatchSource:
         return share(self.split.total, train=self.train, rank=self.rank, world=self.world)
 
     def num_batches(self) -> int:
-        """Batches per epoch, the same every epoch: train drops the remainder, val pads it."""
-        n = self.share()
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return batches_per_epoch(self.split.total, self.batch_size, train=self.train,
+                                 rank=self.rank, world=self.world)
 
     def samples(self, epoch: int) -> np.ndarray:
         if self._epoch[0] != epoch:

@@ -35,7 +35,7 @@ from alexnet_pipe import __version__, augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, input_dtype
 from alexnet_pipe.pipeline import make_loader
-from alexnet_pipe.reader import share
+from alexnet_pipe.reader import batches_per_epoch
 from preprocessing.shards import load_split, load_stats
 
 
@@ -373,8 +373,8 @@ def _stream_epochs(run: Run, batch: int) -> int:
     cfg = run.config
     epochs = cfg.epochs - run.epoch
     if cfg.max_steps:
-        per_epoch = share(run.split.total, train=True, rank=run.env.rank,
-                          world=run.env.world) // batch or 1
+        per_epoch = batches_per_epoch(run.split.total, batch, train=True, rank=run.env.rank,
+                                      world=run.env.world) or 1
         epochs = min(epochs, -(-(run.batch + max(cfg.max_steps - run.step, 1)) // per_epoch))
     return max(epochs, 1)
 

@@ -1,6 +1,7 @@
 """Shared fixtures: one generated ImageNet-layout tree and its shards, built once per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,6 +68,20 @@ def straight_run(tmp_path_factory, shards_small) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
     cli(*train_args(shards_small, run, "--epochs", "2"))
     return run
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str):
+    """A real file system of `size` (tmpfs) mounted at `where` for the block: a disk that
+    fills up. Skips the test where mounting is not allowed (needs root)."""
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)])
 
 
 def has_cuda() -> bool:

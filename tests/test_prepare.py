@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, PER_CLASS, ROOT, VAL_PER_CLASS, cli
+from conftest import CLASSES, PER_CLASS, ROOT, VAL_PER_CLASS, cli, small_tmpfs
 from make_sample_imagenet import make_sample, wnid
 from preprocessing import layout, resize, shards
 from alexnet_base.errors import UserError
@@ -306,12 +306,7 @@ def test_unwritable_out(tmp_path, sample_tree):
 
 
 def test_full_disk_leaves_no_partial_shard(tmp_path, sample_tree):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "small", "400k") as mnt:
         proc = cli("prepare", "--imagenet-root", sample_tree, "--out", mnt / "o",
                    "--shard-size", "4", "--workers", "1", check=False)
         assert proc.returncode == 1 and "disk full" in proc.stderr, proc.stderr
@@ -320,8 +315,6 @@ def test_full_disk_leaves_no_partial_shard(tmp_path, sample_tree):
             with h5py.File(path, "r") as f:
                 assert len(f[shards.LABELS]) == len(f[shards.KEYS]) == 4
         assert not list((mnt / "o").glob("*.tmp-*"))
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 def test_inspect_reports_a_missing_shard(tmp_path, shards_jpeg):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alexnet_pipe.model import build_model
-from conftest import ROOT, cli, train_args
+from conftest import ROOT, cli, small_tmpfs, train_args
 
 HARNESS = ROOT / "tests" / "harness.py"
 
@@ -272,12 +272,7 @@ def test_a_really_full_disk_in_a_checkpoint_is_one_clear_error(tmp_path):
     its temporary and leave the earlier checkpoint as it was."""
     from alexnet_base.errors import UserError
     from alexnet_pipe import checkpoint
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mnt:
         first = checkpoint.save(mnt, {"w": torch.ones(100_000)}, name="epoch-0001.pt")  # 400 KB
         before = hashlib.sha256(first.read_bytes()).hexdigest()
         with pytest.raises(UserError) as e:
@@ -286,5 +281,3 @@ def test_a_really_full_disk_in_a_checkpoint_is_one_clear_error(tmp_path):
         assert "epoch-0002.pt" in msg and "ENOSPC" in msg and "\n" not in msg, msg
         assert hashlib.sha256(first.read_bytes()).hexdigest() == before
         assert sorted(p.name for p in first.parent.iterdir()) == ["epoch-0001.pt"]
-    finally:
-        subprocess.run(["umount", str(mnt)])
