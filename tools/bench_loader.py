@@ -7,7 +7,11 @@
   raw      bench-loader on raw shards, full augmentation
   baseline torch DataLoader + PIL/numpy on the JPEG shards, same work as `jpeg`
 
-Usage: bench_loader.py [--images 1024] [--batch-size 64] [--device cpu] [--seconds 5]
+Each reference and our loader are built side by side and timed in alternating rounds (the
+order flipped every round), so a shared machine's load shifts both alike; each ratio is the
+median over rounds of ours / reference in the same round.
+
+Usage: bench_loader.py [--images 1024] [--batch-size 64] [--device cpu] [--seconds 3] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_sample_imagenet import make_sample  # noqa: E402
 
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
-from alexnet_pipe.bench import bench_loader, endless, timed_rate  # noqa: E402
+from alexnet_pipe.bench import (STREAM, baseline_rate, endless, model_step_rate,  # noqa: E402
+                                timed_rate)
+from alexnet_pipe.pipeline import make_loader  # noqa: E402
 from preprocessing import shards  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
 
@@ -45,7 +51,9 @@ def extract(shard_dir: Path, out: Path, raw: bool) -> None:
         files.close()
 
 
-def native_rate(files: Path, raw: bool, batch: int, threads: int, seconds: float, gpu: bool):
+def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
+    """DALI's own reader over one file per image, with the same crop, flip and channel mean: an
+    endless iterator."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -68,11 +76,26 @@ def native_rate(files: Path, raw: bool, batch: int, threads: int, seconds: float
                                        mean=[123.0, 117.0, 104.0], output_layout="CHW")
         return out, labels
 
-    it = endless(DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r",
-                                     auto_reset=True))
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    return statistics.median(timed_rate(it, None, seconds, 5 if r == 0 else 0, batch, sync)
-                             for r in range(3))
+    return endless(DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r",
+                                       auto_reset=True))
+
+
+def alternate(its: dict, rounds: int, seconds: float, batch: int, sync) -> dict:
+    """{name: [img/s per round]}: each iterator timed `seconds` per round, in turn, the order
+    reversed every other round; 5 untimed batches each first, 2 before each turn."""
+    for it in its.values():
+        timed_rate(it, 0, None, 5, batch, sync)
+    rates = {k: [] for k in its}
+    for r in range(rounds):
+        for k in (list(its) if r % 2 == 0 else list(its)[::-1]):
+            rates[k].append(timed_rate(its[k], None, seconds, 2, batch, sync))
+    return rates
+
+
+def ratio(rates: dict, ours: str, ref: str) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of ours / ref in the same round."""
+    r = [a / b for a, b in zip(rates[ours], rates[ref])]
+    return statistics.median(r), min(r), max(r)
 
 
 def main() -> int:
@@ -80,9 +103,11 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="reader processes (default: the product's)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per round and pipeline")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mean", choices=("channel", "pixel"), default="channel",
                     help="channel: the same work as the native reference; pixel: the paper's")
     ap.add_argument("--work", type=Path, help="keep the generated data here")
@@ -92,7 +117,8 @@ def main() -> int:
     tree = work / "imagenet"
     if not tree.exists():
         make_sample(tree, 8, a.images // 8, 1, seed=0, quirks=False, large=0)
-    rows = {}
+    rows, ratios = {}, {}
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     for enc in ("jpeg", "raw"):
         out = work / enc
         if not (out / "manifest.json").exists():
@@ -102,29 +128,34 @@ def main() -> int:
         if not files.exists():
             extract(out, files, raw=enc == "raw")
         ref = "bare" if enc == "raw" else "native"
-        rows[ref] = native_rate(files, enc == "raw", a.batch_size, a.threads, a.seconds, gpu)
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
                            workers=a.workers, augment=AugmentConfig(mean=a.mean))
-        r = bench_loader(BenchConfig(loader=cfg, seconds=a.seconds, repeats=3,
-                                     baseline=enc == "jpeg", compare_model=gpu))
-        rows[enc] = r["images_per_s"]
+        its = {ref: native_loader(files, enc == "raw", a.batch_size, a.threads, gpu),
+               enc: endless(make_loader(cfg, device=torch.device("cuda" if gpu else "cpu"),
+                                        epochs=STREAM))}
+        rates = alternate(its, a.rounds, a.seconds, a.batch_size, sync)
+        del its
+        rows[ref], rows[enc] = (statistics.median(rates[k]) for k in (ref, enc))
+        ratios[enc] = ratio(rates, enc, ref)
         if enc == "jpeg":
-            rows["baseline"] = r["baseline_images_per_s"]
-        if gpu:
-            rows["model"] = r["model_images_per_s"]
+            bench = BenchConfig(loader=cfg, seconds=a.seconds, repeats=3)
+            rows["baseline"] = baseline_rate(bench, shards.load_split(out, "train"))
+    if gpu:
+        rows["model"] = model_step_rate(cfg, gpu, 8)
     mean_kb = np.mean([p.stat().st_size for p in (work / "files_jpeg").rglob("*.jpg")]) / 1024
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
     print(f"\n{a.images} images, 256x256 JPEG mean {mean_kb:.0f} KB, batch {a.batch_size}, "
-          f"{a.threads} DALI threads + {a.workers} reader workers, device {a.device}, "
+          f"{a.rounds} alternating rounds of {a.seconds:g} s, "
+          f"{a.threads} DALI threads + {a.workers if a.workers is not None else 'default'} reader processes, device {a.device}, "
           f"--mean {a.mean}")
     print("| pipeline | images/s | ratio |")
     print("| --- | ---: | --- |")
     print(f"| DALI file reader, 256 JPEGs (native) | {rows['native']:.0f} | 1.00 |")
     print(f"| bench-loader, JPEG shards, full aug | {rows['jpeg']:.0f} | "
-          f"{rows['jpeg'] / rows['native']:.2f}x native |")
+          f"{ratios['jpeg'][0]:.2f}x native ({ratios['jpeg'][1]:.2f}-{ratios['jpeg'][2]:.2f}) |")
     print(f"| DALI numpy reader, raw uint8 (bare) | {rows['bare']:.0f} | 1.00 |")
     print(f"| bench-loader, raw shards, full aug | {rows['raw']:.0f} | "
-          f"{rows['raw'] / rows['bare']:.2f}x bare |")
+          f"{ratios['raw'][0]:.2f}x bare ({ratios['raw'][1]:.2f}-{ratios['raw'][2]:.2f}) |")
     print(f"| torch DataLoader + PIL/numpy, JPEG shards | {rows['baseline']:.0f} | "
           f"jpeg = {rows['jpeg'] / rows['baseline']:.2f}x baseline |")
     if gpu:
