@@ -109,13 +109,20 @@ class AugmentConfig:
             raise UserError("--divide-std needs --mean channel (the paper's pixel mean has no std)")
 
 
-def default_readers() -> tuple[int, int]:
-    """(DALI threads, reader processes) per local process: the cores this process may use,
-    shared by the processes torchrun starts on this machine, about half to each."""
+def default_readers(gpu: bool, encoding: str) -> tuple[int, int]:
+    """(DALI threads, reader processes) per local process, from the cores this process may use,
+    shared by the processes torchrun starts on this machine. Feeding a GPU: about half to each,
+    so the training loop's thread never reads. On the CPU every core decodes and crops; a read
+    costs 18-26 us an image, so one reader process keeps up with JPEG shards, and raw shards are
+    read in the pipeline's own process (0), which saves the shared-memory hand-off of 196 KB
+    images. Measured on 2 cores against DALI's own readers: JPEG 0.84x with one reader process,
+    0.73x in-process; raw 0.95x in-process, 0.79x with one reader process (batch 64)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     share = max(2, (cores or 2) // max(local, 1))
-    return max(1, share // 2), max(1, share - share // 2)
+    if gpu:
+        return max(1, share // 2), max(1, share - share // 2)
+    return share, int(encoding != "raw")
 
 
 @dataclass(frozen=True)
@@ -126,9 +133,11 @@ class LoaderConfig:
     device: str = opt("auto", "Where the pipeline and the model run (auto: GPU when visible).",
                       choices=DEVICES)
     threads: int | None = opt(None, "DALI CPU threads per process (default: half the cores "
-                              "available to each local process).")
-    workers: int | None = opt(None, "Processes reading the shards per pipeline (default: the "
-                              "other half of those cores).")
+                              "available to each local process when it feeds a GPU, all of "
+                              "them on the CPU).")
+    workers: int | None = opt(None, "Processes reading the shards per pipeline; 0 reads in the "
+                              "pipeline's own process (default: the other half of those cores "
+                              "when it feeds a GPU; on the CPU 1 for JPEG shards, 0 for raw).")
     dtype: str = opt("float32", "Image dtype handed to the model.", choices=DTYPES)
     seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
                     "the weight initialisation with it).")
@@ -139,14 +148,15 @@ class LoaderConfig:
         _at_least("batch-size", self.batch_size, 1)
         _choose("device", self.device, DEVICES)
         _at_least("threads", self.threads, 1)
-        _at_least("workers", self.workers, 1)
+        _at_least("workers", self.workers, 0)
         _at_least("prefetch", self.prefetch, 1)
         _choose("dtype", self.dtype, DTYPES)
 
-    def readers(self) -> tuple[int, int]:
-        """(threads, workers), the defaults filled in."""
-        threads, workers = default_readers()
-        return self.threads or threads, self.workers or workers
+    def readers(self, gpu: bool, encoding: str) -> tuple[int, int]:
+        """(threads, workers) of a pipeline feeding a GPU or not, reading `encoding` shards,
+        the defaults filled in."""
+        threads, workers = default_readers(gpu, encoding)
+        return (self.threads or threads), (workers if self.workers is None else self.workers)
 
 
 # --- train -----------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def bench_loader(config: BenchConfig) -> dict:
     for _ in range(config.repeats):
         rates.append(timed_rate(it, config.batches, config.seconds,
                                 config.warmup if not rates else 0, cfg.batch_size, sync))
-    threads, workers = cfg.readers()
+    threads, workers = cfg.readers(gpu, info.encoding)
     result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
               "batch_size": cfg.batch_size, "threads": threads, "workers": workers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),
@@ -137,7 +137,7 @@ def baseline_rate(config: BenchConfig, info) -> float:
                          lighting_std=cfg.augment.lighting_std, lighting_basis=basis)
     loader = torch.utils.data.DataLoader(
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
-        num_workers=sum(cfg.readers()), drop_last=True, persistent_workers=True,
+        num_workers=sum(cfg.readers(False, info.encoding)), drop_last=True, persistent_workers=True,
         prefetch_factor=2)
     it = endless(loader)
     rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,

@@ -1,6 +1,7 @@
 """The DALI train and validation pipelines, and the PyTorch-facing loader around them.
 
-    HDF5 shards --(BatchSource, parallel external_source: one pread per image at its offset)
+    HDF5 shards --(BatchSource, external_source: one pread per image at its offset, in reader
+                   processes (parallel) or, with --workers 0, in this process)
       --> JPEG bytes --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
       or raw HWC uint8 --.gpu()-->
       --> minus the 256x256 mean image (mean="pixel", the paper), before the crop, so the crop
@@ -50,7 +51,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     fn, pipeline_def, types = _dali_modules()
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
-    threads, workers = config.readers()
+    threads, workers = config.readers(gpu, split.encoding)
     dev = "gpu" if gpu else "cpu"
     out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
 
@@ -62,20 +63,22 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                        output_layout=layout, device=dev)
         return fn.cast(out, dtype=out_type) if out_type != types.FLOAT else out
 
+    if workers:  # at least one batch in flight per worker, else --workers N reads one at a time
+        feed = dict(parallel=True, prefetch_queue_depth=max(config.prefetch, workers))
+    else:  # read in this process when DALI asks; no copy: each call returns fresh arrays
+        feed = dict(parallel=False, no_copy=True)
+
     @pipeline_def(batch_size=config.batch_size, num_threads=threads, device_id=device_id,
                   seed=config.seed, py_num_workers=workers,
                   py_start_method=_start_method(gpu),
                   prefetch_queue_depth=config.prefetch)
     def pipe():
         jpeg = split.encoding == "jpeg"
-        images, labels, x, y, mirror, norm_mean, valid, index = fn.external_source(
-            source=source, num_outputs=8, batch=True, batch_info=True, parallel=True,
-            # one batch in flight per worker at least, else --workers N reads one at a time
-            prefetch_queue_depth=max(config.prefetch, workers),
-            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT,
-                   types.INT32, types.INT64],
-            ndim=[1 if jpeg else 3, 0, 0, 0, 0, 1, 0, 0],
-            layout=["" if jpeg else "HWC", "", "", "", "", "", "", ""])
+        images, x, y, mirror, norm_mean, meta = fn.external_source(
+            source=source, num_outputs=6, batch=True, batch_info=True, **feed,
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.INT64],
+            ndim=[1 if jpeg else 3, 0, 0, 0, 1, 1],
+            layout=["" if jpeg else "HWC", "", "", "", "", ""])
         if jpeg:
             images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
@@ -96,8 +99,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                      for cx, cy, flip in augment.ten_crop_positions(split.size, aug.crop)]
             out = fn.stack(*crops, axis=0)
         if gpu:  # labels and mask arrive on the device with the images: no pageable copy
-            labels, valid = labels.gpu(), valid.gpu()
-        return out, labels, valid, index
+            meta = meta.gpu()
+        return out, meta  # meta: (label, valid, index) per sample
 
     return pipe()
 
@@ -113,8 +116,8 @@ class Batch(NamedTuple):
 
     images: (B, 3, H, W) or (B, 10, 3, H, W) on the pipeline's device, in `dtype`;
     labels: (B,) int64; valid: (B,) bool (False only for val padding);
-    index: (B,) int64 on the CPU, the global sample index (shards in manifest order, then
-    position in the shard): which image each row is.
+    index: (B,) int64, the global sample index (shards in manifest order, then position in the
+    shard): which image each row is. labels, valid and index live on the images' device.
     """
     images: object
     labels: object
@@ -136,7 +139,7 @@ class Loader:
         self._prefetch = prefetch
         self._channels_last = channels_last
         # reset by hand at the start of the next stream: nothing is read past the last one
-        self._iter = DALIGenericIterator([pipe], ["images", "labels", "valid", "index"],
+        self._iter = DALIGenericIterator([pipe], ["images", "meta"],
                                          auto_reset=False)
         self._ended = False  # the stream's end was taken from DALI: reset before reading on
         self._since_trim = 0  # batches handed out since the C heap was last trimmed
@@ -160,8 +163,8 @@ class Loader:
                     images = images.movedim(-1, -3)
                 images = images.to(torch.bfloat16) if bf16 else images
                 done += 1
-                yield Batch(images, d["labels"].reshape(-1).long(), d["valid"].reshape(-1).bool(),
-                            d["index"].reshape(-1))
+                meta = d["meta"]
+                yield Batch(images, meta[:, 0], meta[:, 1].bool(), meta[:, 2])
             if last:  # the stream's end: DALI's StopIteration is due now
                 if next(self._iter, None) is not None:
                     raise AssertionError("the reader ran past the end of its stream")

@@ -64,11 +64,12 @@ def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw):
     assert overlaps >= 3, c  # reads of the two workers ran at the same time
 
 
-def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw):
+@pytest.mark.parametrize("workers", [2, 0], ids=["reader-processes", "in-process"])
+def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, workers):
     """Three epochs streamed as one (resumed at batch 1), then one more: the readers start on
     the next epoch while this one's last batches are still being consumed, and every epoch
     delivers the documented samples all the same."""
-    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.05, epochs=3,
+    loader, log = recording_loader(shards_raw, tmp_path, workers=workers, delay=0.05, epochs=3,
                                    start_batch=1)
     got, last_taken = [], []
     for _ in range(4):

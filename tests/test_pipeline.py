@@ -130,6 +130,33 @@ def test_bad_inputs_give_clear_errors(tmp_path, shards_raw):
         make_loader(config(shards_raw, crop=300))
 
 
+@pytest.mark.parametrize("cores, local, gpu, encoding, want", [
+    (2, 1, True, "jpeg", (1, 1)),    # feeding a GPU: half the cores decode, half read
+    (16, 1, True, "raw", (8, 8)),
+    (16, 8, True, "jpeg", (1, 1)),   # 8 GPUs on a 16-core node: 2 cores per process
+    (2, 1, False, "jpeg", (2, 1)),   # CPU: every core decodes, one reader process
+    (2, 1, False, "raw", (2, 0)),    # CPU, raw: read in the pipeline's own process
+    (16, 2, False, "jpeg", (8, 1)),
+])
+def test_default_readers_follow_the_cores_and_the_device(monkeypatch, cores, local, gpu,
+                                                         encoding, want):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    cfg = LoaderConfig(data="unused")
+    assert cfg.readers(gpu, encoding) == want
+    assert replace(cfg, threads=3, workers=0).readers(gpu, encoding) == (3, 0)  # as given
+
+
+def test_cpu_defaults_read_raw_in_process_and_jpeg_in_one_reader(shards_raw, shards_jpeg):
+    import multiprocessing
+    for data, readers in ((shards_raw, 0), (shards_jpeg, 1)):
+        before = set(multiprocessing.active_children())
+        loader = make_loader(LoaderConfig(data=data, batch_size=8, device="cpu", threads=1))
+        assert next(iter(loader)).images.shape == (8, 3, 224, 224)
+        assert len(set(multiprocessing.active_children()) - before) == readers
+        del loader
+
+
 def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
     proc = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", "--batch-size", "8",
                "--batches", "2", "--repeats", "1", "--warmup", "1", "--baseline", "--json")

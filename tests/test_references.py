@@ -38,9 +38,10 @@ def shard_keys(data, split: str) -> list[str]:
     return keys
 
 
-def loader_config(data, batch_size: int, **aug) -> LoaderConfig:
-    return LoaderConfig(data=data, batch_size=batch_size, device="cpu", threads=1, workers=1,
-                        augment=AugmentConfig(mean="channel", **aug))
+def loader_config(data, batch_size: int, workers: int = 0, **aug) -> LoaderConfig:
+    """workers=0 (the CPU default): the reads run in the pipeline's process."""
+    return LoaderConfig(data=data, batch_size=batch_size, device="cpu", threads=1,
+                        workers=workers, augment=AugmentConfig(mean="channel", **aug))
 
 
 def decode(out: np.ndarray, mean: np.ndarray) -> dict:
@@ -67,7 +68,9 @@ def run_epochs(loader, epochs: int):
 
 # --- 1. sharding through the real loaders -----------------------------------------------------
 
-def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coord_shards):
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "reader-process"])
+def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coord_shards,
+                                                                             workers):
     data, truth = coord_shards
     keys = shard_keys(data, "train")
     mean = stats_h5(data)["channel_mean"]
@@ -75,7 +78,7 @@ def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coor
     assert total == 96
     seen = {}  # (rank, epoch) -> global indices in reading order
     for rank in range(world):
-        cfg = loader_config(data, per_rank, crop=SIZE, flip=False, lighting_std=0)
+        cfg = loader_config(data, per_rank, workers, crop=SIZE, flip=False, lighting_std=0)
         loader = make_loader(cfg, rank=rank, world=world)
         for epoch, images, labels, valid, index in run_epochs(loader, 2):
             assert images.shape == (per_rank, 3, SIZE, SIZE) and valid.all()

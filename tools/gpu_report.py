@@ -50,7 +50,7 @@ def main() -> int:
                                   progress=False))
     cfg = LoaderConfig(data=a.work / "jpeg", batch_size=a.batch_size, device=a.device,
                        augment=AugmentConfig(mean="pixel"))
-    threads, workers = cfg.readers()
+    threads, workers = cfg.readers(gpu, "jpeg")  # on a GPU the same for raw
     r.update(threads=threads, workers=workers)
     for enc in ("jpeg", "raw"):
         res = bench_loader(BenchConfig(loader=LoaderConfig(**{**cfg.__dict__,
