@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reader-only throughput: the parallel external source alone (shard reads and augmentation
-draws, no decode, no crop), images/s per worker count. What the CPU must sustain once nvJPEG
-decodes on the GPU.
+draws, no decode, no crop), images/s per worker count (0: read in the pipeline's process). What
+the CPU must sustain once nvJPEG decodes on the GPU.
 
 Usage: bench_reader.py --data SHARDS [--workers 1 2] [--batch-size 128] [--seconds 4]
        [--depth N]  (the source's prefetch_queue_depth; default: max(2, workers))
@@ -30,12 +30,14 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     stream = {"epochs": 10**6} if "epochs" in BatchSource.__dataclass_fields__ else {}
     source = BatchSource(split=info, batch_size=batch, train=True, crop=224, **stream)
     kw = {} if depth == 0 else {"prefetch_queue_depth": depth or max(2, workers)}
+    # workers 0: the reads in the pipeline's own process, as the CPU default for raw shards
+    kw = {"parallel": True, **kw} if workers else {"parallel": False, "no_copy": True}
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
                   py_start_method="fork", prefetch_queue_depth=2)
     def pipe():
         outs = fn.external_source(source=source, num_outputs=len(source.batch(0, 0)), batch=True,
-                                  batch_info=True, parallel=True, **kw)
+                                  batch_info=True, **kw)
         return outs[0], outs[1]
     p = pipe()
     p.build()
