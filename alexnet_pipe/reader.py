@@ -2,9 +2,9 @@
 which batch, with which augmentation draws, and the batch reads from HDF5. What the files are
 (names, manifest, statistics, their checks) is preprocessing/shards.py's business.
 
-`BatchSource` is the callback of a parallel, batch-mode `fn.external_source`: stateless (batch k
-of epoch e is a pure function of the seed, e and k), picklable, and it opens its h5py files lazily
-inside the worker process, since h5py objects neither pickle nor survive a fork. The random draws
+`BatchSource` is the callback of a batch-mode `fn.external_source`, parallel or not: stateless
+(batch k of epoch e is a pure function of the seed, e and k), picklable, and it opens its shard
+files lazily in whichever process reads, since open files neither pickle nor survive a fork. The random draws
 come from here too, not from DALI's generators: a run resumed at epoch e sees exactly the batches
 and augmentations of an uninterrupted run, whatever DALI's own epoch counter says.
 """
@@ -64,7 +64,8 @@ def _die_with_parent(parent: int) -> None:
 
 @dataclass
 class BatchSource:
-    """`fn.external_source(source=..., batch=True, batch_info=True, parallel=True)` callback.
+    """`fn.external_source(source=..., batch=True, batch_info=True)` callback, run by DALI's
+    reader processes (parallel=True) or in the pipeline's own process (--workers 0).
 
     Returns per batch: images (JPEG bytes or HWC uint8), crop_x, crop_y (normalised 0-1 as
     DALI's crop_pos_x/y expect), mirror (int32), norm_mean (float32 (3,): channel_mean - offset,

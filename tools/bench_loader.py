@@ -146,8 +146,8 @@ def main() -> int:
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
     print(f"\n{a.images} images, 256x256 JPEG mean {mean_kb:.0f} KB, batch {a.batch_size}, "
           f"{a.rounds} alternating rounds of {a.seconds:g} s, "
-          f"{a.threads} DALI threads + {a.workers if a.workers is not None else 'default'} reader processes, device {a.device}, "
-          f"--mean {a.mean}")
+          f"{a.threads} DALI threads + {'default' if a.workers is None else a.workers} reader "
+          f"processes, device {a.device}, --mean {a.mean}")
     print("| pipeline | images/s | ratio |")
     print("| --- | ---: | --- |")
     print(f"| DALI file reader, 256 JPEGs (native) | {rows['native']:.0f} | 1.00 |")
