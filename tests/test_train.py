@@ -64,16 +64,19 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, shards_small, straight_run):
+    """Interrupted and resumed with the reads in the trainer's own process (--workers 0, the
+    CPU default for raw shards); the straight run read them in a reader process: the same
+    weights, wherever the batches were read."""
     run = tmp_path / "run"
     # The signal arrives after step 1 of 2 in epoch 1: deterministically mid-epoch.
-    proc = harness(*train_args(shards_small, run, "--epochs", "2"),
+    proc = harness(*train_args(shards_small, run, "--epochs", "2", "--workers", "0"),
                    env={"HARNESS_FAULT": "sigterm@1"}, check=False)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "continue with --resume" in proc.stdout
     state = torch.load(run / "checkpoints/interrupt.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 1, 1)
     assert not list((run / "checkpoints").glob("epoch-*.pt"))
-    cli(*train_args(shards_small, run, "--epochs", "2", "--resume"))
+    cli(*train_args(shards_small, run, "--epochs", "2", "--resume", "--workers", "0"))
     assert_same_weights(run / "checkpoints/epoch-0002.pt", straight_run / "checkpoints/epoch-0002.pt")
     assert not (run / "checkpoints/interrupt.pt").exists()
 
