@@ -1,9 +1,13 @@
-"""Process resources that a run of days at ImageNet's scale has to keep bounded: open files and
-the C heap. Both act on the calling process only and leave a user's own settings alone."""
+"""Process resources that a run of days at ImageNet's scale has to keep bounded: open files, the C
+heap, and the shared memory of DALI's reader processes. They act on the calling process only and
+leave a user's own settings alone."""
 from __future__ import annotations
 
 import functools
+import os
 import platform
+
+SHM_DIR = "/dev/shm"  # where DALI's reader processes put their batches (shm_open)
 
 
 def raise_open_file_limit(want: int = 65536) -> int:
@@ -45,3 +49,13 @@ def _glibc():
         return None
     import ctypes
     return ctypes.CDLL(None)
+
+
+def shm_free(path: str = SHM_DIR) -> int | None:
+    """Bytes free for unprivileged use in the shared-memory file system, None where there is
+    none to check."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize

@@ -16,6 +16,8 @@ its last batch (the `valid` output masks the padding).
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +54,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
     threads, workers = config.readers(gpu, split.encoding)
+    workers = _fit_shared_memory(source, config, workers) if workers else 0
     dev = "gpu" if gpu else "cpu"
     out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
 
@@ -105,6 +108,43 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     return pipe()
 
 
+def reader_shm(source: BatchSource, prefetch: int, depth: int) -> int:
+    """Bytes of shared memory the reader processes of one pipeline hold: DALI keeps prefetch +
+    depth batch buffers (shared by its workers), each the size of the largest batch so far plus
+    1 MiB, doubled when a batch does not fit. Raw batches are exact; JPEG ones are taken at
+    twice the mean image of the split's files."""
+    split = source.split
+    if split.encoding == "raw":
+        batch = source.batch_size * split.size * split.size * 3
+    else:
+        mean = sum(os.path.getsize(f) for f in split.files) / max(split.total, 1)
+        batch = 2 * source.batch_size * mean
+    return int((prefetch + depth) * (batch + 2**20))
+
+
+def _fit_shared_memory(source: BatchSource, config: LoaderConfig, workers: int) -> int:
+    """`workers`, if their batches fit in /dev/shm (all local ranks together; Docker's default
+    is 64 MiB): when they do not, DALI's workers die of SIGBUS mid-batch and the loader fails
+    with "Worker data receiving interrupted". Then the default falls back to reading in this
+    process, with a note; a --workers the user chose is refused in one line."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = local * reader_shm(source, config.prefetch, max(config.prefetch, workers))
+    free = resources.shm_free()
+    if free is None or need <= free:
+        return workers
+    ranks = f" for each of {local} local ranks" if local > 1 else ""
+    procs = "1 reader process needs" if workers == 1 else f"{workers} reader processes need"
+    what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs}{ranks} about "
+            f"{need / 2**20:.0f} MiB for batches of {source.batch_size} images")
+    room = f"give it more room (docker run --shm-size={-(-need // 2**30)}g)"
+    if config.workers is None:
+        print(f"note: {what}: reading in this process instead; {room} for reader processes",
+              file=sys.stderr, flush=True)
+        return 0
+    raise UserError(f"--workers {workers}: {what}; use --workers 0 (reads in this process, "
+                    f"no shared memory), a smaller --batch-size, or {room}")
+
+
 # The loader gives the C heap's free pages back at the first epoch end after this many batches:
 # every epoch at ImageNet's size (1,250-10,000 batches per process). A trim costs ~50 ms here
 # (freed pages are faulted in again), which each epoch of a tiny set would feel.
@@ -134,6 +174,7 @@ class Loader:
                  prefetch: int = 2, channels_last: bool = False):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
+        self.readers = (pipe.num_threads, pipe.py_num_workers)  # (DALI threads, reader processes)
         self.epoch = start_epoch
         self._dtype = dtype
         self._prefetch = prefetch

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import ROOT, cli
 
 CPU = ["--device", "cpu", "--threads", "1", "--workers", "1"]
 
@@ -110,3 +112,36 @@ def test_corrupt_jpeg_inside_a_shard(tmp_path, shards_jpeg):
     proc = cli("bench-loader", "--data", data, *CPU, "--batch-size", "8", "--batches", "8",
                "--repeats", "1", "--warmup", "0", check=False)
     assert_one_line_error(proc, str(shard), key, decoder_log=True)
+
+
+def cli_with_small_shm(size: str, *args) -> subprocess.CompletedProcess:
+    """`alexnet-pipe ARGS` in a private mount namespace whose /dev/shm is a tmpfs of `size`, as
+    in a container (Docker's default is 64 MiB). Skips where that is not allowed (needs root)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a private mount namespace here (needs root)")
+    script = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m",
+                           "alexnet_pipe", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+
+
+def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
+    """DALI's reader processes hand batches over in /dev/shm: 4 buffers (prefetch 2 + queue 2)
+    of 32 raw 256x256 images = 4 x 6 MiB, 24 MiB measured. Where they do not fit, DALI's worker
+    dies of SIGBUS and the loader says only "Worker data receiving interrupted"."""
+    bench = ["bench-loader", "--device", "cpu", "--threads", "1", "--batch-size", "32",
+             "--batches", "2", "--repeats", "1", "--warmup", "1", "--json"]
+    # chosen --workers: refused in one line, with what to do
+    proc = cli_with_small_shm("16m", *bench, "--data", shards_raw, "--workers", "1")
+    assert_one_line_error(proc, "--workers 1", "/dev/shm: 16 MiB free", "--workers 0",
+                          "--shm-size")
+    # the default (1 reader process for JPEG on the CPU) reads in this process instead, and
+    # says so; the measurement runs
+    proc = cli_with_small_shm("1m", *bench, "--data", shards_jpeg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/dev/shm: 1 MiB free" in proc.stderr and "reading in this process" in proc.stderr
+    assert json.loads(proc.stdout)["workers"] == 0
+    # with room for them (32 MiB), the reader process runs: the estimate is not optimistic
+    proc = cli_with_small_shm("32m", *bench, "--data", shards_raw, "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["workers"] == 1
