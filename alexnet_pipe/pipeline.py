@@ -128,18 +128,19 @@ def _fit_shared_memory(source: BatchSource, config: LoaderConfig, workers: int) 
     with "Worker data receiving interrupted". Then the default falls back to reading in this
     process, with a note; a --workers the user chose is refused in one line."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need = local * reader_shm(source, config.prefetch, max(config.prefetch, workers))
-    free = resources.shm_free()
+    each = reader_shm(source, config.prefetch, max(config.prefetch, workers))
+    need, free = local * each, resources.shm_free()
     if free is None or need <= free:
         return workers
-    ranks = f" for each of {local} local ranks" if local > 1 else ""
     procs = "1 reader process needs" if workers == 1 else f"{workers} reader processes need"
-    what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs}{ranks} about "
-            f"{need / 2**20:.0f} MiB for batches of {source.batch_size} images")
+    ranks = f" ({each / 2**20:.0f} MiB x {local} local ranks)" if local > 1 else ""
+    what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs} about "
+            f"{need / 2**20:.0f} MiB{ranks} for batches of {source.batch_size} images")
     room = f"give it more room (docker run --shm-size={-(-need // 2**30)}g)"
     if config.workers is None:
-        print(f"note: {what}: reading in this process instead; {room} for reader processes",
-              file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one note per machine
+            print(f"note: {what}: reading in this process instead; {room} for reader "
+                  f"processes", file=sys.stderr, flush=True)
         return 0
     raise UserError(f"--workers {workers}: {what}; use --workers 0 (reads in this process, "
                     f"no shared memory), a smaller --batch-size, or {room}")

@@ -157,6 +157,20 @@ def test_cpu_defaults_read_raw_in_process_and_jpeg_in_one_reader(shards_raw, sha
         del loader
 
 
+def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_raw):
+    """32 raw 256x256 images = 6 MiB a batch, + 1 MiB each for DALI's growth; prefetch 2 +
+    queue 2 buffers: 28 MiB a rank. (The real /dev/shm: tests/test_errors.py.)"""
+    from alexnet_base import resources
+    monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 50 * 2**20)
+    cfg = LoaderConfig(data=shards_raw, batch_size=32, device="cpu", threads=1, workers=1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"50 MiB free, but 1 reader process needs about 56 MiB "
+                                        r"\(28 MiB x 2 local ranks\)"):
+        make_loader(cfg)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert make_loader(cfg).readers == (1, 1)  # 28 MiB fits in 50
+
+
 def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
     proc = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", "--batch-size", "8",
                "--batches", "2", "--repeats", "1", "--warmup", "1", "--baseline", "--json")
