@@ -45,16 +45,19 @@ def _start_method(gpu: bool) -> str:
 
 
 def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: bool,
-                   device_id: int | None, ten_crop: bool = False, channels_last: bool = False):
+                   device_id: int | None, ten_crop: bool = False, channels_last: bool = False,
+                   shm_reserved: int = 0):
     """The DALI graph for `source` (train or val). Returns an unbuilt Pipeline. channels_last:
     images come out HWC, which the Loader hands on as an NCHW view in channels_last memory
-    (what the GPU model takes) instead of CHW that would be copied into it every step."""
+    (what the GPU model takes) instead of CHW that would be copied into it every step.
+    shm_reserved: bytes of /dev/shm that pipelines built before this one will fill once they
+    run (Loader.shm), counted against the free space along with this one's."""
     layout = "HWC" if channels_last else "CHW"
     fn, pipeline_def, types = _dali_modules()
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
     threads, workers = config.readers(gpu, split.encoding)
-    workers = _fit_shared_memory(source, config, workers) if workers else 0
+    workers = _fit_shared_memory(source, config, workers, shm_reserved) if workers else 0
     dev = "gpu" if gpu else "cpu"
     out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
 
@@ -122,13 +125,14 @@ def reader_shm(source: BatchSource, prefetch: int, depth: int) -> int:
     return int((prefetch + depth) * (batch + 2**20))
 
 
-def _fit_shared_memory(source: BatchSource, config: LoaderConfig, workers: int) -> int:
+def _fit_shared_memory(source: BatchSource, config: LoaderConfig, workers: int,
+                       reserved: int = 0) -> int:
     """`workers`, if their batches fit in /dev/shm (all local ranks together; Docker's default
     is 64 MiB): when they do not, DALI's workers die of SIGBUS mid-batch and the loader fails
     with "Worker data receiving interrupted". Then the default falls back to reading in this
     process, with a note; a --workers the user chose is refused in one line."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    each = reader_shm(source, config.prefetch, max(config.prefetch, workers))
+    each = reader_shm(source, config.prefetch, max(config.prefetch, workers)) + reserved
     need, free = local * each, resources.shm_free()
     if free is None or need <= free:
         return workers
@@ -176,6 +180,9 @@ class Loader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
         self.readers = (pipe.num_threads, pipe.py_num_workers)  # (DALI threads, reader processes)
+        workers = pipe.py_num_workers
+        # bytes of /dev/shm its reader processes fill once running (none when reading in-process)
+        self.shm = reader_shm(source, prefetch, max(prefetch, workers)) if workers else 0
         self.epoch = start_epoch
         self._dtype = dtype
         self._prefetch = prefetch
@@ -242,12 +249,13 @@ class Loader:
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
                 rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
                 epochs: int = 1, ten_crop: bool = False, device=None, info=None, stats=None,
-                channels_last: bool | None = None) -> Loader:
+                channels_last: bool | None = None, shm_reserved: int = 0) -> Loader:
     """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader delivering
     to `device` (a torch.device; default: --device for this process). `epochs`: how many
     epochs from `start_epoch` the readers stream without a drain between them (train: the rest
     of the run; a loader may be iterated on past them, one more stream at a time). `info`
-    (the split's SplitInfo) and `stats` may be passed when the caller has read them."""
+    (the split's SplitInfo) and `stats` may be passed when the caller has read them.
+    shm_reserved: the `shm` of loaders built before this one that have not run yet."""
     from alexnet_pipe import distributed
     config.validate()
     train = (split == "train") if train is None else train
@@ -272,6 +280,6 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
     channels_last = gpu if channels_last is None else channels_last  # default: on GPUs
     pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
                           device_id=(device.index or 0) if gpu else None, ten_crop=ten_crop,
-                          channels_last=channels_last)
+                          channels_last=channels_last, shm_reserved=shm_reserved)
     return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
                   prefetch=config.prefetch, channels_last=channels_last)

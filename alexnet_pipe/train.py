@@ -364,7 +364,8 @@ def _loaders(run: Run):
     common = dict(rank=env.rank, world=env.world, device=run.device, stats=run.stats)
     train = make_loader(per_rank, split="train", start_epoch=run.epoch, start_batch=run.batch,
                         epochs=_stream_epochs(run, per_rank.batch_size), info=run.split, **common)
-    return per_rank, train, make_loader(per_rank, split="val", **common)
+    # the val readers' shared memory comes on top of the train readers' (neither has run yet)
+    return per_rank, train, make_loader(per_rank, split="val", shm_reserved=train.shm, **common)
 
 
 def _stream_epochs(run: Run, batch: int) -> int:

@@ -168,7 +168,11 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_raw):
                                         r"\(28 MiB x 2 local ranks\)"):
         make_loader(cfg)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert make_loader(cfg).readers == (1, 1)  # 28 MiB fits in 50
+    train = make_loader(cfg)
+    assert train.readers == (1, 1) and train.shm == 28 * 2**20  # 28 MiB fits in 50
+    # train builds its val loader before either has run: both count (28 + 28 > 50)
+    with pytest.raises(UserError, match="needs about 56 MiB"):
+        make_loader(cfg, split="val", shm_reserved=train.shm)
 
 
 def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
