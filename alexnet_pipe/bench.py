@@ -51,7 +51,7 @@ def bench_loader(config: BenchConfig) -> dict:
     device = distributed.device(cfg.device)
     gpu = device.type == "cuda"
     info = load_split(cfg.data, config.split)
-    mb_per_image = sum(Path(f).stat().st_size for f in info.files) / info.total / 1e6
+    mb_per_image = info.bytes_per_image / 1e6
     sync = _cuda_sync if gpu else (lambda: None)
     rates = []
     loader = make_loader(cfg, split=config.split, train=True, device=device, info=info,

@@ -57,7 +57,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
     threads, workers = config.readers(gpu, split.encoding)
-    workers = _fit_shared_memory(source, config, workers, shm_reserved) if workers else 0
+    workers = _fit_shared_memory(source, config.prefetch, workers, config.workers is None,
+                                 shm_reserved) if workers else 0
     dev = "gpu" if gpu else "cpu"
     out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
 
@@ -69,8 +70,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                        output_layout=layout, device=dev)
         return fn.cast(out, dtype=out_type) if out_type != types.FLOAT else out
 
-    if workers:  # at least one batch in flight per worker, else --workers N reads one at a time
-        feed = dict(parallel=True, prefetch_queue_depth=max(config.prefetch, workers))
+    if workers:
+        feed = dict(parallel=True, prefetch_queue_depth=queue_depth(config.prefetch, workers))
     else:  # read in this process when DALI asks; no copy: each call returns fresh arrays
         feed = dict(parallel=False, no_copy=True)
 
@@ -111,28 +112,33 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     return pipe()
 
 
-def reader_shm(source: BatchSource, prefetch: int, depth: int) -> int:
+def queue_depth(prefetch: int, workers: int) -> int:
+    """Batches the reader processes keep in flight: one per worker at least, else --workers N
+    reads one at a time."""
+    return max(prefetch, workers)
+
+
+def reader_shm(source: BatchSource, prefetch: int, workers: int) -> int:
     """Bytes of shared memory the reader processes of one pipeline hold: DALI keeps prefetch +
-    depth batch buffers (shared by its workers), each the size of the largest batch so far plus
-    1 MiB, doubled when a batch does not fit. Raw batches are exact; JPEG ones are taken at
-    twice the mean image of the split's files."""
+    queue-depth batch buffers (shared by its workers), each the size of the largest batch so
+    far plus 1 MiB, doubled when a batch does not fit. Raw batches are exact; JPEG ones are
+    taken at twice the mean image of the split's files."""
     split = source.split
     if split.encoding == "raw":
         batch = source.batch_size * split.size * split.size * 3
     else:
-        mean = sum(os.path.getsize(f) for f in split.files) / max(split.total, 1)
-        batch = 2 * source.batch_size * mean
-    return int((prefetch + depth) * (batch + 2**20))
+        batch = 2 * source.batch_size * split.bytes_per_image
+    return int((prefetch + queue_depth(prefetch, workers)) * (batch + 2**20))
 
 
-def _fit_shared_memory(source: BatchSource, config: LoaderConfig, workers: int,
+def _fit_shared_memory(source: BatchSource, prefetch: int, workers: int, default: bool,
                        reserved: int = 0) -> int:
     """`workers`, if their batches fit in /dev/shm (all local ranks together; Docker's default
     is 64 MiB): when they do not, DALI's workers die of SIGBUS mid-batch and the loader fails
-    with "Worker data receiving interrupted". Then the default falls back to reading in this
-    process, with a note; a --workers the user chose is refused in one line."""
+    with "Worker data receiving interrupted". Then the `default` workers fall back to reading
+    in this process, with a note; a --workers the user chose is refused in one line."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    each = reader_shm(source, config.prefetch, max(config.prefetch, workers)) + reserved
+    each = reader_shm(source, prefetch, workers) + reserved
     need, free = local * each, resources.shm_free()
     if free is None or need <= free:
         return workers
@@ -141,7 +147,7 @@ def _fit_shared_memory(source: BatchSource, config: LoaderConfig, workers: int,
     what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs} about "
             f"{need / 2**20:.0f} MiB{ranks} for batches of {source.batch_size} images")
     room = f"give it more room (docker run --shm-size={-(-need // 2**30)}g)"
-    if config.workers is None:
+    if default:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one note per machine
             print(f"note: {what}: reading in this process instead; {room} for reader "
                   f"processes", file=sys.stderr, flush=True)
@@ -180,9 +186,8 @@ class Loader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
         self.readers = (pipe.num_threads, pipe.py_num_workers)  # (DALI threads, reader processes)
-        workers = pipe.py_num_workers
         # bytes of /dev/shm its reader processes fill once running (none when reading in-process)
-        self.shm = reader_shm(source, prefetch, max(prefetch, workers)) if workers else 0
+        self.shm = reader_shm(source, prefetch, pipe.py_num_workers) if pipe.py_num_workers else 0
         self.epoch = start_epoch
         self._dtype = dtype
         self._prefetch = prefetch

@@ -24,6 +24,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -193,6 +194,11 @@ class SplitInfo:
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+    @cached_property
+    def bytes_per_image(self) -> float:
+        """Shard file bytes per image (one stat per shard, once)."""
+        return sum(os.path.getsize(f) for f in self.files) / max(self.total, 1)
 
 
 def load_split(data: Path, split: str) -> SplitInfo:
