@@ -3,8 +3,13 @@
 draws, no decode, no crop), images/s per worker count (0: read in the pipeline's process). What
 the CPU must sustain once nvJPEG decodes on the GPU.
 
+The pipeline hands on only the images' shapes: in training the decoder (JPEG) or the copy to
+the GPU (raw) reads the external source's output in place, so copying the batch out to Python,
+which costs as much as a read for raw images, is not part of reading (--copy-out times it too).
+
 Usage: bench_reader.py --data SHARDS [--workers 1 2] [--batch-size 128] [--seconds 4]
        [--depth N]  (the source's prefetch_queue_depth; default: max(2, workers))
+       [--copy-out]
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ except ImportError:
 from alexnet_pipe.reader import BatchSource  # noqa: E402
 
 
-def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None) -> float:
+def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None,
+                copy_out: bool = False) -> float:
     from nvidia.dali import fn, pipeline_def
     info = load_split(data, "train")
     # streaming across epochs as train's readers do (format 1's source ended every epoch)
@@ -38,7 +44,7 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     def pipe():
         outs = fn.external_source(source=source, num_outputs=len(source.batch(0, 0)), batch=True,
                                   batch_info=True, **kw)
-        return outs[0], outs[1]
+        return (outs[0] if copy_out else fn.shapes(outs[0])), outs[1]
     p = pipe()
     p.build()
     def run():
@@ -63,9 +69,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--depth", type=int, help="0: DALI's default (1)")
+    ap.add_argument("--copy-out", action="store_true",
+                    help="copy each batch of images out of the pipeline (the old measure)")
     a = ap.parse_args()
     for w in a.workers:
-        rate = reader_rate(a.data, w, a.batch_size, a.seconds, a.depth)
+        rate = reader_rate(a.data, w, a.batch_size, a.seconds, a.depth, a.copy_out)
         print(json.dumps({"workers": w, "images_per_s": round(rate, 1)}), flush=True)
     return 0
 
