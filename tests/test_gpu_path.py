@@ -64,6 +64,22 @@ def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw):
     assert overlaps >= 3, c  # reads of the two workers ran at the same time
 
 
+def test_each_reader_process_has_its_next_read_queued(tmp_path, shards_raw):
+    """DALI hands a reader process its next read only when the pipeline takes a batch: with one
+    read per worker queued, a worker that ends a read idles until then. Behind a slow trainer the
+    reads run ahead until every queue is full: the pipeline's 2 prefetched batches, 2 per worker
+    (4), and the one DALI is taking. One per worker would stop at 2 + 2 + 1."""
+    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.0, epochs=2)
+    taken = []
+    for _ in range(2):  # 2 epochs of 6 batches
+        for _ in loader:
+            taken.append(time.monotonic())
+            time.sleep(0.15)  # the trainer is the slow side: the queues fill
+    starts = sorted(start for _, start, *_ in calls(log))
+    ahead = [sum(s <= t for s in starts) - sum(k <= t for k in taken) for t in starts]
+    assert max(ahead) == 2 + 2 * 2 + 1, ahead
+
+
 @pytest.mark.parametrize("workers", [2, 0], ids=["reader-processes", "in-process"])
 def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, workers):
     """Three epochs streamed as one (resumed at batch 1), then one more: the readers start on
