@@ -8,7 +8,7 @@ the GPU (raw) reads the external source's output in place, so copying the batch 
 which costs as much as a read for raw images, is not part of reading (--copy-out times it too).
 
 Usage: bench_reader.py --data SHARDS [--workers 1 2] [--batch-size 128] [--seconds 4]
-       [--depth N]  (the source's prefetch_queue_depth; default: max(2, workers))
+       [--depth N]  (the source's prefetch_queue_depth; default: the loader's, 2 x workers)
        [--copy-out]
 """
 from __future__ import annotations
@@ -27,6 +27,12 @@ except ImportError:
     from alexnet_pipe.reader import load_split
 from alexnet_pipe.reader import BatchSource  # noqa: E402
 
+try:  # the loader's depth (format 1 had none of its own: DALI's default of 1, --depth 0)
+    from alexnet_pipe.pipeline import queue_depth
+except ImportError:
+    def queue_depth(prefetch: int, workers: int) -> int:
+        return max(prefetch, workers)
+
 
 def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None,
                 copy_out: bool = False) -> float:
@@ -35,7 +41,7 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     # streaming across epochs as train's readers do (format 1's source ended every epoch)
     stream = {"epochs": 10**6} if "epochs" in BatchSource.__dataclass_fields__ else {}
     source = BatchSource(split=info, batch_size=batch, train=True, crop=224, **stream)
-    kw = {} if depth == 0 else {"prefetch_queue_depth": depth or max(2, workers)}
+    kw = {} if depth == 0 else {"prefetch_queue_depth": depth or queue_depth(2, workers)}
     # workers 0: the reads in the pipeline's own process, as the CPU default for raw shards
     kw = {"parallel": True, **kw} if workers else {"parallel": False, "no_copy": True}
 
