@@ -1,11 +1,12 @@
 """Process resources that a run of days at ImageNet's scale has to keep bounded: open files, the C
-heap, and the shared memory of DALI's reader processes. They act on the calling process only and
+heap, the shared memory of DALI's reader processes, and how worker processes are started. They act on the calling process only and
 leave a user's own settings alone."""
 from __future__ import annotations
 
 import functools
 import os
 import platform
+import sys
 
 SHM_DIR = "/dev/shm"  # where DALI's reader processes put their batches (shm_open)
 
@@ -59,3 +60,23 @@ def shm_free(path: str = SHM_DIR) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def start_method() -> str:
+    """How to start worker processes from this process: "fork" (cheap: nothing to pickle or
+    import again) on Linux while the CUDA driver is not initialised, else "spawn". A fork after
+    CUDA is up copies a driver that must not be used in the child, and DALI refuses it outright;
+    any torch.cuda call, even torch.cuda.is_available() in a CPU run, initialises the driver."""
+    if not sys.platform.startswith("linux") or cuda_driver_initialised():
+        return "spawn"
+    return "fork"
+
+
+def cuda_driver_initialised() -> bool:
+    """DALI's check of the CUDA driver (whoever initialised it); torch's where DALI is absent."""
+    try:
+        from nvidia.dali.backend import IsDriverInitialized
+    except ImportError:
+        torch = sys.modules.get("torch")
+        return bool(torch is not None and torch.cuda.is_initialized())
+    return bool(IsDriverInitialized())

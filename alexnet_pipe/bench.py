@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet_base import resources
 from alexnet_base.config import BenchConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, distributed
@@ -138,7 +139,7 @@ def baseline_rate(config: BenchConfig, info) -> float:
     loader = torch.utils.data.DataLoader(
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
         num_workers=sum(cfg.readers(False, info.encoding)), drop_last=True, persistent_workers=True,
-        prefetch_factor=2)
+        prefetch_factor=2, multiprocessing_context=resources.start_method())
     it = endless(loader)
     rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,
                         cfg.batch_size) for r in range(config.repeats)]

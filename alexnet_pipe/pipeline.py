@@ -40,8 +40,7 @@ def _dali_modules():
 def _start_method(gpu: bool) -> str:
     """DALI refuses to fork its reader workers once the CUDA driver is initialised (any torch.cuda
     call does it, even in a CPU pipeline's process); spawn costs about a second per worker."""
-    from nvidia.dali.backend import IsDriverInitialized
-    return "spawn" if gpu or IsDriverInitialized() else "fork"
+    return "spawn" if gpu else resources.start_method()
 
 
 def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: bool,

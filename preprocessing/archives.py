@@ -24,6 +24,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from alexnet_base import resources
 from alexnet_base.errors import UserError, os_error
 from preprocessing import layout
 
@@ -163,7 +164,7 @@ def _ilsvrc(root: Path, splits, limit_per_class, workers: int) -> layout.Tree:
         if "train" in splits:
             train_files = []
             jobs = [(str(train), m.name, m.offset_data, m.size) for m in inner]
-            ctx = mp.get_context("fork" if os.name == "posix" else "spawn")  # no CUDA here
+            ctx = mp.get_context(resources.start_method())
             with ctx.Pool(max(1, min(workers, len(jobs)))) as pool:
                 for wnid, members, problem in pool.imap(_index_inner, jobs, chunksize=8):
                     if problem:

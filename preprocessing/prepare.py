@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing import archives, layout, resize, shards
+from alexnet_base import resources
 from alexnet_base.config import PrepareConfig
 from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path, write_json
@@ -182,8 +183,8 @@ def _run_jobs(todo: list[ShardJob], config: PrepareConfig, tree: layout.Tree, to
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if config.progress is None else config.progress
-    counter = mp.Value("q", 0)
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    ctx = mp.get_context(resources.start_method())  # spawn where CUDA is up (gpu_report)
+    counter = ctx.Value("q", 0)  # of the pool's context: spawn refuses a forked lock
     finished = 0
     with ctx.Pool(min(config.workers, max(len(todo), 1)), initializer=_init_worker,
                   initargs=(counter,)) as pool:

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet_base.config import LoaderConfig
-from alexnet_pipe import pipeline
+from alexnet_base.config import BenchConfig, LoaderConfig, PrepareConfig
+from alexnet_pipe import bench, pipeline
 from alexnet_pipe.reader import BatchSource
 from conftest import ROOT, train_args
 from preprocessing import shards
+from preprocessing.prepare import run as prepare_run
 from preprocessing.shards import load_split, load_stats
 
 
@@ -117,6 +118,32 @@ def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_raw):
     assert pipeline._start_method(gpu=False) == "spawn"
     got = next(iter(pipeline.make_loader(cfg))).images  # spawned readers (fork would be refused)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp_path,
+                                                                 sample_tree, shards_jpeg):
+    """tools/gpu_report.py prepares its shards and times the readers after its GPU work: there
+    DALI refuses to fork (the reader benchmark would fail), and prepare and bench-loader's
+    DataLoader baseline must not fork either. Spawned, all work: prepare writes the same shards
+    as the forked prepare did."""
+    import nvidia.dali.backend as backend
+    from bench_reader import reader_rate
+    from alexnet_base import resources
+    assert resources.start_method() == "fork"
+    monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
+    assert resources.start_method() == "spawn"
+    assert reader_rate(shards_jpeg, 1, 8, 0.2, None) > 0  # fork: DALI's RuntimeError
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1)
+    assert bench.baseline_rate(BenchConfig(loader=cfg, batches=2, repeats=1, warmup=1),
+                               load_split(shards_jpeg, "train")) > 0  # torch DataLoader
+    prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, workers=2,
+                              progress=False, shard_size=16))
+    for a, b in zip(shards.list_shards(shards_jpeg, "train"), shards.list_shards(tmp_path, "train")):
+        fa, fb = shards.ShardFiles([a]), shards.ShardFiles([b])
+        n = len(fa.index(0).labels)
+        for x, y in zip(fa.read(0, np.arange(n)), fb.read(0, np.arange(n))):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(fa.index(0).labels, fb.index(0).labels)
 
 
 def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,6 +33,11 @@ try:  # the loader's depth (format 1 had none of its own: DALI's default of 1, -
 except ImportError:
     def queue_depth(prefetch: int, workers: int) -> int:
         return max(prefetch, workers)
+try:  # fork only while CUDA is down (gpu_report measures this after its GPU work)
+    from alexnet_base.resources import start_method
+except ImportError:
+    def start_method() -> str:
+        return "fork"
 
 
 def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None,
@@ -46,13 +52,15 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     kw = {"parallel": True, **kw} if workers else {"parallel": False, "no_copy": True}
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
-                  py_start_method="fork", prefetch_queue_depth=2)
+                  py_start_method=start_method(), prefetch_queue_depth=2)
     def pipe():
         outs = fn.external_source(source=source, num_outputs=len(source.batch(0, 0)), batch=True,
                                   batch_info=True, **kw)
-        return (outs[0] if copy_out else fn.shapes(outs[0])), outs[1]
+        return (outs[0] if copy_out else outs[0].shape()), outs[1]
     p = pipe()
-    p.build()
+    with warnings.catch_warnings():  # "outputs ... not used": all six are read, as in training
+        warnings.filterwarnings("ignore", message="The external source node")
+        p.build()
     def run():
         try:
             p.run()
