@@ -1,6 +1,6 @@
 """Process resources that a run of days at ImageNet's scale has to keep bounded: open files, the C
-heap, the shared memory of DALI's reader processes, and how worker processes are started. They act on the calling process only and
-leave a user's own settings alone."""
+heap, the shared memory of DALI's reader processes, and how worker processes are started. They
+act on the calling process only and leave a user's own settings alone."""
 from __future__ import annotations
 
 import functools

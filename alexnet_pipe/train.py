@@ -258,7 +258,7 @@ class EpochResult:
     stopped: int         # 0, or the signal that stopped the epoch before its end (every rank)
     images: int = 0      # images trained on by this rank
     seconds: float = 0.0
-    loss_sum: float = 0.0
+    loss_sum: object = 0.0  # a tensor on the device: read after the epoch, not in its loop
     data_wait: float = 0.0  # fraction of the time the step waited for the loader
 
 
@@ -306,7 +306,7 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
                 return EpochResult(stopped=signum, images=done)
     seconds = time.perf_counter() - t_epoch
     return EpochResult(stopped=0, images=done, seconds=seconds,
-                       loss_sum=epoch_loss.item(), data_wait=wait / seconds if seconds else 0.0)
+                       loss_sum=epoch_loss, data_wait=wait / seconds if seconds else 0.0)
 
 
 def _agreed_stop(run: Run, stop: StopRequest, log_point: bool) -> int:
@@ -408,8 +408,8 @@ def _epochs(run: Run) -> dict:
         metrics = evaluate(run.model, val_loader, device=run.device, amp=cfg.amp)
         run.scheduler.step(metrics["top1_err"])
         steps = run.batch - train_loader.source.skipped(run.epoch)
-        images, loss_sum = distributed.all_sum([out.images, out.loss_sum / max(steps, 1)],
-                                               run.device)
+        mean_loss = float(out.loss_sum) / max(steps, 1)  # the epoch's one read of it
+        images, loss_sum = distributed.all_sum([out.images, mean_loss], run.device)
         result = {"kind": "epoch", "epoch": run.epoch + 1, "step": run.step, "lr": lr,
                   "train_loss": loss_sum / env.world, "train_images": int(images),
                   "images_per_s": images / out.seconds, "data_wait": out.data_wait,

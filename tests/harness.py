@@ -15,7 +15,8 @@ Configured by environment variables, so that torchrun can pass them to every ran
     HARNESS_PREPARE_KILL=N  prepare: once a worker has written N shards, SIGKILL the whole process
                             group (run it with start_new_session), as a crash mid-run would
     HARNESS_SYNC_DEBUG=1    train epochs run under torch.cuda.set_sync_debug_mode("error") except
-                            at log points: a hidden CPU-GPU sync in the step raises
+                            at log points: a hidden CPU-GPU sync in the step raises (on the
+                            CPU: a tensor's value read on the host, what the sync would be)
     HARNESS_SAVE_FAULT=KIND@N  the N-th torch.save writes half a file, then: raise (an OSError,
                             ENOSPC, as a full disk gives) or sigkill (the process dies mid-write);
                             the saves before it print "HARNESS saved NAME SHA256" to stderr
@@ -106,16 +107,38 @@ def _install_recorder(folder: Path) -> None:
 
 
 def _install_sync_debug() -> None:
+    """On a GPU: torch's sync debug mode. Without one, its stand-in: reading a tensor's value on
+    the host (item, tolist, float, int, bool), which on a GPU is the sync, raises."""
     from alexnet_pipe import train
+    cuda = torch.cuda.is_available()
+    reads = [False]  # host reads allowed now
+
+    def refuse(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not reads[0]:
+                raise RuntimeError(f"HARNESS: Tensor.{name} in the step loop, outside a log point")
+            return real(self, *args, **kwargs)
+        setattr(torch.Tensor, name, read)
+
+    def set_mode(mode: str) -> None:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(mode)
+        reads[0] = mode == "default"
 
     def guarded(fn, inside: str, after: str):
         def wrapper(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode(inside)
+            set_mode(inside)
             try:
                 return fn(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode(after)
+                set_mode(after)
         return wrapper
+    set_mode("default")
+    if not cuda:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            refuse(name)
     train._log_point = guarded(train._log_point, "default", "error")
     train.train_one_epoch = guarded(train.train_one_epoch, "error", "default")
 

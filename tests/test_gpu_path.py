@@ -138,7 +138,8 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
                                load_split(shards_jpeg, "train")) > 0  # torch DataLoader
     prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, workers=2,
                               progress=False, shard_size=16))
-    for a, b in zip(shards.list_shards(shards_jpeg, "train"), shards.list_shards(tmp_path, "train")):
+    for a, b in zip(shards.list_shards(shards_jpeg, "train"),
+                    shards.list_shards(tmp_path, "train")):
         fa, fb = shards.ShardFiles([a]), shards.ShardFiles([b])
         n = len(fa.index(0).labels)
         for x, y in zip(fa.read(0, np.arange(n)), fb.read(0, np.arange(n))):
