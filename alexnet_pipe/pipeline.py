@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -193,8 +194,9 @@ class Loader:
         self._prefetch = prefetch
         self._channels_last = channels_last
         # reset by hand at the start of the next stream: nothing is read past the last one
-        self._iter = DALIGenericIterator([pipe], ["images", "meta"],
-                                         auto_reset=False)
+        with warnings.catch_warnings():  # ten crops leave the crop draws unused, by design
+            warnings.filterwarnings("ignore", message="The external source node .* not used")
+            self._iter = DALIGenericIterator([pipe], ["images", "meta"], auto_reset=False)
         self._ended = False  # the stream's end was taken from DALI: reset before reading on
         self._since_trim = 0  # batches handed out since the C heap was last trimmed
 
