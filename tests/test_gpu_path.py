@@ -147,6 +147,29 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
         np.testing.assert_array_equal(fa.index(0).labels, fb.index(0).labels)
 
 
+def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
+    """The one-shot GPU report: a figure that fails (a reader process killed by a full /dev/shm)
+    is one line in the table, the others stay, and the table is on disk after each figure."""
+    import argparse
+    import gpu_report
+    a = argparse.Namespace(work=tmp_path, out=None)
+    r = {"card": "X", "cores": 16, "threads": 8, "workers": 8}
+    gpu_report.measure(r, "loader_jpeg", lambda: 5000)
+    gpu_report.publish(a, r)
+    assert "| loader jpeg | 5000.000 |" in (tmp_path / "report.md").read_text()
+
+    def dies():
+        raise RuntimeError("Worker data receiving interrupted\ntraceback lines")
+    gpu_report.measure(r, "reader_all_workers", dies)
+    gpu_report.measure(r, "model_synthetic", lambda: 2000)
+    gpu_report.publish(a, r)
+    table = (tmp_path / "report.md").read_text()
+    assert ("| reader all workers | failed: RuntimeError: Worker data receiving interrupted |"
+            in table)
+    assert "| loader over model | 2.500 |" in table and "| limiting stage | model |" in table
+    assert json.loads((tmp_path / "report.json").read_text())["loader_jpeg"] == 5000
+
+
 def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
     for data in (shards_jpeg, shards_raw):
         info = load_split(data, "train")

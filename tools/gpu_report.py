@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,11 +23,73 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
 
+from alexnet_base import resources  # noqa: E402
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
 from alexnet_pipe.bench import bench_loader, model_step_rate  # noqa: E402
 from bench_reader import reader_rate  # noqa: E402
 from make_sample_imagenet import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
+
+
+# the table's rows after card and cores, in this order
+ROWS = ("dev_shm_free_mib", "loader_jpeg", "loader_raw", "model_synthetic", "loader_over_model",
+        "reader_1_worker", "reader_all_workers", "train_real", "real_over_synthetic", "data_wait",
+        "train_seconds", "limiting_stage")
+
+
+def measure(r: dict, name: str, fn) -> None:
+    """r[name] = fn(), or the error in one line: one failed figure leaves the others standing."""
+    try:
+        r[name] = float(fn())
+    except Exception as e:  # noqa: BLE001 - any failure is a result to report
+        first = (str(e).strip().splitlines() or [""])[0]
+        r[name] = f"failed: {type(e).__name__}: {first[:200]}"
+        print(f"{name}: {r[name]}", file=sys.stderr, flush=True)
+
+
+def ratio(r: dict, name: str, top: str, bottom: str) -> None:
+    t, b = r.get(top), r.get(bottom)
+    r[name] = t / b if isinstance(t, float) and isinstance(b, float) and b > 0 else "n/a"
+
+
+def train_rate(a, r: dict) -> float:
+    """A 3-epoch train run in its own process: img/s and data wait over the epochs after the
+    first (r gets train_seconds and data_wait)."""
+    run = a.work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "alexnet_pipe", "train", "--data",
+                           str(a.work / "jpeg"), "--out", str(run), "--epochs", "3",
+                           "--batch-size", str(a.batch_size), "--device", a.device,
+                           "--bias-init", "caffe", "--log-every", "20"], cwd=ROOT,
+                          capture_output=True, text=True)
+    r["train_seconds"] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                           else f"exit status {proc.returncode}")
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    epochs = [e for e in records if e["kind"] == "epoch"]
+    steady = epochs[1:] or epochs
+    r["data_wait"] = sum(e["data_wait"] for e in steady) / len(steady)
+    return sum(e["images_per_s"] for e in steady) / len(steady)
+
+
+def publish(a, r: dict) -> None:
+    """The ratios and the limiting stage of what is measured so far, into WORK/report.json and
+    WORK/report.md (printed by the caller at the end)."""
+    ratio(r, "loader_over_model", "loader_jpeg", "model_synthetic")
+    ratio(r, "real_over_synthetic", "train_real", "model_synthetic")
+    stages = {k: r.get(v) for k, v in (("reader", "reader_all_workers"),
+                                       ("loader", "loader_jpeg"), ("model", "model_synthetic"))}
+    stages = {k: v for k, v in stages.items() if isinstance(v, float)}
+    r["limiting_stage"] = min(stages, key=stages.get) if stages else "unknown"
+    (a.out or a.work / "report.json").write_text(json.dumps(r, indent=2))
+    rows = [("card", r["card"]), ("cores / DALI threads / reader workers",
+                                  f"{r['cores']} / {r['threads']} / {r['workers']}")]
+    rows += [(k.replace("_", " "), f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
+             for k in ROWS if k in r]
+    md = "| what | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+    (a.work / "report.md").write_text(md)
 
 
 def main() -> int:
@@ -39,8 +102,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     a = ap.parse_args()
     gpu = a.device == "gpu"
+    free = resources.shm_free()
     r = {"card": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
-         "cores": len(os.sched_getaffinity(0))}
+         "cores": len(os.sched_getaffinity(0)),
+         "dev_shm_free_mib": round(free / 2**20) if free is not None else "n/a"}
     tree = a.work / "imagenet"
     if not tree.exists():
         make_sample(tree, 8, a.images // 8, max(4, a.batch_size // 8), seed=0, quirks=False,
@@ -52,44 +117,25 @@ def main() -> int:
                        augment=AugmentConfig(mean="pixel"))
     threads, workers = cfg.readers(gpu, "jpeg")  # on a GPU the same for raw
     r.update(threads=threads, workers=workers)
-    for enc in ("jpeg", "raw"):
-        res = bench_loader(BenchConfig(loader=LoaderConfig(**{**cfg.__dict__,
-                                                              "data": a.work / enc}),
-                                       seconds=a.seconds, repeats=3))
-        r[f"loader_{enc}"] = res["images_per_s"]
-    r["model_synthetic"] = model_step_rate(cfg, gpu, 1000, steps=30, warmup=5)
-    r["loader_over_model"] = r["loader_jpeg"] / r["model_synthetic"]
-    r["reader_1_worker"] = reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds, None)
-    r["reader_all_workers"] = reader_rate(a.work / "jpeg", workers, a.batch_size, a.seconds, None)
-    run = a.work / "run"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "alexnet_pipe", "train", "--data",
-                           str(a.work / "jpeg"), "--out", str(run), "--epochs", "3",
-                           "--batch-size", str(a.batch_size), "--device", a.device,
-                           "--bias-init", "caffe", "--log-every", "20"], cwd=ROOT,
-                          capture_output=True, text=True)
-    r["train_seconds"] = time.perf_counter() - t0
-    if proc.returncode == 0:
-        records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-        epochs = [r for r in records if r["kind"] == "epoch"]
-        steady = epochs[1:] or epochs
-        r["train_real"] = sum(e["images_per_s"] for e in steady) / len(steady)
-        r["real_over_synthetic"] = r["train_real"] / r["model_synthetic"]
-        r["data_wait"] = sum(e["data_wait"] for e in steady) / len(steady)
-    else:
-        r["train_error"] = proc.stderr[-2000:]
-    stages = {"reader": r["reader_all_workers"], "loader": r["loader_jpeg"],
-              "model": r["model_synthetic"]}
-    r["limiting_stage"] = min(stages, key=stages.get)
-    out = a.out or a.work / "report.json"
-    out.write_text(json.dumps(r, indent=2))
-    rows = [("card", r["card"]), ("cores / DALI threads / reader workers",
-                                  f"{r['cores']} / {threads} / {workers}")]
-    rows += [(k.replace("_", " "), f"{v:.3f}" if isinstance(v, float) else str(v))
-             for k, v in r.items() if k not in ("card", "cores", "threads", "workers", "torch")]
-    md = "| what | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    (a.work / "report.md").write_text(md)
-    print(md)
+
+    def loader_rate(enc):
+        loader = LoaderConfig(**{**cfg.__dict__, "data": a.work / enc})
+        return bench_loader(BenchConfig(loader=loader, seconds=a.seconds,
+                                        repeats=3))["images_per_s"]
+    figures = [
+        ("loader_jpeg", lambda: loader_rate("jpeg")),
+        ("loader_raw", lambda: loader_rate("raw")),
+        ("model_synthetic", lambda: model_step_rate(cfg, gpu, 1000, steps=30, warmup=5)),
+        ("reader_1_worker", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds,
+                                                None)),
+        ("reader_all_workers", lambda: reader_rate(a.work / "jpeg", workers, a.batch_size,
+                                                   a.seconds, None)),
+        ("train_real", lambda: train_rate(a, r)),
+    ]
+    for name, fn in figures:  # the table is rewritten after each: a timeout leaves the rest
+        measure(r, name, fn)
+        publish(a, r)
+    print((a.work / "report.md").read_text())
     return 0
 
 
