@@ -80,3 +80,10 @@ def cuda_driver_initialised() -> bool:
         torch = sys.modules.get("torch")
         return bool(torch is not None and torch.cuda.is_initialized())
     return bool(IsDriverInitialized())
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as a container or taskset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -136,9 +136,11 @@ def baseline_rate(config: BenchConfig, info) -> float:
         if cfg.augment.lighting_std > 0 else None
     source = BatchSource(split=info, batch_size=cfg.batch_size, train=True, crop=cfg.augment.crop,
                          lighting_std=cfg.augment.lighting_std, lighting_basis=basis)
+    # as many processes as our loader has threads and readers, at most the cores (torch's advice)
+    workers = min(sum(cfg.readers(False, info.encoding)), resources.usable_cores())
     loader = torch.utils.data.DataLoader(
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
-        num_workers=sum(cfg.readers(False, info.encoding)), drop_last=True, persistent_workers=True,
+        num_workers=max(workers, 1), drop_last=True, persistent_workers=True,
         prefetch_factor=2, multiprocessing_context=resources.start_method())
     it = endless(loader)
     rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,
