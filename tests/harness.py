@@ -139,7 +139,9 @@ def _install_sync_debug() -> None:
     if not cuda:
         for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
             refuse(name)
+    # log points: the record, and the ranks' agreement on a stop (a collective at log points only)
     train._log_point = guarded(train._log_point, "default", "error")
+    train._agreed_stop = guarded(train._agreed_stop, "default", "error")
     train.train_one_epoch = guarded(train.train_one_epoch, "error", "default")
 
 

@@ -77,7 +77,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, shards_smal
     t0 = time.monotonic()
     # Only `rank` gets SIGTERM, after its step 1 of epoch 1; the others must stop there too.
     proc = launch(TWO, train_args(shards_small, run, "--epochs", "2", "--keep", "2"),
-                  env={"HARNESS_FAULT": "sigterm@1", "HARNESS_FAULT_RANK": str(rank)},
+                  env={"HARNESS_FAULT": "sigterm@1", "HARNESS_FAULT_RANK": str(rank),
+                       "HARNESS_SYNC_DEBUG": "1"},  # and no host read outside log points
                   timeout=120)
     assert proc.returncode != 0 and time.monotonic() - t0 < 90, proc.stderr[-3000:]
     state = torch.load(run / "checkpoints/interrupt.pt", weights_only=True)
@@ -85,7 +86,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, shards_smal
     assert "signal 15: saved interrupt.pt at epoch 1, batch 1" in (run / "train.log").read_text()
     if rank == 1:  # resumed, it ends with the weights of the uninterrupted run
         proc = launch(TWO, train_args(shards_small, run, "--epochs", "2", "--keep", "2",
-                                      "--resume"))
+                                      "--resume"), env={"HARNESS_SYNC_DEBUG": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         a, b = weights(run / "checkpoints/epoch-0002.pt"), weights(ddp_run[0] / "checkpoints/epoch-0002.pt")
         assert all(torch.equal(a[k], b[k]) for k in a)
