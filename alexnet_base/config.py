@@ -137,7 +137,8 @@ class LoaderConfig:
                               "them on the CPU).")
     workers: int | None = opt(None, "Processes reading the shards per pipeline; 0 reads in the "
                               "pipeline's own process (default: the other half of those cores "
-                              "when it feeds a GPU; on the CPU 1 for JPEG shards, 0 for raw).")
+                              "when it feeds a GPU; on the CPU 1 for JPEG shards, 0 for raw). "
+                              "They hand batches over in /dev/shm: 2 + 2 x workers batches.")
     dtype: str = opt("float32", "Image dtype handed to the model.", choices=DTYPES)
     seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
                     "the weight initialisation with it).")
