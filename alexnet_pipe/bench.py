@@ -140,7 +140,7 @@ def baseline_rate(config: BenchConfig, info) -> float:
     workers = min(sum(cfg.readers(False, info.encoding)), resources.usable_cores())
     loader = torch.utils.data.DataLoader(
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
-        num_workers=max(workers, 1), drop_last=True, persistent_workers=True,
+        num_workers=workers, drop_last=True, persistent_workers=True,
         prefetch_factor=2, multiprocessing_context=resources.start_method())
     it = endless(loader)
     rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,

@@ -4,9 +4,10 @@ which batch, with which augmentation draws, and the batch reads from HDF5. What 
 
 `BatchSource` is the callback of a batch-mode `fn.external_source`, parallel or not: stateless
 (batch k of epoch e is a pure function of the seed, e and k), picklable, and it opens its shard
-files lazily in whichever process reads, since open files neither pickle nor survive a fork. The random draws
-come from here too, not from DALI's generators: a run resumed at epoch e sees exactly the batches
-and augmentations of an uninterrupted run, whatever DALI's own epoch counter says.
+files lazily in whichever process reads, since open files neither pickle nor survive a fork. The
+random draws come from here too, not from DALI's generators: a run resumed at epoch e sees
+exactly the batches and augmentations of an uninterrupted run, whatever DALI's own epoch counter
+says.
 """
 from __future__ import annotations
 
