@@ -7,11 +7,14 @@
   raw      bench-loader on raw shards, full augmentation
   baseline torch DataLoader + PIL/numpy on the JPEG shards, same work as `jpeg`
 
-Each reference and our loader are built side by side and timed in alternating rounds (the
-order flipped every round), so a shared machine's load shifts both alike; each ratio is the
-median over rounds of ours / reference in the same round.
+Each reference and our loader are timed in alternating rounds (the order flipped every round),
+so a shared machine's load shifts both alike, each in a fresh process every round: one DALI
+pipeline instance keeps its own speed for as long as it lives, up to 20% off another instance
+of the same pipeline (--control measures this A/A spread). Each ratio is the median over rounds
+of ours / reference in the same round.
 
-Usage: bench_loader.py [--images 1024] [--batch-size 64] [--device cpu] [--seconds 3] [--rounds 5]
+Usage: bench_loader.py [--images 1024] [--batch-size 128] [--device cpu] [--seconds 3] [--rounds 5]
+       [--mean channel|pixel] [--encodings jpeg raw] [--control] [--no-baseline] [--work DIR]
 """
 from __future__ import annotations
 
@@ -80,15 +83,41 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
                                        auto_reset=True))
 
 
-def alternate(its: dict, rounds: int, seconds: float, batch: int, sync) -> dict:
-    """{name: [img/s per round]}: each iterator timed `seconds` per round, in turn, the order
-    reversed every other round; 5 untimed batches each first, 2 before each turn."""
-    for it in its.values():
-        timed_rate(it, 0, None, 5, batch, sync)
-    rates = {k: [] for k in its}
+def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
+    """In a fresh process: build one pipeline (`kind`: a reference or ours), 5 untimed batches,
+    then img/s over `seconds`, sent back on `conn`."""
+    gpu = spec["gpu"]
+    if kind in ("native", "bare"):
+        it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu)
+    else:
+        it = endless(make_loader(spec["config"], device=torch.device("cuda" if gpu else "cpu"),
+                                 epochs=STREAM))
+    conn.send(timed_rate(it, None, seconds, 5, spec["batch"],
+                         torch.cuda.synchronize if gpu else (lambda: None)))
+
+
+def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> dict:
+    """{label: [img/s per round]} of `pipelines` ({label: kind}; two labels may name one kind:
+    an A/A control), each timed in a fresh process every round, the order reversed every other
+    round. Fresh processes, because one instance keeps its own speed: two instances of the same
+    DALI pipeline timed in alternation differ by up to 20% for as long as they live (see
+    BENCHMARKS.md), more than the differences measured here."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")  # a clean process each time: no fork of this one's state
+    rates = {label: [] for label in pipelines}
     for r in range(rounds):
-        for k in (list(its) if r % 2 == 0 else list(its)[::-1]):
-            rates[k].append(timed_rate(its[k], None, seconds, 2, batch, sync))
+        for label in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
+            ours, theirs = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_measure, args=(pipelines[label], spec, seconds, theirs))
+            proc.start()
+            theirs.close()
+            try:
+                rates[label].append(ours.recv())
+            except EOFError:  # it died: its traceback is on stderr already
+                proc.join()
+                raise SystemExit(f"bench_loader: the {label} pipeline's process ended with exit "
+                                 f"code {proc.exitcode} and no rate") from None
+            proc.join()
     return rates
 
 
@@ -98,10 +127,14 @@ def ratio(rates: dict, ours: str, ref: str) -> tuple[float, float, float]:
     return statistics.median(r), min(r), max(r)
 
 
+def _fmt(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:.2f}x ({r[1]:.2f}-{r[2]:.2f})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=None,
                     help="reader processes (default: the product's)")
@@ -111,6 +144,10 @@ def main() -> int:
     ap.add_argument("--mean", choices=("channel", "pixel"), default="channel",
                     help="channel: the same work as the native reference; pixel: the paper's")
     ap.add_argument("--work", type=Path, help="keep the generated data here")
+    ap.add_argument("--encodings", nargs="+", choices=("jpeg", "raw"), default=["jpeg", "raw"])
+    ap.add_argument("--no-baseline", action="store_true", help="skip the torch DataLoader")
+    ap.add_argument("--control", action="store_true",
+                    help="also time each reference against itself (A/A): the harness's noise")
     a = ap.parse_args()
     gpu = a.device == "gpu"
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
@@ -118,8 +155,7 @@ def main() -> int:
     if not tree.exists():
         make_sample(tree, 8, a.images // 8, 1, seed=0, quirks=False, large=0)
     rows, ratios = {}, {}
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    for enc in ("jpeg", "raw"):
+    for enc in a.encodings:
         out = work / enc
         if not (out / "manifest.json").exists():
             prepare_run(PrepareConfig(imagenet_root=tree, out=out, encoding=enc, shard_size=256,
@@ -130,37 +166,43 @@ def main() -> int:
         ref = "bare" if enc == "raw" else "native"
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
                            workers=a.workers, augment=AugmentConfig(mean=a.mean))
-        its = {ref: native_loader(files, enc == "raw", a.batch_size, a.threads, gpu),
-               enc: endless(make_loader(cfg, device=torch.device("cuda" if gpu else "cpu"),
-                                        epochs=STREAM))}
-        rates = alternate(its, a.rounds, a.seconds, a.batch_size, sync)
-        del its
+        spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg)
+        pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
+        rates = alternate(pipelines, spec, a.rounds, a.seconds)
         rows[ref], rows[enc] = (statistics.median(rates[k]) for k in (ref, enc))
         ratios[enc] = ratio(rates, enc, ref)
-        if enc == "jpeg":
+        if a.control:
+            ratios[f"{ref} A/A"] = ratio(rates, f"{ref} A/A", ref)
+        if enc == "jpeg" and not a.no_baseline:
             bench = BenchConfig(loader=cfg, seconds=a.seconds, repeats=3)
             rows["baseline"] = baseline_rate(bench, shards.load_split(out, "train"))
     if gpu:
         rows["model"] = model_step_rate(cfg, gpu, 8)
-    mean_kb = np.mean([p.stat().st_size for p in (work / "files_jpeg").rglob("*.jpg")]) / 1024
+    jpegs = list((work / "files_jpeg").rglob("*.jpg"))
+    mean_kb = np.mean([p.stat().st_size for p in jpegs]) / 1024 if jpegs else float("nan")
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
     print(f"\n{a.images} images, 256x256 JPEG mean {mean_kb:.0f} KB, batch {a.batch_size}, "
-          f"{a.rounds} alternating rounds of {a.seconds:g} s, "
+          f"{a.rounds} alternating rounds of {a.seconds:g} s (a fresh process each), "
           f"{a.threads} DALI threads + {'default' if a.workers is None else a.workers} reader "
           f"processes, device {a.device}, --mean {a.mean}")
-    print("| pipeline | images/s | ratio |")
+    print("| pipeline | images/s | ratio (median, range over rounds) |")
     print("| --- | ---: | --- |")
-    print(f"| DALI file reader, 256 JPEGs (native) | {rows['native']:.0f} | 1.00 |")
-    print(f"| bench-loader, JPEG shards, full aug | {rows['jpeg']:.0f} | "
-          f"{ratios['jpeg'][0]:.2f}x native ({ratios['jpeg'][1]:.2f}-{ratios['jpeg'][2]:.2f}) |")
-    print(f"| DALI numpy reader, raw uint8 (bare) | {rows['bare']:.0f} | 1.00 |")
-    print(f"| bench-loader, raw shards, full aug | {rows['raw']:.0f} | "
-          f"{ratios['raw'][0]:.2f}x bare ({ratios['raw'][1]:.2f}-{ratios['raw'][2]:.2f}) |")
-    print(f"| torch DataLoader + PIL/numpy, JPEG shards | {rows['baseline']:.0f} | "
-          f"jpeg = {rows['jpeg'] / rows['baseline']:.2f}x baseline |")
+    for enc, ref, what in (("jpeg", "native", "DALI file reader, 256 JPEGs"),
+                           ("raw", "bare", "DALI numpy reader, raw uint8")):
+        if enc not in a.encodings:
+            continue
+        print(f"| {what} ({ref}) | {rows[ref]:.0f} | 1.00 |")
+        print(f"| bench-loader, {enc} shards, full aug | {rows[enc]:.0f} | "
+              f"{_fmt(ratios[enc])} {ref} |")
+        if a.control:
+            print(f"| {what}, another instance (A/A) | | {_fmt(ratios[ref + ' A/A'])} {ref} |")
+    if "baseline" in rows:
+        print(f"| torch DataLoader + PIL/numpy, JPEG shards | {rows['baseline']:.0f} | "
+              f"jpeg = {rows['jpeg'] / rows['baseline']:.2f}x baseline |")
     if gpu:
+        k = a.encodings[0]
         print(f"| AlexNet train step, synthetic input | {rows['model']:.0f} | "
-              f"jpeg = {rows['jpeg'] / rows['model']:.2f}x model |")
+              f"{k} = {rows[k] / rows['model']:.2f}x model |")
     return 0
 
 
