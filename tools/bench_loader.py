@@ -169,10 +169,15 @@ def main() -> int:
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg)
         pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
         rates = alternate(pipelines, spec, a.rounds, a.seconds)
+        print(json.dumps({"rates": {k: [round(v) for v in r] for k, r in rates.items()}}),
+              flush=True)
         rows[ref], rows[enc] = (statistics.median(rates[k]) for k in (ref, enc))
         ratios[enc] = ratio(rates, enc, ref)
         if a.control:
             ratios[f"{ref} A/A"] = ratio(rates, f"{ref} A/A", ref)
+            # against both instances of the reference in each round: half its instance noise
+            rates["both"] = [(x + y) / 2 for x, y in zip(rates[ref], rates[f"{ref} A/A"])]
+            ratios[f"{enc} both"] = ratio(rates, enc, "both")
         if enc == "jpeg" and not a.no_baseline:
             bench = BenchConfig(loader=cfg, seconds=a.seconds, repeats=3)
             rows["baseline"] = baseline_rate(bench, shards.load_split(out, "train"))
@@ -196,6 +201,8 @@ def main() -> int:
               f"{_fmt(ratios[enc])} {ref} |")
         if a.control:
             print(f"| {what}, another instance (A/A) | | {_fmt(ratios[ref + ' A/A'])} {ref} |")
+            print(f"| bench-loader, {enc} shards, vs both instances | | "
+                  f"{_fmt(ratios[enc + ' both'])} |")
     if "baseline" in rows:
         print(f"| torch DataLoader + PIL/numpy, JPEG shards | {rows['baseline']:.0f} | "
               f"jpeg = {rows['jpeg'] / rows['baseline']:.2f}x baseline |")
