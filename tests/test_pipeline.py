@@ -188,6 +188,23 @@ def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
     assert bad.returncode == 1 and "run `alexnet-pipe prepare` first" in bad.stderr
 
 
+@pytest.mark.timeout(120)
+def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shards_jpeg):
+    """tools/bench_loader.py: DALI's file reader on the shard images extracted to files, and our
+    loader, each timed in a spawned process of its own (an instance keeps its own speed)."""
+    import bench_loader
+    files = tmp_path / "files"
+    bench_loader.extract(shards_jpeg, files, raw=False)
+    info = load_split(shards_jpeg, "train")
+    assert len(list(files.rglob("*.jpg"))) == info.total
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=0,
+                       augment=AugmentConfig(mean="channel"))
+    spec = dict(gpu=False, files=files, batch=8, threads=1, config=cfg)
+    rates = bench_loader.alternate({"native": "native", "jpeg": "jpeg"}, spec, 1, 0.2)
+    assert set(rates) == {"native", "jpeg"}
+    assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
+
+
 @pytest.mark.gpu
 def test_gpu_pipeline_matches_cpu(shards_jpeg, shards_raw):
     for data in (shards_raw, shards_jpeg):
