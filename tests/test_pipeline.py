@@ -191,18 +191,22 @@ def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
 @pytest.mark.timeout(120)
 def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shards_jpeg):
     """tools/bench_loader.py: DALI's file reader on the shard images extracted to files, and our
-    loader, each timed in a spawned process of its own (an instance keeps its own speed)."""
+    loader, each timed in a spawned process of its own (an instance keeps its own speed), with
+    the CPU time per image of each, reader processes included."""
     import bench_loader
     files = tmp_path / "files"
     bench_loader.extract(shards_jpeg, files, raw=False)
     info = load_split(shards_jpeg, "train")
     assert len(list(files.rglob("*.jpg"))) == info.total
-    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=0,
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1,
                        augment=AugmentConfig(mean="channel"))
     spec = dict(gpu=False, files=files, batch=8, threads=1, config=cfg)
-    rates = bench_loader.alternate({"native": "native", "jpeg": "jpeg"}, spec, 1, 0.2)
-    assert set(rates) == {"native", "jpeg"}
+    rates, cpu = bench_loader.alternate({"native": "native", "jpeg": "jpeg"}, spec, 1, 0.5)
+    assert set(rates) == set(cpu) == {"native", "jpeg"}
     assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
+    (native,), (ours,) = cpu["native"], cpu["jpeg"]
+    assert native["DALI threads"] > 0 and ours["DALI threads"] > 0
+    assert "readers" not in native and ours["readers"] > 0  # our one reader process's reads
 
 
 @pytest.mark.gpu

@@ -11,7 +11,9 @@ Each reference and our loader are timed in alternating rounds (the order flipped
 so a shared machine's load shifts both alike, each in a fresh process every round: one DALI
 pipeline instance keeps its own speed for as long as it lives, up to 20% off another instance
 of the same pipeline (--control measures this A/A spread). Each ratio is the median over rounds
-of ours / reference in the same round.
+of ours / reference in the same round. Each pipeline's CPU time per image (from /proc, by
+group: DALI's threads, the main thread, reader processes, the rest) comes with it: less noisy
+than a rate on a shared machine, and on a GPU host the cores a GPU's reading needs.
 
 Usage: bench_loader.py [--images 1024] [--batch-size 128] [--device cpu] [--seconds 3] [--rounds 5]
        [--mean channel|pixel] [--encodings jpeg raw] [--control] [--no-baseline] [--work DIR]
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,28 +87,63 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
                                        auto_reset=True))
 
 
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds so far of process `pid` and its child processes, by group: "DALI threads"
+    (decoding and augmenting), "main thread", "readers" (reader processes), "other" (DALI's
+    executor, file-reading threads...), from each thread's /proc schedstat (nanoseconds on a
+    CPU; `stat` counts 10 ms ticks). Empty where there is no /proc."""
+    out = {}
+    try:
+        procs = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for p in procs:
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+            parent = int(text[text.rindex(")") + 2:].split()[1])
+            if int(p) != pid and parent != pid:
+                continue
+            for t in os.listdir(f"/proc/{p}/task"):
+                name = Path(f"/proc/{p}/task/{t}/comm").read_text().strip()
+                ns = int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0])
+                group = ("readers" if int(p) != pid else "main thread" if int(t) == pid
+                         else "DALI threads" if name.startswith("[DALI][TP") else "other")
+                out[group] = out.get(group, 0.0) + ns / 1e9
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+    return out
+
+
 def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
     """In a fresh process: build one pipeline (`kind`: a reference or ours), 5 untimed batches,
-    then img/s over `seconds`, sent back on `conn`."""
+    then img/s over `seconds` and the CPU time per image ({group: us}, see cpu_seconds), sent
+    back on `conn`."""
     gpu = spec["gpu"]
     if kind in ("native", "bare"):
         it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu)
     else:
         it = endless(make_loader(spec["config"], device=torch.device("cuda" if gpu else "cpu"),
                                  epochs=STREAM))
-    conn.send(timed_rate(it, None, seconds, 5, spec["batch"],
-                         torch.cuda.synchronize if gpu else (lambda: None)))
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    timed_rate(it, 0, None, 5, spec["batch"], sync)
+    before, t0 = cpu_seconds(os.getpid()), time.perf_counter()
+    rate = timed_rate(it, None, seconds, 0, spec["batch"], sync)
+    images = rate * (time.perf_counter() - t0)
+    after = cpu_seconds(os.getpid())
+    conn.send((rate, {g: (after[g] - before.get(g, 0.0)) / images * 1e6 for g in after}))
 
 
-def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> dict:
-    """{label: [img/s per round]} of `pipelines` ({label: kind}; two labels may name one kind:
-    an A/A control), each timed in a fresh process every round, the order reversed every other
-    round. Fresh processes, because one instance keeps its own speed: two instances of the same
-    DALI pipeline timed in alternation differ by up to 20% for as long as they live (see
-    BENCHMARKS.md), more than the differences measured here."""
+def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> tuple[dict, dict]:
+    """({label: [img/s per round]}, {label: [CPU us per image by group, per round]}) of
+    `pipelines` ({label: kind}; two labels may name one kind: an A/A control), each timed in a
+    fresh process every round, the order reversed every other round. Fresh processes, because
+    one instance keeps its own speed: two instances of the same DALI pipeline timed in
+    alternation differ by up to 20% for as long as they live (see BENCHMARKS.md), more than
+    the differences measured here."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")  # a clean process each time: no fork of this one's state
     rates = {label: [] for label in pipelines}
+    cpu = {label: [] for label in pipelines}
     for r in range(rounds):
         for label in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
             ours, theirs = ctx.Pipe(duplex=False)
@@ -112,13 +151,23 @@ def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> dict:
             proc.start()
             theirs.close()
             try:
-                rates[label].append(ours.recv())
+                rate, per_image = ours.recv()
             except EOFError:  # it died: its traceback is on stderr already
                 proc.join()
                 raise SystemExit(f"bench_loader: the {label} pipeline's process ended with exit "
                                  f"code {proc.exitcode} and no rate") from None
             proc.join()
-    return rates
+            rates[label].append(rate)
+            cpu[label].append(per_image)
+    return rates, cpu
+
+
+def cpu_line(rounds: list[dict]) -> str:
+    """Median CPU us per image of each group over rounds, and their sum."""
+    groups = sorted({g for r in rounds for g in r})
+    med = {g: statistics.median(r.get(g, 0.0) for r in rounds) for g in groups}
+    return (f"{sum(med.values()):.0f} us (" +
+            ", ".join(f"{g} {v:.0f}" for g, v in med.items()) + ")")
 
 
 def ratio(rates: dict, ours: str, ref: str) -> tuple[float, float, float]:
@@ -154,7 +203,7 @@ def main() -> int:
     tree = work / "imagenet"
     if not tree.exists():
         make_sample(tree, 8, a.images // 8, 1, seed=0, quirks=False, large=0)
-    rows, ratios = {}, {}
+    rows, ratios, cpu_lines = {}, {}, {}
     for enc in a.encodings:
         out = work / enc
         if not (out / "manifest.json").exists():
@@ -168,9 +217,10 @@ def main() -> int:
                            workers=a.workers, augment=AugmentConfig(mean=a.mean))
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg)
         pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
-        rates = alternate(pipelines, spec, a.rounds, a.seconds)
+        rates, cpu = alternate(pipelines, spec, a.rounds, a.seconds)
         print(json.dumps({"rates": {k: [round(v) for v in r] for k, r in rates.items()}}),
               flush=True)
+        cpu_lines.update({k: cpu_line(r) for k, r in cpu.items()})
         rows[ref], rows[enc] = (statistics.median(rates[k]) for k in (ref, enc))
         ratios[enc] = ratio(rates, enc, ref)
         if a.control:
@@ -210,6 +260,10 @@ def main() -> int:
         k = a.encodings[0]
         print(f"| AlexNet train step, synthetic input | {rows['model']:.0f} | "
               f"{k} = {rows[k] / rows['model']:.2f}x model |")
+    print("\nCPU time per image, median over rounds (the pipeline's process and its reader "
+          "processes):")
+    for k, line in cpu_lines.items():
+        print(f"  {k}: {line}")
     return 0
 
 
