@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import family  # noqa: E402
 from make_sample_imagenet import make_sample  # noqa: E402
 
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
@@ -88,29 +89,21 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
 
 
 def cpu_seconds(pid: int) -> dict:
-    """CPU seconds so far of process `pid` and its child processes, by group: "DALI threads"
+    """CPU seconds so far of process `pid` and its descendants, by group: "DALI threads"
     (decoding and augmenting), "main thread", "readers" (reader processes), "other" (DALI's
     executor, file-reading threads...), from each thread's /proc schedstat (nanoseconds on a
-    CPU; `stat` counts 10 ms ticks). Empty where there is no /proc."""
+    CPU; `stat` counts 10 ms ticks)."""
     out = {}
-    try:
-        procs = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return out
-    for p in procs:
-        try:
-            text = Path(f"/proc/{p}/stat").read_text()
-            parent = int(text[text.rindex(")") + 2:].split()[1])
-            if int(p) != pid and parent != pid:
+    for p in family(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                name = (task / "comm").read_text().strip()
+                ns = int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # ended meanwhile
                 continue
-            for t in os.listdir(f"/proc/{p}/task"):
-                name = Path(f"/proc/{p}/task/{t}/comm").read_text().strip()
-                ns = int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0])
-                group = ("readers" if int(p) != pid else "main thread" if int(t) == pid
-                         else "DALI threads" if name.startswith("[DALI][TP") else "other")
-                out[group] = out.get(group, 0.0) + ns / 1e9
-        except (OSError, ValueError, IndexError):  # ended meanwhile
-            continue
+            group = ("readers" if p != pid else "main thread" if task.name == str(pid)
+                     else "DALI threads" if name.startswith("[DALI][TP") else "other")
+            out[group] = out.get(group, 0.0) + ns / 1e9
     return out
 
 
