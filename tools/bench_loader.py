@@ -219,8 +219,8 @@ def main() -> int:
         if a.control:
             ratios[f"{ref} A/A"] = ratio(rates, f"{ref} A/A", ref)
             # against both instances of the reference in each round: half its instance noise
-            rates["both"] = [(x + y) / 2 for x, y in zip(rates[ref], rates[f"{ref} A/A"])]
-            ratios[f"{enc} both"] = ratio(rates, enc, "both")
+            both = [(x + y) / 2 for x, y in zip(rates[ref], rates[f"{ref} A/A"])]
+            ratios[f"{enc} both"] = ratio({enc: rates[enc], "both": both}, enc, "both")
         if enc == "jpeg" and not a.no_baseline:
             bench = BenchConfig(loader=cfg, seconds=a.seconds, repeats=3)
             rows["baseline"] = baseline_rate(bench, shards.load_split(out, "train"))
