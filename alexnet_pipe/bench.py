@@ -92,6 +92,8 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(cfg.batch_size, 3, cfg.augment.crop, cfg.augment.crop, device=device)
+    if gpu:  # as the loader delivers it: an NCHW view of HWC memory
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
 
     def steps_iter():
