@@ -13,26 +13,44 @@ so its output is 55x55 as in the paper (227 needs no padding).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # alpha divided by n, as torch and cuda-convnet2
 
 
 class GroupLRN(nn.Module):
-    """Local response normalisation within each of `groups` channel groups (towers)."""
+    """Local response normalisation within each of `groups` channel groups (towers):
+    b_c = a_c / (k + alpha/n * sum of a_c'^2 over the n channels around c in its group) ** beta.
+
+    The window sum is one average pool over a view of the squares in which each group's
+    channels are the rows (a tower's edge is a row's end, padded with zeros as torch's
+    LocalResponseNorm pads). Channels_last memory (the GPU path) gives (N*H*W*G, 1, 1, C/G)
+    rows, NCHW gives (N*G, 1, C/G, H*W) columns; neither view copies. torch's own module pads
+    and pools in 3-D per group: about 3.5x the GPU time and twice the kernel launches."""
 
     def __init__(self, groups: int = 2):
         super().__init__()
         self.groups = groups
-        self.lrn = nn.LocalResponseNorm(**LRN)
 
     def forward(self, x):
         # Computed in float32 (the sum of squares; autocast runs its pow in float32 anyway) and
         # handed on in the input's dtype: under autocast the pool and conv2 then read bf16,
         # not a float32 copy twice the size.
-        wide = torch.promote_types(x.dtype, torch.float32)
-        out = torch.cat([self.lrn(part.to(wide)) for part in x.chunk(self.groups, dim=1)], dim=1)
-        return out.to(x.dtype)
+        n, c, h, w = x.shape
+        size, half, per = LRN["size"], LRN["size"] // 2, c // self.groups
+        a = x.to(torch.promote_types(x.dtype, torch.float32))
+        if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+            rows = (a * a).permute(0, 2, 3, 1).reshape(-1, 1, 1, per)  # a view: HWC memory
+            window = F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half))
+            window = window.view(n, h, w, c).permute(0, 3, 1, 2)
+        else:
+            cols = (a * a).reshape(n * self.groups, 1, per, h * w)
+            window = F.avg_pool2d(cols, (size, 1), stride=1, padding=(half, 0))
+            window = window.view(n, c, h, w)
+        # window: the mean over n channels, zeros counted, as torch's alpha (over n) expects
+        scale = window.mul(LRN["alpha"]).add_(LRN["k"]).pow(-LRN["beta"])
+        return (a * scale).to(x.dtype)
 
 
 def _conv1_pad(crop: int) -> nn.Module:
@@ -126,8 +144,8 @@ class _Tower(nn.Module):
         super().__init__()
         self.lower = nn.Sequential(   # conv1, conv2: own tower only
             _conv1_pad(crop), nn.Conv2d(3, 48, 11, stride=4), nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(**LRN), nn.MaxPool2d(3, 2),
-            nn.Conv2d(48, 128, 5, padding=2), nn.ReLU(inplace=True), nn.LocalResponseNorm(**LRN),
+            GroupLRN(1), nn.MaxPool2d(3, 2),
+            nn.Conv2d(48, 128, 5, padding=2), nn.ReLU(inplace=True), GroupLRN(1),
             nn.MaxPool2d(3, 2))
         self.conv3 = nn.Conv2d(256, 192, 3, padding=1)  # sees both towers
         self.upper = nn.Sequential(   # conv4, conv5: own tower only
