@@ -189,7 +189,8 @@ class TrainConfig:
                                          "with --parallel towers.", csv=True)
     amp: bool = opt(True, "bf16 autocast on GPUs.")
     channels_last: bool = opt(True, "channels_last memory format on GPUs.")
-    compile: bool = opt(False, "torch.compile the model.")
+    compile: bool = opt(False, "torch.compile the model (its synthetic step on an H200, with "
+                        "torch's LRN then: 1.86x, after a 48 s compile).")
     deterministic: bool = opt(False, "Deterministic cuDNN algorithms: a resumed GPU run repeats "
                               "an uninterrupted one exactly, at some speed; by default cuDNN "
                               "picks the fastest (benchmark mode, not bit-reproducible).")

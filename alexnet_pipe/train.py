@@ -259,7 +259,8 @@ class EpochResult:
     images: int = 0      # images trained on by this rank
     seconds: float = 0.0
     loss_sum: object = 0.0  # a tensor on the device: read after the epoch, not in its loop
-    data_wait: float = 0.0  # fraction of the time the step waited for the loader
+    data_wait: float = 0.0  # fraction of the epoch the host was blocked in the loader (on a GPU
+    # this includes waiting for the GPU's queue: an upper bound, see BENCHMARKS.md)
 
 
 def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResult:
