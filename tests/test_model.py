@@ -68,6 +68,29 @@ def test_lrn_against_the_formula():
     assert np.abs(want - a / 2.0 ** 0.75).max() > 0.5  # the test would see a wrong alpha or n
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_in_both_memory_layouts_matches_the_formula_and_torchs_gradients(groups, channels_last):
+    """GroupLRN pools a view of the squares that differs by layout (channels_last on GPUs): each
+    gives the formula's values, torch's LocalResponseNorm's gradients (per group), and keeps
+    the input's layout for the next convolution."""
+    from alexnet_pipe.model import LRN, GroupLRN
+    rng = np.random.default_rng(2)
+    a = rng.uniform(-60, 120, (2, 12, 3, 4))
+    x = torch.from_numpy(a).requires_grad_()
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    out = GroupLRN(groups)(xin)
+    want = np.stack([_lrn_reference(img, groups) for img in a])
+    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    weights = torch.from_numpy(rng.normal(size=a.shape))
+    (got,) = torch.autograd.grad((out * weights).sum(), x)
+    torch_lrn = torch.nn.LocalResponseNorm(**LRN)
+    ref = torch.cat([torch_lrn(part) for part in x.chunk(groups, 1)], 1)
+    (expected,) = torch.autograd.grad((ref * weights).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_lrn_under_autocast_hands_on_bfloat16():
     """Under autocast the LRN computes in float32 but hands on bf16 (what conv1 gave it), not a
     float32 copy; its values are the formula's to bf16's precision (8 bits: rtol 2^-8)."""
