@@ -201,7 +201,7 @@ def restore(run: Run, path: Path) -> None:
     run.epoch, run.batch, run.step = state["epoch"], state["batch"], state["step"]
     run.best = state["best_top1_err"]
     torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"].get("cuda") is not None and run.device.type == "cuda":  # dropout masks on the GPU
+    if state["rng"].get("cuda") is not None and run.device.type == "cuda":  # GPU dropout masks
         torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
     run.log.line(f"resumed from {path} at epoch {run.epoch + 1}, batch {run.batch}, "
                  f"step {run.step}")

@@ -2,8 +2,8 @@
 """The GPU table, measured in one run: card; loader img/s (JPEG and raw shards, pixel mean) on the
 GPU; AlexNet bf16 train-step img/s on synthetic input; their ratio; real-pipeline train img/s
 over synthetic; data-wait over a multi-epoch train run (host time blocked in the loader, which
-on a GPU includes waiting for the GPU's queue: real / synthetic is the measure); reader-only img/s with one worker and
-with all; which stage limits. Writes WORK/report.json and WORK/report.md.
+on a GPU includes waiting for the GPU's queue: real / synthetic is the measure); reader-only
+img/s with one worker and with all; which stage limits. Writes WORK/report.json and WORK/report.md.
 
 Usage: gpu_report.py --work DIR [--device gpu|cpu] [--images 4096] [--batch-size 256]
 """
