@@ -2,7 +2,8 @@
 
     HDF5 shards --(BatchSource, external_source: one pread per image at its offset, in reader
                    processes (parallel) or, with --workers 0, in this process)
-      --> JPEG bytes --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
+      --> JPEG bytes (feeding nvJPEG: one zero-padded (B, longest) array, each stream cut
+          back out here) --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
       or raw HWC uint8 --.gpu()-->
       --> minus the 256x256 mean image (mean="pixel", the paper), before the crop, so the crop
           cuts the same window of image and mean
@@ -86,6 +87,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.INT64],
             ndim=[1 if jpeg else 3, 0, 0, 0, 1, 1],
             layout=["" if jpeg else "HWC", "", "", "", "", ""])
+        if jpeg and source.packed:  # each stream cut out of its padded row (read_batch)
+            images = images[0:meta[3]]
         if jpeg:
             images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
@@ -107,7 +110,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
             out = fn.stack(*crops, axis=0)
         if gpu:  # labels and mask arrive on the device with the images: no pageable copy
             meta = meta.gpu()
-        return out, meta  # meta: (label, valid, index) per sample
+        return out, meta  # meta: (label, valid, index, stored bytes) per sample
 
     return pipe()
 
@@ -122,13 +125,17 @@ def queue_depth(prefetch: int, workers: int) -> int:
 def reader_shm(source: BatchSource, prefetch: int, workers: int) -> int:
     """Bytes of shared memory the reader processes of one pipeline hold: DALI keeps prefetch +
     queue-depth batch buffers (shared by its workers), each the size of the largest batch so
-    far plus 1 MiB, doubled when a batch does not fit. Raw batches are exact; JPEG ones are
-    taken at twice the mean image of the split's files."""
+    far plus 1 MiB, doubled when a batch does not fit. Raw batches are exact. A packed JPEG
+    batch is one row per image as long as the batch's longest stream: taken at four times the
+    mean image of the split's files, at most a raw image's bytes a row; a list of streams at
+    twice the mean."""
     split = source.split
     if split.encoding == "raw":
         batch = source.batch_size * split.size * split.size * 3
     else:
-        batch = 2 * source.batch_size * split.bytes_per_image
+        per = min(4 * split.bytes_per_image, split.size ** 2 * 3) if source.packed else \
+            2 * split.bytes_per_image
+        batch = source.batch_size * per
     return int((prefetch + queue_depth(prefetch, workers)) * (batch + 2**20))
 
 
@@ -256,13 +263,15 @@ class Loader:
 def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | None = None,
                 rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
                 epochs: int = 1, ten_crop: bool = False, device=None, info=None, stats=None,
-                channels_last: bool | None = None, shm_reserved: int = 0) -> Loader:
+                channels_last: bool | None = None, shm_reserved: int = 0,
+                packed: bool | None = None) -> Loader:
     """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader delivering
     to `device` (a torch.device; default: --device for this process). `epochs`: how many
     epochs from `start_epoch` the readers stream without a drain between them (train: the rest
     of the run; a loader may be iterated on past them, one more stream at a time). `info`
     (the split's SplitInfo) and `stats` may be passed when the caller has read them.
-    shm_reserved: the `shm` of loaders built before this one that have not run yet."""
+    shm_reserved: the `shm` of loaders built before this one that have not run yet. packed:
+    JPEG batches as one padded array (BatchSource.read_batch); default: when nvJPEG decodes."""
     from alexnet_pipe import distributed
     config.validate()
     train = (split == "train") if train is None else train
@@ -279,7 +288,8 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
                          flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
                          lighting_basis=basis, seed=config.seed, start_epoch=start_epoch,
                          start_batch=start_batch, epochs=epochs, rank=rank, world=world,
-                         channel_mean=np.zeros(3) if aug.mean == "pixel" else stats.channel_mean)
+                         channel_mean=np.zeros(3) if aug.mean == "pixel" else stats.channel_mean,
+                         packed=gpu if packed is None else packed)
     if source.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split} split ({source.share()} images); "

@@ -275,8 +275,9 @@ class ShardFiles:
 
     def read(self, s: int, local, out: list | None = None) -> list[np.ndarray]:
         """Images `local` (indices within shard s): JPEG bytes (uint8) or HWC uint8 arrays.
-        Raw images go straight into `out` (writable (size, size, 3) views) when given: one copy
-        from the page cache, into memory allocated once per batch."""
+        With `out` (writable contiguous uint8 views: (size, size, 3) for raw, exactly each
+        stream's length for JPEG) the images go straight into it: one copy from the page
+        cache, into memory allocated once per batch."""
         ix = self.index(s)
         if ix.data_offset is None:
             images = self._read_h5py(ix, local)
@@ -288,13 +289,18 @@ class ShardFiles:
         try:
             if ix.encoding == "jpeg":
                 o = ix.jpeg_offsets
-                return [np.frombuffer(_pread(fd, int(o[i + 1] - o[i]), ix.data_offset + int(o[i])),
-                                      np.uint8) for i in local]
-            n = ix.size * ix.size * 3
-            if out is None:
-                out = [np.empty((ix.size, ix.size, 3), np.uint8) for _ in local]
-            for o, i in zip(out, local):
-                if os.preadv(fd, [o], ix.data_offset + int(i) * n) != n:
+                if out is None:
+                    return [np.frombuffer(_pread(fd, int(o[i + 1] - o[i]),
+                                                 ix.data_offset + int(o[i])), np.uint8)
+                            for i in local]
+                starts = [ix.data_offset + int(o[i]) for i in local]
+            else:
+                n = ix.size * ix.size * 3
+                if out is None:
+                    out = [np.empty((ix.size, ix.size, 3), np.uint8) for _ in local]
+                starts = [ix.data_offset + int(i) * n for i in local]
+            for buf, start, i in zip(out, starts, local):
+                if os.preadv(fd, [buf], start) != buf.nbytes:
                     raise OSError(0, f"short read of image {int(i)}: the file is truncated")
             return out
         except OSError as e:

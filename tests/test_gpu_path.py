@@ -188,6 +188,39 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
         files.close()
 
 
+def test_a_batch_is_one_dense_array_with_each_stream_in_its_row(shards_jpeg, shards_raw):
+    """What DALI is fed: one array per batch. A JPEG row holds its image's stored bytes (as
+    h5py reads them) from its start and zeros after; lengths and labels are h5py's, rows in
+    the batch's order although the reads go in file order, across shards."""
+    for data in (shards_jpeg, shards_raw):
+        info = load_split(data, "train")
+        src = BatchSource(split=info, batch_size=8, train=True, crop=224)
+        idx = np.random.default_rng(3).permutation(info.total)[:12]  # spans the shards
+        images, labels, lengths = src.read_batch(idx)
+        want, want_labels = [], []
+        starts = np.cumsum([0, *info.counts])
+        for i in idx:
+            s = int(np.searchsorted(starts, i, side="right") - 1)
+            with shards.open_shard(info.files[s]) as f:
+                k = int(i - starts[s])
+                if info.encoding == "jpeg":
+                    o = f["offsets"][k:k + 2]
+                    want.append(f["images"][o[0]:o[1]])
+                else:
+                    want.append(f["images"][k])
+                want_labels.append(int(f["labels"][k]))
+        assert labels.tolist() == want_labels
+        if info.encoding == "jpeg":
+            assert lengths.tolist() == [len(w) for w in want]
+            assert images.shape == (12, max(len(w) for w in want)) and images.dtype == np.uint8
+            for row, w in zip(images, want):
+                assert np.array_equal(row[:len(w)], w) and not row[len(w):].any()
+            assert all(np.array_equal(a, w) for a, w in zip(src.read(idx)[0], want))
+        else:
+            assert images.shape == (12, 256, 256, 3)
+            assert all(np.array_equal(a, w) for a, w in zip(images, want))
+
+
 @pytest.mark.gpu
 def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_small):
     gpu = ["--device", "gpu", "--deterministic", "--log-every", "2"]

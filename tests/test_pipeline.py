@@ -157,6 +157,25 @@ def test_cpu_defaults_read_raw_in_process_and_jpeg_in_one_reader(shards_raw, sha
         del loader
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, workers):
+    """nvJPEG is fed each JPEG batch as one padded array that the graph cuts back into streams;
+    built on the CPU, that path gives exactly the images, labels and order of the list of
+    streams a CPU decoder is fed (the same decoder on the same bytes), over two epochs."""
+    import torch
+    cfg = replace(config(shards_jpeg, mean="pixel"), workers=workers)
+    runs = []
+    for packed in (False, True):
+        loader = make_loader(cfg, epochs=2, packed=packed)
+        assert loader.source.packed == packed
+        runs.append([b for _ in range(2) for b in loader])
+        del loader
+    assert len(runs[0]) == len(runs[1]) == 2 * (load_split(shards_jpeg, "train").total // 8)
+    for a, b in zip(*runs):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.index, b.index)
+
+
 def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_raw):
     """32 raw 256x256 images = 6 MiB a batch, + 1 MiB each for DALI's growth; prefetch 2 +
     queue 2 buffers: 28 MiB a rank. (The real /dev/shm: tests/test_errors.py.)"""

@@ -46,6 +46,9 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     info = load_split(data, "train")
     # streaming across epochs as train's readers do (format 1's source ended every epoch)
     stream = {"epochs": 10**6} if "epochs" in BatchSource.__dataclass_fields__ else {}
+    # JPEG as a GPU decoder is fed it (one padded array a batch), where the source has that
+    if "packed" in BatchSource.__dataclass_fields__:
+        stream["packed"] = True
     source = BatchSource(split=info, batch_size=batch, train=True, crop=224, **stream)
     kw = {} if depth == 0 else {"prefetch_queue_depth": depth or queue_depth(2, workers)}
     # workers 0: the reads in the pipeline's own process, as the CPU default for raw shards
