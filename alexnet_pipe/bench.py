@@ -81,13 +81,13 @@ def _cuda_sync():
 
 
 def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int = 10,
-                    warmup: int = 3) -> float:
+                    warmup: int = 3, arch: str = "alexnet") -> float:
     """AlexNet SGD steps on synthetic device-resident input: what the loader has to keep up with."""
     import torch
     from alexnet_pipe.model import build_model
     from alexnet_pipe.train import train_step
     device = torch.device("cuda" if gpu else "cpu")
-    model = build_model(num_classes=num_classes, crop=cfg.augment.crop).to(device)
+    model = build_model(arch, num_classes=num_classes, crop=cfg.augment.crop).to(device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

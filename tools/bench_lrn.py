@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,8 +17,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alexnet_base.config import LoaderConfig  # noqa: E402
 from alexnet_pipe import model as M  # noqa: E402
-from alexnet_pipe.train import train_step  # noqa: E402
+from alexnet_pipe.bench import model_step_rate  # noqa: E402
 
 
 class TorchLRN(nn.Module):
@@ -34,24 +34,11 @@ class TorchLRN(nn.Module):
         return torch.cat([self.lrn(p.to(wide)) for p in x.chunk(self.groups, 1)], 1).to(x.dtype)
 
 
-def rate(arch: str, lrn, device, batch: int, steps: int) -> float:
+def rate(arch: str, lrn, gpu: bool, batch: int, steps: int) -> float:
+    """bench-loader's synthetic step rate, with `lrn` as the model's LRN."""
     M.GroupLRN = lrn  # build_model takes the class at call time
-    gpu = device.type == "cuda"
-    model = M.build_model(arch, 1000, 224).to(device)
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    if gpu:
-        model, x = (t.to(memory_format=torch.channels_last) for t in (model, x))
-    y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    for _ in range(3):
-        train_step(model, opt, x, y, amp=gpu)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, opt, x, y, amp=gpu)
-    sync()
-    return steps * batch / (time.perf_counter() - t0)
+    cfg = LoaderConfig(data=Path("."), batch_size=batch)  # only the batch and crop are read
+    return model_step_rate(cfg, gpu, 1000, steps=steps, arch=arch)
 
 
 def main() -> int:
@@ -72,7 +59,7 @@ def main() -> int:
          "max_rel_diff_bf16": float(((got - want).abs() / want.abs().clamp_min(1e-3)).max())}
     for name, arch, lrn in (("torch_lrn", "alexnet", TorchLRN), ("group_lrn", "alexnet", ours),
                             ("one_tower_no_lrn", "alexnet-owt", ours)):
-        r[name] = rate(arch, lrn, device, a.batch_size, a.steps)
+        r[name] = rate(arch, lrn, device.type == "cuda", a.batch_size, a.steps)
         print(f"{name}: {r[name]:.0f} img/s", flush=True)
     M.GroupLRN = ours
     r["group_over_torch"] = r["group_lrn"] / r["torch_lrn"]
