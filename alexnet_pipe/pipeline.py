@@ -5,12 +5,14 @@
       --> JPEG bytes (feeding nvJPEG: one zero-padded (B, longest) array, each stream cut
           back out here) --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
       or raw HWC uint8 --.gpu()-->
-      --> minus the 256x256 mean image (mean="pixel", the paper), before the crop, so the crop
-          cuts the same window of image and mean
+      --> on GPUs, minus the 256x256 mean image (mean="pixel", the paper), before the crop, so
+          the crop cuts the same window of image and mean
       --> crop_mirror_normalize: crop window and mirror per sample, and mean_i = mean - offset_i,
           which folds the PCA lighting offset into the normalisation at no cost
       --> (B, 3, crop, crop) NCHW float (HWC underneath on GPUs: channels_last), or
           (B, 10, 3, crop, crop) with ten_crop
+      --> on the CPU, the Loader subtracts each crop's window of the mean image (MeanWindows):
+          torch's vectorised subtraction costs a third of DALI's CPU arithmetic
 
 Train and val share one graph builder; val uses the centre crop, no flip, no lighting, and pads
 its last batch (the `valid` output masks the padding).
@@ -61,7 +63,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     workers = _fit_shared_memory(source, config.prefetch, workers, config.workers is None,
                                  shm_reserved) if workers else 0
     dev = "gpu" if gpu else "cpu"
-    out_type = types.FLOAT16 if config.dtype == "float16" else types.FLOAT
+    # float16 is cast here, unless the Loader subtracts the mean image first (in float32)
+    out_type = types.FLOAT16 if config.dtype == "float16" and gpu_mean(aug, gpu) else types.FLOAT
 
     def normalize(images, x, y, mirror, norm_mean):
         # (in - mean_i) / std with mean_i = mean - offset_i: + lighting, - channel mean, HWC->CHW
@@ -94,9 +97,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                        output_type=types.RGB)
         elif gpu:
             images = images.gpu()
-        if aug.mean == "pixel":  # the paper's mean image, subtracted before the crop: the
-            # crop then cuts the same window of both (one op; on 2 CPU cores as fast as
-            # cropping the mean image separately and subtracting: 0.67-0.69x the file reader)
+        if aug.mean == "pixel" and gpu:  # the paper's mean image, subtracted before the crop:
+            # the crop then cuts the same window of both (one op; the CPU's is MeanWindows)
             mean_image = fn.constant(fdata=np.asarray(mean, np.float32).ravel().tolist(),
                                      shape=list(np.shape(mean)), layout="HWC", dtype=types.FLOAT,
                                      device=dev)
@@ -110,9 +112,63 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
             out = fn.stack(*crops, axis=0)
         if gpu:  # labels and mask arrive on the device with the images: no pageable copy
             meta = meta.gpu()
-        return out, meta  # meta: (label, valid, index, stored bytes) per sample
+        return out, meta  # meta: (label, valid, index, stored bytes, x, y, mirror) per sample
 
     return pipe()
+
+
+def gpu_mean(aug, gpu: bool) -> bool:
+    """Whether the DALI graph subtracts all of the mean: the channel mean always, the mean image
+    on GPUs; on the CPU the Loader subtracts the mean image (MeanWindows)."""
+    return aug.mean != "pixel" or gpu
+
+
+class MeanWindows:
+    """The paper's mean image subtracted from a CPU batch after DALI: from each image, the
+    window of the mean that its crop cut (mirrored with it), one in-place torch subtraction per
+    image; ten crops subtract their ten fixed windows in one broadcast.
+
+    Why not in the graph, as on GPUs: DALI's CPU arithmetic costs about 0.9 ns an element, some
+    180 us of CPU per 256x256 image, as much as the crop, mirror and normalise together;
+    torch's vectorised subtraction of a 224x224 window costs about 50 us (BENCHMARKS.md).
+    Outputs differ from the graph's by float32 rounding only: (x - mean_i) - window instead of
+    (x - mean) - mean_i, with std 1."""
+
+    def __init__(self, mean: np.ndarray, crop: int, *, hwc: bool, ten_crop: bool):
+        import torch
+        m = torch.as_tensor(np.asarray(mean, np.float32))  # (size, size, 3)
+        m = m if hwc else m.permute(2, 0, 1)
+        width = -2 if hwc else -1
+        self._means = (m.contiguous(), m.flip(width).contiguous())  # as is, mirrored
+        self._span, self._crop, self._hwc = m.shape[width] - crop, crop, hwc
+        self._ten = None
+        if ten_crop:
+            self._ten = torch.stack([self.window(x, y, f) for x, y, f in
+                                     augment.ten_crop_positions(m.shape[width], crop)])
+
+    def window(self, x: int, y: int, mirror: bool):
+        """The mean under the crop at (x, y), mirrored if `mirror`: a view, (c, c, 3) or
+        (3, c, c). Mirrored, output column j is column x + c - 1 - j: column span - x + j of the
+        mirrored mean."""
+        src, c = self._means[int(mirror)], self._crop
+        x = self._span - x if mirror else x
+        return src[y:y + c, x:x + c] if self._hwc else src[:, y:y + c, x:x + c]
+
+    def subtract(self, images, meta) -> None:
+        """In place: images (B, ...) as DALI gives them; meta the batch's (B, 7) int64. On one
+        torch thread: split over torch's pool, whose threads wait on cores DALI's threads keep
+        busy, the same work cost 350 us of CPU an image instead of about 50."""
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if self._ten is not None:
+                images.sub_(self._ten)
+                return
+            for image, (x, y, mirror) in zip(images, meta[:, 4:7].tolist()):
+                image.sub_(self.window(x, y, mirror))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def queue_depth(prefetch: int, workers: int) -> int:
@@ -190,7 +246,8 @@ class Loader:
     run on into the next epoch while this one's last batches are trained on."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
-                 prefetch: int = 2, channels_last: bool = False):
+                 prefetch: int = 2, channels_last: bool = False,
+                 mean_windows: MeanWindows | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
         self.readers = (pipe.num_threads, pipe.py_num_workers)  # (DALI threads, reader processes)
@@ -200,6 +257,7 @@ class Loader:
         self._dtype = dtype
         self._prefetch = prefetch
         self._channels_last = channels_last
+        self._mean_windows = mean_windows  # the CPU's pixel mean, subtracted here
         # reset by hand at the start of the next stream: nothing is read past the last one
         with warnings.catch_warnings():  # ten crops leave the crop draws unused, by design
             warnings.filterwarnings("ignore", message="The external source node .* not used")
@@ -212,7 +270,8 @@ class Loader:
 
     def __iter__(self):
         import torch
-        bf16 = self._dtype == "bfloat16"  # DALI has no bfloat16: cast on the device
+        # DALI has no bfloat16: cast on the device; float16 too after the mean windows
+        cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self._dtype)
         last = (self.epoch - self.source.start_epoch + 1) % self.source.epochs == 0
         if self._ended:
             self._iter.reset()
@@ -221,12 +280,13 @@ class Loader:
         try:
             while done < total:
                 d = self._next()[0]
-                images = d["images"]
+                images, meta = d["images"], d["meta"]
+                if self._mean_windows is not None:
+                    self._mean_windows.subtract(images, meta)
                 if self._channels_last:  # (..., H, W, C) -> an (..., C, H, W) view, no copy
                     images = images.movedim(-1, -3)
-                images = images.to(torch.bfloat16) if bf16 else images
+                images = images.to(cast) if cast is not None else images
                 done += 1
-                meta = d["meta"]
                 yield Batch(images, meta[:, 0], meta[:, 1].bool(), meta[:, 2])
             if last:  # the stream's end: DALI's StopIteration is due now
                 if next(self._iter, None) is not None:
@@ -298,5 +358,8 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
     pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
                           device_id=(device.index or 0) if gpu else None, ten_crop=ten_crop,
                           channels_last=channels_last, shm_reserved=shm_reserved)
+    windows = None
+    if not gpu_mean(aug, gpu):
+        windows = MeanWindows(stats.pixel_mean, aug.crop, hwc=channels_last, ten_crop=ten_crop)
     return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
-                  prefetch=config.prefetch, channels_last=channels_last)
+                  prefetch=config.prefetch, channels_last=channels_last, mean_windows=windows)

@@ -72,8 +72,9 @@ class BatchSource:
     image's bytes, or with `packed` one zero-padded (B, longest) array, see read_batch),
     crop_x, crop_y (normalised 0-1 as DALI's crop_pos_x/y expect), mirror (int32), norm_mean
     (float32 (3,): channel_mean - offset, with offset the PCA lighting shift, for
-    crop_mirror_normalize's per-sample mean), and meta (int64 (4,): label, valid (0 for val
-    padding), the global sample index, the image's stored bytes) in one array: each
+    crop_mirror_normalize's per-sample mean), and meta (int64 (7,): label, valid (0 for val
+    padding), the global sample index, the image's stored bytes, and the crop's x, y (px) and
+    mirror again, for the CPU loader's pixel-mean windows) in one array: each
     output of a parallel external source costs a hand-off and a copy per batch, which at batch 64
     added up to ~5% of the loader's time. Batches are always full: the train remainder is
     dropped, the last val batch is padded with its last sample and valid=0.
@@ -255,7 +256,8 @@ class BatchSource:
         p = self.params(epoch, batch, len(idx))
         span = max(self.split.size - self.crop, 1)
         shifts = self.lighting_shifts(p)
-        meta = np.stack([labels, valid, idx, lengths], axis=1).astype(np.int64)
+        meta = np.stack([labels, valid, idx, lengths, p["x"], p["y"], p["flip"]],
+                        axis=1).astype(np.int64)
         # Whole arrays are batches to DALI (first axis = sample), as is a list of JPEG streams.
         return (images, (p["x"] / span).astype(np.float32), (p["y"] / span).astype(np.float32),
                 p["flip"].astype(np.int32), (self.channel_mean - shifts).astype(np.float32), meta)

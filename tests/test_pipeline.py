@@ -64,23 +64,27 @@ def test_train_batch_jpeg_within_decoder_error(shards_jpeg):
     assert np.abs(got - want).mean() < 1.0 and np.percentile(np.abs(got - want), 99) <= 3
 
 
-def test_val_centre_and_ten_crops_exact(shards_raw):
-    aug = AugmentConfig(mean="channel")
-    got, _, valid = first_batch(make_loader(config(shards_raw, mean="channel"), split="val"))
-    ten, _, _ = first_batch(make_loader(config(shards_raw, mean="channel"), split="val",
+@pytest.mark.parametrize("mean", ["channel", "pixel"])
+def test_val_centre_and_ten_crops_exact(shards_raw, mean):
+    """With the pixel mean, each of the ten crops (mirrored ones too) has its own window of the
+    mean image subtracted."""
+    aug = AugmentConfig(mean=mean)
+    got, _, valid = first_batch(make_loader(config(shards_raw, mean=mean), split="val"))
+    ten, _, _ = first_batch(make_loader(config(shards_raw, mean=mean), split="val",
                                         ten_crop=True))
     info = load_split(shards_raw, "val")
     stats = load_stats(shards_raw, info)
+    mean_image = stats.channel_mean if mean == "channel" else stats.pixel_mean
     with h5py.File(info.files[0]) as f:
         images = f[shards.IMAGES][:8]
     for i, image in enumerate(images):
-        centre = augment.reference(image, x=16, y=16, flip=False, offset=0, mean=stats.channel_mean,
+        centre = augment.reference(image, x=16, y=16, flip=False, offset=0, mean=mean_image,
                                    std=1, crop=aug.crop)
         np.testing.assert_allclose(got[i], centre, atol=1e-3)
         assert ten.shape[1:] == (10, 3, 224, 224)
         for k, (x, y, flip) in enumerate(augment.ten_crop_positions(256, 224)):
-            ref = augment.reference(image, x=x, y=y, flip=flip, offset=0,
-                                    mean=stats.channel_mean, std=1, crop=224)
+            ref = augment.reference(image, x=x, y=y, flip=flip, offset=0, mean=mean_image,
+                                    std=1, crop=224)
             np.testing.assert_allclose(ten[i, k], ref, atol=1e-3)
         np.testing.assert_allclose(ten[i, 4], got[i], atol=1e-3)  # crop 4 is the centre
 
