@@ -19,9 +19,12 @@ its last batch (the `valid` output masks the padding).
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -50,18 +53,24 @@ def _start_method(gpu: bool) -> str:
 def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: bool,
                    device_id: int | None, ten_crop: bool = False, channels_last: bool = False,
                    shm_reserved: int = 0):
-    """The DALI graph for `source` (train or val). Returns an unbuilt Pipeline. channels_last:
-    images come out HWC, which the Loader hands on as an NCHW view in channels_last memory
-    (what the GPU model takes) instead of CHW that would be copied into it every step.
-    shm_reserved: bytes of /dev/shm that pipelines built before this one will fill once they
-    run (Loader.shm), counted against the free space along with this one's."""
+    """The DALI graph for `source` (train or val): (an unbuilt Pipeline, (DALI threads,
+    readers)). Readers are threads of this process for raw shards (ReadAhead), processes for
+    JPEG shards; 0: read in this process when DALI asks. channels_last: images come out HWC,
+    which the Loader hands on as an NCHW view in channels_last memory (what the GPU model
+    takes) instead of CHW that would be copied into it every step. shm_reserved: bytes of
+    /dev/shm that pipelines built before this one will fill once they run (Loader.shm),
+    counted against the free space along with this one's."""
     layout = "HWC" if channels_last else "CHW"
     fn, pipeline_def, types = _dali_modules()
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
-    threads, workers = config.readers(gpu, split.encoding)
-    workers = _fit_shared_memory(source, config.prefetch, workers, config.workers is None,
-                                 shm_reserved) if workers else 0
+    threads, readers = config.readers(gpu, split.encoding)
+    callback, workers = source, 0  # workers: reader processes
+    if split.encoding == "raw" and readers:
+        callback = ReadAhead(source, readers, queue_depth(config.prefetch, readers))
+    elif readers:
+        workers = readers = _fit_shared_memory(source, config.prefetch, readers,
+                                               config.workers is None, shm_reserved)
     dev = "gpu" if gpu else "cpu"
     # float16 is cast here, unless the Loader subtracts the mean image first (in float32)
     out_type = types.FLOAT16 if config.dtype == "float16" and gpu_mean(aug, gpu) else types.FLOAT
@@ -76,7 +85,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
 
     if workers:
         feed = dict(parallel=True, prefetch_queue_depth=queue_depth(config.prefetch, workers))
-    else:  # read in this process when DALI asks; no copy: each call returns fresh arrays
+    else:  # called in this process when DALI asks; no copy: each call returns fresh arrays
         feed = dict(parallel=False, no_copy=True)
 
     @pipeline_def(batch_size=config.batch_size, num_threads=threads, device_id=device_id,
@@ -86,7 +95,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     def pipe():
         jpeg = split.encoding == "jpeg"
         images, x, y, mirror, norm_mean, meta = fn.external_source(
-            source=source, num_outputs=6, batch=True, batch_info=True, **feed,
+            source=callback, num_outputs=6, batch=True, batch_info=True, **feed,
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.INT64],
             ndim=[1 if jpeg else 3, 0, 0, 0, 1, 1],
             layout=["" if jpeg else "HWC", "", "", "", "", ""])
@@ -114,7 +123,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
             meta = meta.gpu()
         return out, meta  # meta: (label, valid, index, stored bytes, x, y, mirror) per sample
 
-    return pipe()
+    return pipe(), (threads, readers)
 
 
 def gpu_mean(aug, gpu: bool) -> bool:
@@ -169,6 +178,53 @@ class MeanWindows:
                 image.sub_(self.window(x, y, mirror))
         finally:
             torch.set_num_threads(threads)
+
+
+class _Call(NamedTuple):  # what a reader thread tells the source: DALI's batch_info, ahead
+    epoch_idx: int
+    iteration: int
+
+
+class ReadAhead:
+    """The callback of a raw pipeline's external source (not parallel: DALI calls it in its own
+    process): each batch read by one of `threads` threads of this process, up to `depth`
+    batches ahead of what DALI asks for, and handed over as it is (no copy).
+
+    Raw images are read in threads, not processes: a 196 KB pread is kernel time with the GIL
+    released, and a reader process's batch costs two more copies of every image (into
+    /dev/shm and out again) that threads do not make, nor any /dev/shm. Reader-only on 2
+    cores, 2 readers: 1.42x the processes' rate, 3.37x format 1's (BENCHMARKS.md). JPEG stays
+    with processes: there per-image Python work holds the GIL, and 2 threads read no faster
+    than 1. Each thread calls its own copy of the source, with its own open files (at most
+    max_open_files / threads each), so no descriptor is closed under another thread's read."""
+
+    def __init__(self, source: BatchSource, threads: int, depth: int):
+        self.source, self.depth = source, max(depth, threads)
+        self._each = copy.copy(source)  # no open files (BatchSource.__getstate__)
+        self._each.max_open_files = max(2, source.max_open_files // threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-reader")
+        self._local = threading.local()
+        self._pending = {}  # (DALI epoch, iteration) -> the Future of its batch
+
+    def _read(self, call: _Call) -> tuple:
+        mine = getattr(self._local, "source", None)
+        if mine is None:
+            mine = self._local.source = copy.copy(self._each)
+        return mine(call)
+
+    def __call__(self, info):
+        key = (info.epoch_idx, info.iteration)
+        self._pending = {k: f for k, f in self._pending.items() if k >= key}  # after a reset
+        for k in range(info.iteration, info.iteration + self.depth):
+            if (info.epoch_idx, k) not in self._pending:
+                if self.source.position(info.epoch_idx, k) is None:  # the stream's end
+                    break
+                self._pending[info.epoch_idx, k] = self._pool.submit(
+                    self._read, _Call(info.epoch_idx, k))
+        future = self._pending.pop(key, None)
+        if future is None:
+            raise StopIteration
+        return future.result()
 
 
 def queue_depth(prefetch: int, workers: int) -> int:
@@ -246,11 +302,11 @@ class Loader:
     run on into the next epoch while this one's last batches are trained on."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
-                 prefetch: int = 2, channels_last: bool = False,
+                 readers: tuple[int, int], prefetch: int = 2, channels_last: bool = False,
                  mean_windows: MeanWindows | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
-        self.readers = (pipe.num_threads, pipe.py_num_workers)  # (DALI threads, reader processes)
+        self.readers = readers  # (DALI threads, reader threads (raw) or processes (JPEG))
         # bytes of /dev/shm its reader processes fill once running (none when reading in-process)
         self.shm = reader_shm(source, prefetch, pipe.py_num_workers) if pipe.py_num_workers else 0
         self.epoch = start_epoch
@@ -355,11 +411,12 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
                         f"the {split} split ({source.share()} images); "
                         f"use a smaller batch")
     channels_last = gpu if channels_last is None else channels_last  # default: on GPUs
-    pipe = build_pipeline(source, stats=stats, config=config, gpu=gpu,
-                          device_id=(device.index or 0) if gpu else None, ten_crop=ten_crop,
-                          channels_last=channels_last, shm_reserved=shm_reserved)
+    pipe, readers = build_pipeline(source, stats=stats, config=config, gpu=gpu,
+                                   device_id=(device.index or 0) if gpu else None,
+                                   ten_crop=ten_crop, channels_last=channels_last,
+                                   shm_reserved=shm_reserved)
     windows = None
     if not gpu_mean(aug, gpu):
         windows = MeanWindows(stats.pixel_mean, aug.crop, hwc=channels_last, ten_crop=ten_crop)
-    return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
+    return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch, readers=readers,
                   prefetch=config.prefetch, channels_last=channels_last, mean_windows=windows)

@@ -332,6 +332,9 @@ class ShardFiles:
         while self._fds:
             os.close(self._fds.popitem()[1])
 
+    def __del__(self):  # a reader thread's files end with it (pipeline.ReadAhead)
+        self.close()
+
 
 def _pread(fd: int, n: int, offset: int) -> bytes:
     data = os.pread(fd, n, offset)

@@ -126,14 +126,14 @@ def cli_with_small_shm(size: str, *args) -> subprocess.CompletedProcess:
 
 
 def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
-    """DALI's reader processes hand batches over in /dev/shm: 4 buffers (prefetch 2 + queue 2)
-    of 32 raw 256x256 images = 4 x 6 MiB, 24 MiB measured. Where they do not fit, DALI's worker
-    dies of SIGBUS and the loader says only "Worker data receiving interrupted"."""
+    """DALI's reader processes (JPEG shards) hand batches over in /dev/shm. Where they do not
+    fit, DALI's worker dies of SIGBUS and the loader says only "Worker data receiving
+    interrupted". Raw shards are read in threads and need none."""
     bench = ["bench-loader", "--device", "cpu", "--threads", "1", "--batch-size", "32",
              "--batches", "2", "--repeats", "1", "--warmup", "1", "--json"]
-    # chosen --workers: refused in one line, with what to do
-    proc = cli_with_small_shm("16m", *bench, "--data", shards_raw, "--workers", "1")
-    assert_one_line_error(proc, "--workers 1", "/dev/shm: 16 MiB free", "--workers 0",
+    # chosen --workers: refused in one line, with what to do (4 buffers of 1 MiB and more)
+    proc = cli_with_small_shm("2m", *bench, "--data", shards_jpeg, "--workers", "1")
+    assert_one_line_error(proc, "--workers 1", "/dev/shm: 2 MiB free", "--workers 0",
                           "--shm-size")
     # the default (1 reader process for JPEG on the CPU) reads in this process instead, and
     # says so; the measurement runs
@@ -141,7 +141,19 @@ def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "/dev/shm: 1 MiB free" in proc.stderr and "reading in this process" in proc.stderr
     assert json.loads(proc.stdout)["workers"] == 0
-    # with room for them (32 MiB), the reader process runs: the estimate is not optimistic
-    proc = cli_with_small_shm("32m", *bench, "--data", shards_raw, "--workers", "1")
+    # with just the room the loader estimates (4 buffers, each 2x the mean file bytes of 32
+    # images + 1 MiB), the reader process runs: the estimate is not optimistic
+    files = sorted(shards_jpeg.glob("train-*.h5"))
+    images = 0
+    for f in files:
+        with h5py.File(f, "r") as h:
+            images += len(h["labels"])
+    need = 4 * (32 * 2 * sum(f.stat().st_size for f in files) / images + 2**20)
+    proc = cli_with_small_shm(f"{int(need / 2**20) + 1}m", *bench, "--data", shards_jpeg,
+                              "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["workers"] == 1
+    # raw shards: 2 reader threads, whatever /dev/shm holds
+    proc = cli_with_small_shm("1m", *bench, "--data", shards_raw, "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["workers"] == 2 and "/dev/shm" not in proc.stderr

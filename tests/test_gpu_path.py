@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -22,8 +23,8 @@ from preprocessing.shards import load_split, load_stats
 
 
 class RecordingSource(BatchSource):
-    """BatchSource that takes `delay` seconds a batch and logs (pid, start, end, epoch_idx,
-    iteration) per call to a file, from whichever worker process runs it."""
+    """BatchSource that takes `delay` seconds a batch and logs (reader, start, end, epoch_idx,
+    iteration) per call to a file, from whichever reader process or thread runs it."""
     log: str = ""
     delay: float = 0.0
 
@@ -32,7 +33,8 @@ class RecordingSource(BatchSource):
         time.sleep(self.delay)
         out = super().__call__(info)
         with open(self.log, "a") as f:
-            f.write(json.dumps([os.getpid(), t0, time.monotonic(), info.epoch_idx,
+            reader = f"{os.getpid()}/{threading.get_ident()}"
+            f.write(json.dumps([reader, t0, time.monotonic(), info.epoch_idx,
                                 info.iteration]) + "\n")
         return out
 
@@ -45,8 +47,9 @@ def recording_loader(data, tmp_path, *, workers: int, delay: float, batch: int =
     source = RecordingSource(split=info, batch_size=batch, train=True, crop=224, epochs=epochs,
                              start_batch=start_batch)
     source.log, source.delay = str(tmp_path / "calls.jsonl"), delay
-    pipe = pipeline.build_pipeline(source, stats=stats, config=cfg, gpu=False, device_id=None)
-    loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0)
+    pipe, readers = pipeline.build_pipeline(source, stats=stats, config=cfg, gpu=False,
+                                            device_id=None)
+    loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0, readers=readers)
     return loader, tmp_path / "calls.jsonl"
 
 
@@ -54,23 +57,30 @@ def calls(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw):
-    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.3)
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"], ids=["reader-threads", "reader-processes"])
+def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw, shards_jpeg, encoding):
+    data = shards_raw if encoding == "raw" else shards_jpeg
+    loader, log = recording_loader(data, tmp_path, workers=2, delay=0.3)
     for _ in range(2):  # 2 epochs of 6 batches
         for _ in loader:
             pass
     c = calls(log)
-    assert len({pid for pid, *_ in c}) == 2
+    assert len({reader for reader, *_ in c}) == 2
     overlaps = sum(1 for a in c for b in c if a[0] < b[0] and a[1] < b[2] and b[1] < a[2])
     assert overlaps >= 3, c  # reads of the two workers ran at the same time
 
 
-def test_each_reader_process_has_its_next_read_queued(tmp_path, shards_raw):
+@pytest.mark.parametrize("encoding, most", [("jpeg", 2 + 2 * 2 + 1), ("raw", 2 + 1 + 2 * 2 - 1)],
+                         ids=["reader-processes", "reader-threads"])
+def test_each_reader_has_its_next_read_queued(tmp_path, shards_raw, shards_jpeg, encoding, most):
     """DALI hands a reader process its next read only when the pipeline takes a batch: with one
     read per worker queued, a worker that ends a read idles until then. Behind a slow trainer the
     reads run ahead until every queue is full: the pipeline's 2 prefetched batches, 2 per worker
-    (4), and the one DALI is taking. One per worker would stop at 2 + 2 + 1."""
-    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.0, epochs=2)
+    (4), and the one DALI is taking. One per worker would stop at 2 + 2 + 1. Reader threads
+    read 2 per thread ahead of DALI's last call, the one being taken after the 2 prefetched:
+    iterations k + 3 to k + 6 once k are taken; one per thread would stop at 2 + 1 + 2 - 1."""
+    data = shards_raw if encoding == "raw" else shards_jpeg
+    loader, log = recording_loader(data, tmp_path, workers=2, delay=0.0, epochs=2)
     taken = []
     for _ in range(2):  # 2 epochs of 6 batches
         for _ in loader:
@@ -79,15 +89,18 @@ def test_each_reader_process_has_its_next_read_queued(tmp_path, shards_raw):
             # left a loaded machine one read short)
     starts = sorted(start for _, start, *_ in calls(log))
     ahead = [sum(s <= t for s in starts) - sum(k <= t for k in taken) for t in starts]
-    assert max(ahead) == 2 + 2 * 2 + 1, ahead
+    assert max(ahead) == most, ahead
 
 
-@pytest.mark.parametrize("workers", [2, 0], ids=["reader-processes", "in-process"])
-def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, workers):
+@pytest.mark.parametrize("encoding, workers", [("raw", 2), ("jpeg", 2), ("raw", 0)],
+                         ids=["reader-threads", "reader-processes", "in-process"])
+def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, shards_jpeg, encoding,
+                                                workers):
     """Three epochs streamed as one (resumed at batch 1), then one more: the readers start on
     the next epoch while this one's last batches are still being consumed, and every epoch
     delivers the documented samples all the same."""
-    loader, log = recording_loader(shards_raw, tmp_path, workers=workers, delay=0.05, epochs=3,
+    data = shards_raw if encoding == "raw" else shards_jpeg
+    loader, log = recording_loader(data, tmp_path, workers=workers, delay=0.05, epochs=3,
                                    start_batch=1)
     got, last_taken = [], []
     for _ in range(4):
@@ -111,9 +124,9 @@ def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, workers):
     assert sorted(it for *_, epoch_idx, it in c if epoch_idx == 0) == list(range(17))
 
 
-def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_raw):
+def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_jpeg):
     import nvidia.dali.backend as backend
-    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, workers=1)
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1)
     want = next(iter(pipeline.make_loader(cfg))).images  # forked readers
     monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
     assert pipeline._start_method(gpu=False) == "spawn"

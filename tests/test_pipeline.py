@@ -180,22 +180,48 @@ def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, workers):
         assert torch.equal(a.index, b.index)
 
 
-def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_raw):
-    """32 raw 256x256 images = 6 MiB a batch, + 1 MiB each for DALI's growth; prefetch 2 +
-    queue 2 buffers: 28 MiB a rank. (The real /dev/shm: tests/test_errors.py.)"""
+def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
+    """Reader processes (JPEG shards) hand batches over in /dev/shm: DALI keeps 2 (prefetch) + 2
+    (queue) buffers of a batch, each taken at twice the split's file bytes per image for each
+    of its streams, + 1 MiB for DALI's growth. (The real /dev/shm: tests/test_errors.py.)"""
     from alexnet_base import resources
-    monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 50 * 2**20)
-    cfg = LoaderConfig(data=shards_raw, batch_size=32, device="cpu", threads=1, workers=1)
+
+    def per_rank(split):
+        files = list(shards_jpeg.glob(f"{split}-*.h5"))
+        per_image = sum(f.stat().st_size for f in files) / load_split(shards_jpeg, split).total
+        return 4 * (8 * 2 * per_image + 2**20)
+    train_need, val_need = per_rank("train"), per_rank("val")
+    monkeypatch.setattr(resources, "shm_free",
+                        lambda path=resources.SHM_DIR: int(1.5 * train_need))
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(UserError, match=r"50 MiB free, but 1 reader process needs about 56 MiB "
-                                        r"\(28 MiB x 2 local ranks\)"):
+    mib = 2**20
+    with pytest.raises(UserError, match=rf"{1.5 * train_need / mib:.0f} MiB free, but 1 reader "
+                                        rf"process needs about {2 * train_need / mib:.0f} MiB "
+                                        rf"\({train_need / mib:.0f} MiB x 2 local ranks\)"):
         make_loader(cfg)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     train = make_loader(cfg)
-    assert train.readers == (1, 1) and train.shm == 28 * 2**20  # 28 MiB fits in 50
-    # train builds its val loader before either has run: both count (28 + 28 > 50)
-    with pytest.raises(UserError, match="needs about 56 MiB"):
+    assert train.readers == (1, 1) and train.shm == pytest.approx(train_need, abs=1)
+    # train builds its val loader before either has run: both count
+    with pytest.raises(UserError, match=f"needs about {(train_need + val_need) / mib:.0f} MiB"):
         make_loader(cfg, split="val", shm_reserved=train.shm)
+
+
+def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shards_raw):
+    """Raw shards: the readers are threads of the pipeline's process, so no reader process
+    starts and /dev/shm is not needed, however little is free."""
+    import multiprocessing
+    import threading
+    from alexnet_base import resources
+    monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 0)
+    before = set(multiprocessing.active_children())
+    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, workers=2)
+    loader = make_loader(cfg)
+    assert next(iter(loader)).images.shape == (8, 3, 224, 224)
+    assert loader.readers == (1, 2) and loader.shm == 0
+    assert not set(multiprocessing.active_children()) - before  # no reader process started
+    assert any(t.name.startswith("shard-reader") for t in threading.enumerate())
 
 
 def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Reader-only throughput: the parallel external source alone (shard reads and augmentation
-draws, no decode, no crop), images/s per worker count (0: read in the pipeline's process). What
-the CPU must sustain once nvJPEG decodes on the GPU.
+"""Reader-only throughput: the external source alone (shard reads and augmentation draws, no
+decode, no crop), images/s per reader count: processes for JPEG shards, threads for raw ones
+where the loader has them (0: read in the pipeline's process). What the CPU must sustain once
+nvJPEG decodes on the GPU.
 
 The pipeline hands on only the images' shapes: in training the decoder (JPEG) or the copy to
 the GPU (raw) reads the external source's output in place, so copying the batch out to Python,
@@ -33,6 +34,10 @@ try:  # the loader's depth (format 1 had none of its own: DALI's default of 1, -
 except ImportError:
     def queue_depth(prefetch: int, workers: int) -> int:
         return max(prefetch, workers)
+try:  # raw shards read in threads of the pipeline's process, where the loader has them
+    from alexnet_pipe.pipeline import ReadAhead
+except ImportError:
+    ReadAhead = None
 try:  # fork only while CUDA is down (gpu_report measures this after its GPU work)
     from alexnet_base.resources import start_method
 except ImportError:
@@ -53,11 +58,15 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     kw = {} if depth == 0 else {"prefetch_queue_depth": depth or queue_depth(2, workers)}
     # workers 0: the reads in the pipeline's own process, as the CPU default for raw shards
     kw = {"parallel": True, **kw} if workers else {"parallel": False, "no_copy": True}
+    callback = source
+    if ReadAhead is not None and info.encoding == "raw" and workers:  # reader threads
+        callback = ReadAhead(source, workers, kw.get("prefetch_queue_depth", 1))
+        kw, workers = {"parallel": False, "no_copy": True}, 0
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
                   py_start_method=start_method(), prefetch_queue_depth=2)
     def pipe():
-        outs = fn.external_source(source=source, num_outputs=len(source.batch(0, 0)), batch=True,
+        outs = fn.external_source(source=callback, num_outputs=len(source.batch(0, 0)), batch=True,
                                   batch_info=True, **kw)
         return (outs[0] if copy_out else outs[0].shape()), outs[1]
     p = pipe()
