@@ -27,7 +27,7 @@ nvidia-smi -L 2>&1; echo "cores $(nproc), /dev/shm $(df -h --output=avail /dev/s
 python3 -c 'import torch, nvidia.dali as d; print("torch", torch.__version__, "DALI", d.__version__)'
 # every GPU test runs (no -x): one failure must not hide the others
 step pytest-gpu 200 python3 -m pytest -v -m gpu -p no:cacheprovider tests
-step report 200 python3 tools/gpu_report.py --work "$work" --out "$work/report.json"
+step report 240 python3 tools/gpu_report.py --work "$work" --out "$work/report.json"
 echo "== steps: ${status[*]}"
 # on the lent machine, what is under $OUT comes back: the report with it
 [ -n "${OUT:-}" ] && cp "$work"/report.json "$work"/report.md "$OUT"/ 2>/dev/null
