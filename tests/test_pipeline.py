@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 
@@ -206,6 +207,21 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
     # train builds its val loader before either has run: both count
     with pytest.raises(UserError, match=f"needs about {(train_need + val_need) / mib:.0f} MiB"):
         make_loader(cfg, split="val", shm_reserved=train.shm)
+
+
+def test_a_read_error_in_a_reader_thread_reaches_the_caller(tmp_path, shards_raw):
+    """A shard cut short under a running loader: the reader thread's error comes out of the
+    loader as the one-line error naming the file, not a hang or a DALI traceback."""
+    data = tmp_path / "d"
+    shutil.copytree(shards_raw, data)
+    loader = make_loader(replace(config(data), workers=2), epochs=3)
+    shard = load_split(data, "train").files[0]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(UserError, match=rf"{shard}: cannot read the shard .*short read"):
+        for _ in range(3):  # the first epoch may be read already
+            for _ in loader:
+                pass
 
 
 def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shards_raw):
