@@ -1,7 +1,8 @@
 """The DALI train and validation pipelines, and the PyTorch-facing loader around them.
 
     HDF5 shards --(BatchSource, external_source: one pread per image at its offset, in reader
-                   processes (parallel) or, with --workers 0, in this process)
+                   processes (JPEG, parallel), reader threads (raw, ReadAhead) or, with
+                   --workers 0, in this process)
       --> JPEG bytes (feeding nvJPEG: one zero-padded (B, longest) array, each stream cut
           back out here) --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
       or raw HWC uint8 --.gpu()-->
