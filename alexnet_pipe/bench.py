@@ -66,7 +66,7 @@ def bench_loader(config: BenchConfig) -> dict:
     for _ in range(config.repeats):
         rates.append(timed_rate(it, config.batches, config.seconds,
                                 config.warmup if not rates else 0, cfg.batch_size, sync))
-    threads, workers = loader.readers  # as built: no reader processes where /dev/shm is small
+    threads, workers = loader.readers  # as built: JPEG gets none where /dev/shm is small
     result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
               "batch_size": cfg.batch_size, "threads": threads, "workers": workers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),

@@ -66,7 +66,8 @@ def _die_with_parent(parent: int) -> None:
 @dataclass
 class BatchSource:
     """`fn.external_source(source=..., batch=True, batch_info=True)` callback, run by DALI's
-    reader processes (parallel=True) or in the pipeline's own process (--workers 0).
+    reader processes (parallel=True, JPEG shards), by reader threads (pipeline.ReadAhead, raw
+    shards) or in the pipeline's own thread (--workers 0).
 
     Returns per batch: images (raw: one (B, size, size, 3) uint8 array; JPEG: a list of each
     image's bytes, or with `packed` one zero-padded (B, longest) array, see read_batch),
@@ -93,7 +94,7 @@ class BatchSource:
     rank: int = 0
     world: int = 1
     channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
-    max_open_files: int = 32  # shard files a reader process keeps open at most
+    max_open_files: int = 32  # shard files a reader process (or all reader threads) keeps open
     packed: bool = False   # JPEG batches as one padded array: for a GPU decoder (read_batch)
 
     def __post_init__(self):

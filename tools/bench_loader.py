@@ -90,9 +90,9 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
 
 def cpu_seconds(pid: int) -> dict:
     """CPU seconds so far of process `pid` and its descendants, by group: "DALI threads"
-    (decoding and augmenting), "main thread", "readers" (reader processes), "other" (DALI's
-    executor, file-reading threads...), from each thread's /proc schedstat (nanoseconds on a
-    CPU; `stat` counts 10 ms ticks)."""
+    (decoding and augmenting), "main thread", "readers" (reader processes and threads),
+    "other" (DALI's executor, file-reading threads...), from each thread's /proc schedstat
+    (nanoseconds on a CPU; `stat` counts 10 ms ticks)."""
     out = {}
     for p in family(pid):
         for task in Path(f"/proc/{p}/task").glob("*"):
@@ -101,7 +101,8 @@ def cpu_seconds(pid: int) -> dict:
                 ns = int((task / "schedstat").read_text().split()[0])
             except (OSError, ValueError, IndexError):  # ended meanwhile
                 continue
-            group = ("readers" if p != pid else "main thread" if task.name == str(pid)
+            group = ("readers" if p != pid or name.startswith("shard-reader")
+                     else "main thread" if task.name == str(pid)
                      else "DALI threads" if name.startswith("[DALI][TP") else "other")
             out[group] = out.get(group, 0.0) + ns / 1e9
     return out
@@ -179,7 +180,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=None,
-                    help="reader processes (default: the product's)")
+                    help="readers: processes (JPEG), threads (raw); default: the product's")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--seconds", type=float, default=3.0, help="per round and pipeline")
     ap.add_argument("--rounds", type=int, default=5)
