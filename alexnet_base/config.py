@@ -145,6 +145,11 @@ class LoaderConfig:
     seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
                     "the weight initialisation with it).")
     prefetch: int = opt(2, "Batches each pipeline prepares ahead.")
+    hw_decoder_load: float = opt(0.65, "On GPUs with JPEG decode engines (A100, H100, H200): "
+                                 "the share of each batch's JPEGs nvJPEG sends to them, the rest "
+                                 "to the CUDA cores (DALI's default 0.65, for the fastest "
+                                 "decoding); 1 keeps decoding off the cores the training step "
+                                 "uses.")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -154,6 +159,8 @@ class LoaderConfig:
         _at_least("workers", self.workers, 0)
         _at_least("prefetch", self.prefetch, 1)
         _choose("dtype", self.dtype, DTYPES)
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise UserError(f"--hw-decoder-load {self.hw_decoder_load}: must be between 0 and 1")
 
     def readers(self, gpu: bool, encoding: str) -> tuple[int, int]:
         """(threads, workers) of a pipeline feeding a GPU or not, reading `encoding` shards,

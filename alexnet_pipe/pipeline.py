@@ -103,8 +103,9 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
         if jpeg and source.packed:  # each stream cut out of its padded row (read_batch)
             images = images[0:meta[3]]
         if jpeg:
+            hw = {"hw_decoder_load": config.hw_decoder_load} if gpu else {}
             images = fn.decoders.image(images, device="mixed" if gpu else "cpu",
-                                       output_type=types.RGB)
+                                       output_type=types.RGB, **hw)
         elif gpu:
             images = images.gpu()
         if aug.mean == "pixel" and gpu:  # the paper's mean image, subtracted before the crop:

@@ -85,6 +85,7 @@ def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, s
      ["--batch-size 7", "2 processes"]),
     (["--parallel", "ddp"], None, ["--parallel ddp", "torchrun"]),
     (["--divide-std"], None, ["--divide-std", "--mean channel"]),
+    (["--hw-decoder-load", "1.5"], None, ["--hw-decoder-load 1.5", "between 0 and 1"]),
 ])
 def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
     proc = train(shards_small, tmp_path / "run", *extra,

@@ -276,9 +276,10 @@ def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shard
 
 @pytest.mark.gpu
 def test_gpu_pipeline_matches_cpu(shards_jpeg, shards_raw):
-    for data in (shards_raw, shards_jpeg):
+    """--hw-decoder-load 1: every JPEG to the GPU's decode engines, where it has them."""
+    for data, hw in ((shards_raw, 0.65), (shards_jpeg, 0.65), (shards_jpeg, 1.0)):
         cpu, _, _ = first_batch(make_loader(config(data)))
-        gpu_loader = make_loader(replace(config(data), device="gpu"))
+        gpu_loader = make_loader(replace(config(data), device="gpu", hw_decoder_load=hw))
         for images, _, _, _ in gpu_loader:
             assert images.is_cuda
             gpu = images.cpu().numpy().astype(np.float64)
