@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a host without a package index: install DALI from an offline wheel folder,
 # run the `gpu` tests, measure the GPU path, and print one table last. Idempotent (a rerun starts
-# clean), every step runs whatever failed before it, 5-6 minutes on an H200 (307 s measured).
+# clean), every step runs whatever failed before it, 5-6 minutes on an H200 (307 s measured, before
+# the report's two more train runs of about 20 s each).
 # Usage: tools/gpu_check.sh WHEEL_DIR   (wheels from ../shared/offline-wheels/pack-dali.sh)
 set -uo pipefail
 wheels=${1:?usage: tools/gpu_check.sh WHEEL_DIR}

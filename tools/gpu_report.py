@@ -3,8 +3,8 @@
 GPU; AlexNet bf16 train-step img/s on synthetic input; their ratio; real-pipeline train img/s
 over synthetic; data-wait over a multi-epoch train run (host time blocked in the loader, which
 on a GPU includes waiting for the GPU's queue: real / synthetic is the measure); real / synthetic
-again on raw shards (no nvJPEG); reader-only img/s with one worker and with all; which stage
-limits. Writes WORK/report.json and WORK/report.md.
+again on raw shards (no nvJPEG) and with every JPEG on the decode engines; reader-only img/s
+with one worker and with all; which stage limits. Writes WORK/report.json and WORK/report.md.
 
 Usage: gpu_report.py --work DIR [--device gpu|cpu] [--images 4096] [--batch-size 256]
 """
@@ -36,7 +36,8 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 # the table's rows after card and cores, in this order
 ROWS = ("dev_shm_free_mib", "loader_jpeg", "loader_raw", "model_synthetic", "loader_over_model",
         "reader_1_worker", "reader_all_workers", "train_real", "real_over_synthetic", "data_wait",
-        "train_seconds", "train_real_raw", "real_raw_over_synthetic", "limiting_stage")
+        "train_seconds", "train_real_raw", "real_raw_over_synthetic", "train_real_hw",
+        "real_hw_over_synthetic", "limiting_stage")
 
 
 def measure(r: dict, name: str, fn) -> None:
@@ -54,18 +55,20 @@ def ratio(r: dict, name: str, top: str, bottom: str) -> None:
     r[name] = t / b if isinstance(t, float) and isinstance(b, float) and b > 0 else "n/a"
 
 
-def train_rate(a, r: dict, enc: str = "jpeg") -> float:
+def train_rate(a, r: dict, enc: str = "jpeg", *extra: str) -> float:
     """A 3-epoch train run on `enc` shards in its own process: img/s over the epochs after the
-    first (for JPEG, r gets train_seconds and data_wait). Raw shards leave nvJPEG out: if their
-    real / synthetic is near 1 where JPEG's is not, the decoder's GPU work is what the step
-    loses; if not, the training process's own share of the loader."""
-    run = a.work / ("run" if enc == "jpeg" else f"run_{enc}")
+    first (the default run also puts train_seconds and data_wait in r). Raw shards leave nvJPEG
+    out: if their real / synthetic is near 1 where JPEG's is not, the decoder's GPU work is
+    what the step loses; if not, the training process's own share of the loader. JPEG with
+    `--hw-decoder-load 1` keeps the decoding on the decode engines, off the step's cores."""
+    default = enc == "jpeg" and not extra
+    run = a.work / ("run" if default else f"run_{enc}{len(extra)}")
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "alexnet_pipe", "train", "--data",
                            str(a.work / enc), "--out", str(run), "--epochs", "3",
                            "--batch-size", str(a.batch_size), "--device", a.device,
-                           "--bias-init", "caffe", "--log-every", "20"], cwd=ROOT,
+                           "--bias-init", "caffe", "--log-every", "20", *extra], cwd=ROOT,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -74,7 +77,7 @@ def train_rate(a, r: dict, enc: str = "jpeg") -> float:
     records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     epochs = [e for e in records if e["kind"] == "epoch"]
     steady = epochs[1:] or epochs
-    if enc == "jpeg":
+    if default:
         r["train_seconds"] = seconds
         r["data_wait"] = sum(e["data_wait"] for e in steady) / len(steady)
     return sum(e["images_per_s"] for e in steady) / len(steady)
@@ -86,6 +89,7 @@ def publish(a, r: dict) -> None:
     ratio(r, "loader_over_model", "loader_jpeg", "model_synthetic")
     ratio(r, "real_over_synthetic", "train_real", "model_synthetic")
     ratio(r, "real_raw_over_synthetic", "train_real_raw", "model_synthetic")
+    ratio(r, "real_hw_over_synthetic", "train_real_hw", "model_synthetic")
     stages = {k: r.get(v) for k, v in (("reader", "reader_all_workers"),
                                        ("loader", "loader_jpeg"), ("model", "model_synthetic"))}
     stages = {k: v for k, v in stages.items() if isinstance(v, float)}
@@ -139,6 +143,7 @@ def main() -> int:
                                                    a.seconds, None)),
         ("train_real", lambda: train_rate(a, r)),
         ("train_real_raw", lambda: train_rate(a, r, "raw")),
+        ("train_real_hw", lambda: train_rate(a, r, "jpeg", "--hw-decoder-load", "1")),
     ]
     for name, fn in figures:  # the table is rewritten after each: a timeout leaves the rest
         measure(r, name, fn)
