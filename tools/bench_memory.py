@@ -5,7 +5,7 @@ a small set, JPEG and raw shards, and the highest PSS seen within each epoch (sa
 batch). Reports the growth from epoch 2 to the last.
 
 Usage: bench_memory.py [--epochs 50] [--images 256] [--batch-size 32] [--work DIR]
-                       [--trim-after BATCHES]
+                       [--trim-after BATCHES] [--workers N] [--encodings jpeg raw]
 """
 from __future__ import annotations
 
@@ -62,19 +62,22 @@ def main() -> int:
                     help="batches between heap trims (default: every epoch, as a run at "
                          "ImageNet's size does; the loader's own default is "
                          f"{pipeline.TRIM_AFTER_BATCHES})")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="readers: processes (JPEG), threads (raw); default: the product's")
+    ap.add_argument("--encodings", nargs="+", choices=("jpeg", "raw"), default=["jpeg", "raw"])
     a = ap.parse_args()
     pipeline.TRIM_AFTER_BATCHES = 1 if a.trim_after is None else a.trim_after
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_memory_"))
     tree = work / "imagenet"
     if not tree.exists():
         make_sample(tree, 4, a.images // 4, 1, seed=0, quirks=False, large=0)
-    for enc in ("jpeg", "raw"):
+    for enc in a.encodings:
         data = work / enc
         if not (data / "manifest.json").exists():
             prepare_run(PrepareConfig(imagenet_root=tree, out=data, encoding=enc, shard_size=32,
                                       progress=False, splits=("train",)))
-        loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu"),
-                             epochs=a.epochs)
+        loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu",
+                                          workers=a.workers), epochs=a.epochs)
         mb, peak = [], []  # after each epoch; the highest within each epoch (every batch)
         for epoch in range(a.epochs):
             inside = 0.0
@@ -83,7 +86,7 @@ def main() -> int:
             mb.append(pss_mb(os.getpid()))
             peak.append(max(inside, mb[-1]))
         growth = (mb[-1] - mb[1]) / mb[1]
-        print(json.dumps({"encoding": enc, "epochs": a.epochs,
+        print(json.dumps({"encoding": enc, "readers": loader.readers, "epochs": a.epochs,
                           "trim_after": pipeline.TRIM_AFTER_BATCHES,
                           "processes": len(family(os.getpid())),
                           "pss_mb_epoch2": round(mb[1], 1), "pss_mb_last": round(mb[-1], 1),
