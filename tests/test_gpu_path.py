@@ -202,6 +202,42 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
         files.close()
 
 
+def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
+    """13 raw shards read by 2 reader threads under a budget of 4 open files: the threads split
+    it (2 each), so the process never holds more than 4 shard descriptors for reading, plus one
+    per thread while it reads a shard's index (h5py, once per shard and thread), sampled after
+    every batch over two epochs, while every shard is read."""
+    data = tmp_path / "raw"
+    prepare_run(PrepareConfig(imagenet_root=sample_tree, out=data, encoding="raw", shard_size=4,
+                              progress=False, splits=("train",)))
+    info = load_split(data, "train")
+    assert len(info.files) == 13  # 52 train images, 4 a shard
+    cfg = LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, workers=2)
+    source = BatchSource(split=info, batch_size=8, train=True, crop=224, epochs=2,
+                         max_open_files=4)
+    pipe, readers = pipeline.build_pipeline(source, stats=load_stats(data, info), config=cfg,
+                                            gpu=False, device_id=None)
+    loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0, readers=readers)
+    shard_paths = {str(p) for p in info.files}
+
+    def open_shards():
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # closed meanwhile
+                pass
+        return sum(path in shard_paths for path in fds)
+    most, seen = 0, set()
+    for _ in range(2):
+        for batch in loader:
+            most = max(most, open_shards())
+            seen.update(batch.index.tolist())
+    starts = np.cumsum(info.counts)
+    read = {int(np.searchsorted(starts, i, side="right")) for i in seen}
+    assert read == set(range(len(info.files))) and 0 < most <= 4 + 2, (read, most)
+
+
 def test_a_batch_is_one_dense_array_with_each_stream_in_its_row(shards_jpeg, shards_raw):
     """What DALI is fed: one array per batch. A JPEG row holds its image's stored bytes (as
     h5py reads them) from its start and zeros after; lengths and labels are h5py's, rows in
