@@ -182,6 +182,47 @@ class MeanWindows:
             torch.set_num_threads(threads)
 
 
+class _ForkGate:
+    """Reads of every ReadAhead in this process pause around a fork: the fork waits until no
+    read is running and none starts until it is done. A fork in the middle of a read would copy
+    into the child whatever lock the read held (h5py's, opening a shard's index; malloc's) with
+    no thread left to release it: a forked child that then opens a shard waits forever (seen:
+    a multiprocessing pool started after a raw loader)."""
+
+    def __init__(self):
+        self._reinit()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=self._close, after_in_parent=self._open,
+                                after_in_child=self._reinit)
+
+    def _reinit(self):  # also the child's: its copy of the state has no reader threads
+        self._cond, self._reads, self._forking = threading.Condition(), 0, False
+
+    def __enter__(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._forking)
+            self._reads += 1
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._reads -= 1
+            self._cond.notify_all()
+
+    def _close(self):
+        self._cond.acquire()
+        self._forking = True
+        self._cond.wait_for(lambda: self._reads == 0)
+        self._cond.release()
+
+    def _open(self):
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+
+_FORK_GATE = _ForkGate()
+
+
 class _Call(NamedTuple):  # what a reader thread tells the source: DALI's batch_info, ahead
     epoch_idx: int
     iteration: int
@@ -212,7 +253,8 @@ class ReadAhead:
         mine = getattr(self._local, "source", None)
         if mine is None:
             mine = self._local.source = copy.copy(self._each)
-        return mine(call)
+        with _FORK_GATE:
+            return mine(call)
 
     def __call__(self, info):
         key = (info.epoch_idx, info.iteration)

@@ -202,6 +202,25 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
         files.close()
 
 
+def test_a_fork_waits_for_the_reader_threads_reads(tmp_path, shards_raw):
+    """A fork while a reader thread is inside a read would leave the child holding that read's
+    locks (h5py's, malloc's) with no thread to release them: a forked pool that then opened a
+    shard hung. So a fork waits until no read runs: here each read takes 0.5 s, and the fork,
+    asked for in the middle of the reads, returns only after the reads then running ended."""
+    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.5)
+    time.sleep(0.25)  # the reads ahead are under way (the first batch is already in)
+    asked = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    forked = time.monotonic()
+    os.waitpid(pid, 0)
+    for _ in loader:
+        pass
+    running = [end for _, start, end, *_ in calls(log) if start < asked < end]
+    assert running and all(end <= forked for end in running), (asked, forked, running)
+
+
 def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
     """13 raw shards read by 2 reader threads under a budget of 4 open files: the threads split
     it (2 each), so the process never holds more than 4 shard descriptors for reading, plus one
