@@ -9,6 +9,7 @@ are merged from .partial/ at the end, without decoding a finished shard again.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import io
 import json
@@ -184,6 +185,11 @@ def _run_jobs(todo: list[ShardJob], config: PrepareConfig, tree: layout.Tree, to
 
     show = sys.stderr.isatty() if config.progress is None else config.progress
     ctx = mp.get_context(resources.start_method())  # spawn where CUDA is up (gpu_report)
+    if ctx.get_start_method() == "fork":
+        # This process's garbage is torn down here, where its threads are, not in a forked
+        # worker whose collector would finalise it (a DALI pipeline or a reader thread pool
+        # left by a caller's loader) and wait on threads the fork did not copy.
+        gc.collect()
     counter = ctx.Value("q", 0)  # of the pool's context: spawn refuses a forked lock
     finished = 0
     with ctx.Pool(min(config.workers, max(len(todo), 1)), initializer=_init_worker,
