@@ -78,18 +78,20 @@ def test_each_reader_has_its_next_read_queued(tmp_path, shards_raw, shards_jpeg,
     reads run ahead until every queue is full: the pipeline's 2 prefetched batches, 2 per worker
     (4), and the one DALI is taking. One per worker would stop at 2 + 2 + 1. Reader threads
     read 2 per thread ahead of DALI's last call, the one being taken after the 2 prefetched:
-    iterations k + 3 to k + 6 once k are taken; one per thread would stop at 2 + 1 + 2 - 1."""
+    iterations k + 3 to k + 6 once k are taken; one per thread would stop at 2 + 1 + 2 - 1.
+    Either way one queue or another is sometimes one short when the last read starts (2 of 4
+    CI rehearsals, with 0.15 and 0.3 s a batch): one below the full count passes, two (what
+    one read per reader gives) fails."""
     data = shards_raw if encoding == "raw" else shards_jpeg
     loader, log = recording_loader(data, tmp_path, workers=2, delay=0.0, epochs=2)
     taken = []
     for _ in range(2):  # 2 epochs of 6 batches
         for _ in loader:
             taken.append(time.monotonic())
-            time.sleep(0.3)  # the trainer is the slow side: the queues fill (0.15 s once
-            # left a loaded machine one read short)
+            time.sleep(0.3)  # the trainer is the slow side: the queues fill
     starts = sorted(start for _, start, *_ in calls(log))
     ahead = [sum(s <= t for s in starts) - sum(k <= t for k in taken) for t in starts]
-    assert max(ahead) == most, ahead
+    assert most - 1 <= max(ahead) <= most, ahead
 
 
 @pytest.mark.parametrize("encoding, workers", [("raw", 2), ("jpeg", 2), ("raw", 0)],
