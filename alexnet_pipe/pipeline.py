@@ -186,8 +186,8 @@ class _ForkGate:
     """Reads of every ReadAhead in this process pause around a fork: the fork waits until no
     read is running and none starts until it is done. A fork in the middle of a read would copy
     into the child whatever lock the read held (h5py's, opening a shard's index; malloc's) with
-    no thread left to release it: a forked child that then opens a shard waits forever (seen:
-    a multiprocessing pool started after a raw loader)."""
+    no thread left to release it: a forked child that then opens a shard waits forever (the
+    suspect, not confirmed, in one hang of a multiprocessing pool started after a raw loader)."""
 
     def __init__(self):
         self._reinit()
@@ -209,10 +209,9 @@ class _ForkGate:
             self._cond.notify_all()
 
     def _close(self):
-        self._cond.acquire()
-        self._forking = True
-        self._cond.wait_for(lambda: self._reads == 0)
-        self._cond.release()
+        with self._cond:
+            self._forking = True
+            self._cond.wait_for(lambda: self._reads == 0)
 
     def _open(self):
         with self._cond:
