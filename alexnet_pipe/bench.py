@@ -56,8 +56,8 @@ def bench_loader(config: BenchConfig) -> dict:
     info = load_split(cfg.data, config.split)
     mb_per_image = info.bytes_per_image / 1e6
     sync = _cuda_sync if gpu else (lambda: None)
-    # the baseline first: its DataLoader may fork, which must not happen while our raw reader
-    # threads may hold a lock (h5py's, opening a shard) that the child would then wait on forever
+    # the baseline first, while this process has no reader threads or pipelines of ours: its
+    # DataLoader may fork (forks during reads are also held off by pipeline's fork gate)
     baseline = baseline_rate(config, info) if config.baseline else None
     rates = []
     loader = make_loader(cfg, split=config.split, train=True, device=device, info=info,

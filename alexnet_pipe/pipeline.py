@@ -74,7 +74,8 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
                                                config.workers is None, shm_reserved)
     dev = "gpu" if gpu else "cpu"
     # float16 is cast here, unless the Loader subtracts the mean image first (in float32)
-    out_type = types.FLOAT16 if config.dtype == "float16" and gpu_mean(aug, gpu) else types.FLOAT
+    fp16_here = config.dtype == "float16" and mean_in_graph(aug, gpu)
+    out_type = types.FLOAT16 if fp16_here else types.FLOAT
 
     def normalize(images, x, y, mirror, norm_mean):
         # (in - mean_i) / std with mean_i = mean - offset_i: + lighting, - channel mean, HWC->CHW
@@ -128,7 +129,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     return pipe(), (threads, readers)
 
 
-def gpu_mean(aug, gpu: bool) -> bool:
+def mean_in_graph(aug, gpu: bool) -> bool:
     """Whether the DALI graph subtracts all of the mean: the channel mean always, the mean image
     on GPUs; on the CPU the Loader subtracts the mean image (MeanWindows)."""
     return aug.mean != "pixel" or gpu
@@ -176,6 +177,8 @@ class MeanWindows:
             if self._ten is not None:
                 images.sub_(self._ten)
                 return
+            # meta is a CPU tensor: MeanWindows serves CPU loaders only (a GPU's graph
+            # subtracts the mean image itself), so this list is no device sync
             for image, (x, y, mirror) in zip(images, meta[:, 4:7].tolist()):
                 image.sub_(self.window(x, y, mirror))
         finally:
@@ -459,7 +462,7 @@ def make_loader(config: LoaderConfig, *, split: str = "train", train: bool | Non
                                    ten_crop=ten_crop, channels_last=channels_last,
                                    shm_reserved=shm_reserved)
     windows = None
-    if not gpu_mean(aug, gpu):
+    if not mean_in_graph(aug, gpu):
         windows = MeanWindows(stats.pixel_mean, aug.crop, hwc=channels_last, ten_crop=ten_crop)
     return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch, readers=readers,
                   prefetch=config.prefetch, channels_last=channels_last, mean_windows=windows)
