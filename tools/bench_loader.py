@@ -181,6 +181,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=None,
                     help="readers: processes (JPEG), threads (raw); default: the product's")
+    ap.add_argument("--prefetch", type=int, default=LoaderConfig.prefetch,
+                    help="batches our pipeline prepares ahead (the product's --prefetch)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--seconds", type=float, default=3.0, help="per round and pipeline")
     ap.add_argument("--rounds", type=int, default=5)
@@ -208,7 +210,8 @@ def main() -> int:
             extract(out, files, raw=enc == "raw")
         ref = "bare" if enc == "raw" else "native"
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
-                           workers=a.workers, augment=AugmentConfig(mean=a.mean))
+                           workers=a.workers, prefetch=a.prefetch,
+                           augment=AugmentConfig(mean=a.mean))
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg)
         pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
         rates, cpu = alternate(pipelines, spec, a.rounds, a.seconds)
