@@ -261,6 +261,58 @@ class EpochResult:
     loss_sum: object = 0.0  # a tensor on the device: read after the epoch, not in its loop
     data_wait: float = 0.0  # fraction of the epoch the host was blocked in the loader (on a GPU
     # this includes waiting for the GPU's queue: an upper bound, see BENCHMARKS.md)
+    gpu_wait: float | None = None    # StepTimer.wait(): GPU time between steps (CUDA only)
+    gpu_step_ms: float | None = None  # StepTimer.step_ms(): GPU time per step (CUDA only)
+
+
+class StepTimer:
+    """The GPU's time in and between training steps, from CUDA events on the compute stream at
+    each step's start and end. `wait()`: the share of the GPU's time spent between steps, when
+    the stream had nothing to run: waiting for the host to enqueue the step, for the loader's
+    batch or for a log point's sync. `step_ms()`: the GPU time of a step. Together they tell a
+    starved GPU (wait) from a slowed one (step time above the synthetic step's). Recording an
+    event does not sync; the events are read at log points, which sync anyway. Off CUDA it
+    records nothing and reads None. `event`: the event type (torch.cuda.Event)."""
+
+    def __init__(self, device, event=None):
+        self.on = device.type == "cuda"
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._pending: list = []  # start, end, start, end, ... of steps not read yet
+        self._free: list = []     # events read: recorded again, not created per step
+        self._last = None         # the end of the last step read: the next gap starts there
+        self.steps, self.busy_ms, self.gap_ms = 0, 0.0, 0.0
+
+    def mark(self) -> None:
+        """At a step's start, then at its end."""
+        if self.on:
+            e = self._free.pop() if self._free else self._event()
+            e.record()
+            self._pending.append(e)
+
+    def read(self) -> None:
+        """Sums the steps marked so far (every step ended): waits for the last one's end."""
+        p = self._pending
+        if not p:
+            return
+        p[-1].synchronize()  # the stream's events complete in order: all of them are done
+        if self._last is not None:
+            self.gap_ms += self._last.elapsed_time(p[0])
+            self._free.append(self._last)
+        for i in range(0, len(p), 2):
+            self.busy_ms += p[i].elapsed_time(p[i + 1])
+            if i + 2 < len(p):
+                self.gap_ms += p[i + 1].elapsed_time(p[i + 2])
+        self.steps += len(p) // 2
+        self._last = p[-1]
+        self._free += p[:-1]
+        p.clear()
+
+    def wait(self) -> float | None:
+        total = self.gap_ms + self.busy_ms
+        return self.gap_ms / total if self.on and total > 0 else None
+
+    def step_ms(self) -> float | None:
+        return self.busy_ms / self.steps if self.on and self.steps else None
 
 
 def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResult:
@@ -275,6 +327,7 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
     epoch_loss = torch.zeros((), device=dev)
     n_batches, done, wait, n_log = loader.source.num_batches(), 0, 0.0, 0
     t_epoch = t_log = time.perf_counter()
+    timer = StepTimer(dev)
     it = iter(loader)
     while True:
         if cfg.max_steps and run.step >= cfg.max_steps and run.batch < n_batches:
@@ -285,6 +338,7 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
         except StopIteration:
             break
         wait += time.perf_counter() - t0
+        timer.mark()
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         images = input_dtype(images, amp)
         if dev.type == "cuda" and cfg.channels_last:
@@ -294,12 +348,14 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
         step_t += 1
         since_log += loss
         epoch_loss += loss
+        timer.mark()
         run.step, run.batch, done, n_log = run.step + 1, run.batch + 1, done + len(labels), n_log + 1
         if bar is not None:
             bar.update(1)
         log_point = run.step % cfg.log_every == 0 or run.batch == n_batches
         if log_point:
-            t_log = _log_point(run, first_bad, since_log, n_log, len(labels), lr, t_log, bar)
+            t_log = _log_point(run, first_bad, since_log, n_log, len(labels), lr, t_log, bar,
+                               timer)
             n_log = 0
         if run.batch < n_batches:  # at the epoch's end: finish it, then checkpoint
             signum = _agreed_stop(run, stop, log_point)
@@ -307,7 +363,8 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
                 return EpochResult(stopped=signum, images=done)
     seconds = time.perf_counter() - t_epoch
     return EpochResult(stopped=0, images=done, seconds=seconds,
-                       loss_sum=epoch_loss, data_wait=wait / seconds if seconds else 0.0)
+                       loss_sum=epoch_loss, data_wait=wait / seconds if seconds else 0.0,
+                       gpu_wait=timer.wait(), gpu_step_ms=timer.step_ms())
 
 
 def _agreed_stop(run: Run, stop: StopRequest, log_point: bool) -> int:
@@ -320,9 +377,10 @@ def _agreed_stop(run: Run, stop: StopRequest, log_point: bool) -> int:
 
 
 def _log_point(run: Run, first_bad, since_log, n_log: int, batch: int, lr: float, t_log: float,
-               bar) -> float:
+               bar, timer: StepTimer) -> float:
     """The per-interval record; reading the device values is the interval's one sync point."""
     bad = int(first_bad.item())
+    timer.read()
     if bad >= 0:
         raise UserError(f"non-finite loss at step {bad + 1} (epoch {run.epoch + 1}); training "
                         f"stopped, the last good checkpoint is kept. Try a lower --lr")
@@ -415,11 +473,15 @@ def _epochs(run: Run) -> dict:
                   "train_loss": loss_sum / env.world, "train_images": int(images),
                   "images_per_s": images / out.seconds, "data_wait": out.data_wait,
                   "seconds": out.seconds, **metrics}
+        if out.gpu_wait is not None:  # CUDA: the GPU's own view of the same epoch
+            result.update(gpu_wait=out.gpu_wait, gpu_step_ms=out.gpu_step_ms)
         run.log.record(**result)
         run.log.line(f"epoch {run.epoch + 1}/{cfg.epochs} step {run.step}: train loss "
                      f"{result['train_loss']:.4f} centre-crop top-1 err {metrics['top1_err']:.4f} "
                      f"top-5 err {metrics['top5_err']:.4f} val loss {metrics['val_loss']:.4f} "
-                     f"lr {lr:g} {result['images_per_s']:.1f} img/s data-wait {out.data_wait:.1%}")
+                     f"lr {lr:g} {result['images_per_s']:.1f} img/s data-wait {out.data_wait:.1%}"
+                     + (f" GPU idle between steps {out.gpu_wait:.1%}, {out.gpu_step_ms:.1f} ms a "
+                        f"step" if out.gpu_wait is not None else ""))
         is_best = metrics["top1_err"] < run.best
         run.best = min(run.best, metrics["top1_err"])
         run.epoch, run.batch = run.epoch + 1, 0

@@ -168,7 +168,7 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     is one line in the table, the others stay, and the table is on disk after each figure."""
     import argparse
     import gpu_report
-    a = argparse.Namespace(work=tmp_path, out=None)
+    a = argparse.Namespace(work=tmp_path, out=None, batch_size=256)
     r = {"card": "X", "cores": 16, "threads": 8, "workers": 8}
     gpu_report.measure(r, "loader_jpeg", lambda: 5000)
     gpu_report.publish(a, r)
@@ -183,6 +183,7 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     assert ("| reader all workers | failed: RuntimeError: Worker data receiving interrupted |"
             in table)
     assert "| loader over model | 2.500 |" in table and "| limiting stage | model |" in table
+    assert "| synthetic step ms | 128.000 |" in table  # 256 images at 2000 img/s
     assert json.loads((tmp_path / "report.json").read_text())["loader_jpeg"] == 5000
 
 
@@ -292,6 +293,40 @@ def test_a_batch_is_one_dense_array_with_each_stream_in_its_row(shards_jpeg, sha
             assert all(np.array_equal(a, w) for a, w in zip(images, want))
 
 
+def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between(monkeypatch):
+    """The GPU-idle figure of a train run, from events with written-out timestamps (ms): steps
+    at 0-10 and 12-22, a log point, steps at 30-40 and 40-50. Busy 40 ms in 4 steps, idle 2 + 8
+    (the gap across the log point counts: the GPU waited for it), 0 between the last two."""
+    from alexnet_pipe.train import StepTimer
+    times = iter([0, 10, 12, 22, 30, 40, 40, 50])
+    synced = []
+
+    class Event:  # a CUDA event's part the timer uses: record, synchronize, elapsed_time
+        def record(self):
+            self.t = next(times)
+
+        def synchronize(self):
+            synced.append(self.t)
+
+        def elapsed_time(self, later):
+            return later.t - self.t
+
+    timer = StepTimer(torch.device("cuda"), event=Event)
+    for _ in range(2):
+        timer.mark(), timer.mark()
+    timer.read()
+    for _ in range(2):  # the events read above are recorded again, the last one kept until used
+        timer.mark(), timer.mark()
+    timer.read()
+    timer.read()  # nothing new: no change
+    assert synced == [22, 50]  # one wait per read, for the last step's end
+    assert timer.steps == 4 and timer.busy_ms == 40 and timer.gap_ms == 10
+    assert timer.wait() == pytest.approx(10 / 50) and timer.step_ms() == pytest.approx(10)
+    off = StepTimer(torch.device("cpu"), event=Event)
+    off.mark(), off.mark(), off.read()  # records nothing: `times` is spent, next() would raise
+    assert off.wait() is None and off.step_ms() is None
+
+
 @pytest.mark.gpu
 def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_small):
     gpu = ["--device", "gpu", "--deterministic", "--log-every", "2"]
@@ -303,6 +338,10 @@ def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_sm
         proc = subprocess.run([*harness, *map(str, args)], cwd=ROOT, env=env, text=True,
                               capture_output=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in (straight, split):  # the GPU's own idle share and step time, every epoch
+        epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        epochs = [e for e in epochs if e["kind"] == "epoch"]
+        assert epochs and all(0 <= e["gpu_wait"] < 1 and e["gpu_step_ms"] > 0 for e in epochs)
     a = torch.load(straight / "checkpoints/epoch-0002.pt", weights_only=True)["model"]
     b = torch.load(split / "checkpoints/epoch-0002.pt", weights_only=True)["model"]
     for k in a:

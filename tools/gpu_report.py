@@ -3,8 +3,10 @@
 GPU; AlexNet bf16 train-step img/s on synthetic input; their ratio; real-pipeline train img/s
 over synthetic; data-wait over a multi-epoch train run (host time blocked in the loader, which
 on a GPU includes waiting for the GPU's queue: real / synthetic is the measure); real / synthetic
-again on raw shards (no nvJPEG) and with every JPEG on the decode engines; reader-only img/s
-with one worker and with all; which stage limits. Writes WORK/report.json and WORK/report.md.
+again on raw shards (no nvJPEG) and with every JPEG on the decode engines; for each train run
+the GPU's idle share between steps and its time per step, from CUDA events (train.StepTimer),
+against the synthetic step's time; reader-only img/s with one worker and with all; which stage
+limits. Writes WORK/report.json and WORK/report.md.
 
 Usage: gpu_report.py --work DIR [--device gpu|cpu] [--images 4096] [--batch-size 256]
 """
@@ -34,10 +36,12 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 
 # the table's rows after card and cores, in this order
-ROWS = ("dev_shm_free_mib", "loader_jpeg", "loader_raw", "model_synthetic", "loader_over_model",
-        "reader_1_worker", "reader_all_workers", "train_real", "real_over_synthetic", "data_wait",
-        "train_seconds", "train_real_raw", "real_raw_over_synthetic", "train_real_hw",
-        "real_hw_over_synthetic", "limiting_stage")
+ROWS = ("dev_shm_free_mib", "loader_jpeg", "loader_raw", "model_synthetic", "synthetic_step_ms",
+        "loader_over_model", "reader_1_worker", "reader_all_workers", "train_real",
+        "real_over_synthetic", "data_wait", "gpu_wait", "gpu_step_ms", "train_seconds",
+        "train_real_raw", "real_raw_over_synthetic", "gpu_wait_raw", "gpu_step_ms_raw",
+        "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw", "gpu_step_ms_hw",
+        "limiting_stage")
 
 
 def measure(r: dict, name: str, fn) -> None:
@@ -80,6 +84,11 @@ def train_rate(a, r: dict, enc: str = "jpeg", *extra: str) -> float:
     if default:
         r["train_seconds"] = seconds
         r["data_wait"] = sum(e["data_wait"] for e in steady) / len(steady)
+    # the GPU's own view: idle between steps (starved) or a step slower than synthetic (slowed)
+    tag = "" if default else "_raw" if enc == "raw" else "_hw"
+    for key in ("gpu_wait", "gpu_step_ms"):
+        if all(key in e for e in steady):
+            r[key + tag] = sum(e[key] for e in steady) / len(steady)
     return sum(e["images_per_s"] for e in steady) / len(steady)
 
 
@@ -90,6 +99,8 @@ def publish(a, r: dict) -> None:
     ratio(r, "real_over_synthetic", "train_real", "model_synthetic")
     ratio(r, "real_raw_over_synthetic", "train_real_raw", "model_synthetic")
     ratio(r, "real_hw_over_synthetic", "train_real_hw", "model_synthetic")
+    if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
+        r["synthetic_step_ms"] = 1000 * a.batch_size / r["model_synthetic"]
     stages = {k: r.get(v) for k, v in (("reader", "reader_all_workers"),
                                        ("loader", "loader_jpeg"), ("model", "model_synthetic"))}
     stages = {k: v for k, v in stages.items() if isinstance(v, float)}
