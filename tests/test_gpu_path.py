@@ -293,7 +293,7 @@ def test_a_batch_is_one_dense_array_with_each_stream_in_its_row(shards_jpeg, sha
             assert all(np.array_equal(a, w) for a, w in zip(images, want))
 
 
-def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between(monkeypatch):
+def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
     """The GPU-idle figure of a train run, from events with written-out timestamps (ms): steps
     at 0-10 and 12-22, a log point, steps at 30-40 and 40-50. Busy 40 ms in 4 steps, idle 2 + 8
     (the gap across the log point counts: the GPU waited for it), 0 between the last two."""
