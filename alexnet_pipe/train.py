@@ -309,10 +309,10 @@ class StepTimer:
 
     def wait(self) -> float | None:
         total = self.gap_ms + self.busy_ms
-        return self.gap_ms / total if self.on and total > 0 else None
+        return self.gap_ms / total if total > 0 else None  # off CUDA: nothing recorded
 
     def step_ms(self) -> float | None:
-        return self.busy_ms / self.steps if self.on and self.steps else None
+        return self.busy_ms / self.steps if self.steps else None
 
 
 def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResult:
