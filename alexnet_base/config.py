@@ -110,20 +110,19 @@ class AugmentConfig:
             raise UserError("--divide-std needs --mean channel (the paper's pixel mean has no std)")
 
 
-def default_readers(gpu: bool, encoding: str) -> tuple[int, int]:
+def default_readers(gpu: bool) -> tuple[int, int]:
     """(DALI threads, readers) per local process, from the cores this process may use, shared
     by the processes torchrun starts on this machine; readers are processes for JPEG shards,
     threads for raw ones. Feeding a GPU: about half to each, so the training loop's thread
-    never reads. On the CPU every core decodes and crops; a read costs 18-26 us an image, so one
-    reader process keeps up with JPEG shards, and raw shards are read in the pipeline's own
-    thread (0). Measured on 2 cores against DALI's own readers: JPEG 0.84x with one reader
-    process, 0.73x in-process; raw 0.95x in-process, 0.79x with one reader process (batch 64);
-    raw with one reader thread 0.87x, in-process 1.01x (batch 128)."""
+    never reads. On the CPU every core decodes and crops, and the shards are read in the
+    pipeline's own thread (0): raw images one pread each, JPEG streams as views of the mapped
+    shards, which cost that thread about 25 us an image with DALI's copy, where a reader
+    process and its hand-off cost 50 (BENCHMARKS.md)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     share = max(2, resources.usable_cores() // max(local, 1))
     if gpu:
         return max(1, share // 2), max(1, share - share // 2)
-    return share, int(encoding != "raw")
+    return share, 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class LoaderConfig:
                               "shards (they hand batches over in /dev/shm: 2 + 2 x workers "
                               "batches), threads for raw shards; 0 reads in the pipeline's own "
                               "thread (default: the other half of those cores when it feeds a "
-                              "GPU; on the CPU 1 for JPEG shards, 0 for raw).")
+                              "GPU; 0 on the CPU).")
     dtype: str = opt("float32", "Image dtype handed to the model.", choices=DTYPES)
     seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
                     "the weight initialisation with it).")
@@ -162,10 +161,9 @@ class LoaderConfig:
         if not 0 <= self.hw_decoder_load <= 1:
             raise UserError(f"--hw-decoder-load {self.hw_decoder_load}: must be between 0 and 1")
 
-    def readers(self, gpu: bool, encoding: str) -> tuple[int, int]:
-        """(threads, workers) of a pipeline feeding a GPU or not, reading `encoding` shards,
-        the defaults filled in."""
-        threads, workers = default_readers(gpu, encoding)
+    def readers(self, gpu: bool) -> tuple[int, int]:
+        """(threads, workers) of a pipeline feeding a GPU or not, the defaults filled in."""
+        threads, workers = default_readers(gpu)
         return (self.threads or threads), (workers if self.workers is None else self.workers)
 
 

@@ -153,7 +153,7 @@ def baseline_rate(config: BenchConfig, info) -> float:
     source = BatchSource(split=info, batch_size=cfg.batch_size, train=True, crop=cfg.augment.crop,
                          lighting_std=cfg.augment.lighting_std, lighting_basis=basis)
     # as many processes as our loader has threads and readers, at most the cores (torch's advice)
-    workers = min(sum(cfg.readers(False, info.encoding)), resources.usable_cores())
+    workers = min(sum(cfg.readers(False)), resources.usable_cores())
     loader = torch.utils.data.DataLoader(
         _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
         num_workers=workers, drop_last=True, persistent_workers=True,

@@ -1,8 +1,9 @@
 """The DALI train and validation pipelines, and the PyTorch-facing loader around them.
 
-    HDF5 shards --(BatchSource, external_source: one pread per image at its offset, in reader
-                   processes (JPEG, parallel), reader threads (raw, ReadAhead) or, with
-                   --workers 0, in this process)
+    HDF5 shards --(BatchSource, external_source: each JPEG stream a view of its mapped shard,
+                   each raw image or padded JPEG row one pread at its offset; in this process
+                   (--workers 0, the CPU's default), reader processes (JPEG, parallel) or reader
+                   threads (raw, ReadAhead))
       --> JPEG bytes (feeding nvJPEG: one zero-padded (B, longest) array, each stream cut
           back out here) --decoders.image (mixed: nvJPEG on the GPU; cpu otherwise)--> HWC uint8
       or raw HWC uint8 --.gpu()-->
@@ -65,7 +66,7 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
     fn, pipeline_def, types = _dali_modules()
     aug, split = config.augment, source.split
     mean, std = augment.mean_terms(stats, aug)
-    threads, readers = config.readers(gpu, split.encoding)
+    threads, readers = config.readers(gpu)
     callback, workers = source, 0  # workers: reader processes
     if split.encoding == "raw" and readers:
         callback = ReadAhead(source, readers, queue_depth(config.prefetch, readers))
@@ -87,6 +88,12 @@ def build_pipeline(source: BatchSource, *, stats, config: LoaderConfig, gpu: boo
 
     if workers:
         feed = dict(parallel=True, prefetch_queue_depth=queue_depth(config.prefetch, workers))
+    elif split.encoding == "jpeg" and not source.packed:
+        # called in this process when DALI asks, returning views of the mapped shards (read):
+        # DALI copies each stream. Without the copy, DALI's threads would free each of the
+        # batch's streams under the GIL that this thread holds while it reads (a thread of
+        # DALI's waited on it ~5% of the time), and would touch the mapped file themselves.
+        feed = dict(parallel=False, no_copy=False)
     else:  # called in this process when DALI asks; no copy: each call returns fresh arrays
         feed = dict(parallel=False, no_copy=True)
 

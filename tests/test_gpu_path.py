@@ -187,11 +187,21 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["loader_jpeg"] == 5000
 
 
+def _mapped_files(path) -> int:
+    """How many regions of this process's memory map `path`."""
+    return sum(line.rstrip().endswith(" " + str(path)) for line in open("/proc/self/maps"))
+
+
 def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
+    """Every image, read twice in reverse order, is the bytes h5py reads. Raw images are read
+    from at most 2 open files; JPEG streams, views of the mapped shards, hold no descriptor,
+    one map per shard however often it is read, and no map once no view is left."""
     for data in (shards_jpeg, shards_raw):
         info = load_split(data, "train")
         files = shards.ShardFiles(info.files, max_open=2)
-        for s, path in enumerate(info.files):
+        fds = len(os.listdir("/proc/self/fd"))
+        for s, path in enumerate(info.files * 2):
+            s %= len(info.files)
             with shards.open_shard(path) as f:
                 n = f["labels"].shape[0]
                 if info.encoding == "jpeg":
@@ -202,7 +212,12 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
             got = files.read(s, np.arange(n)[::-1])[::-1]
             assert all(np.array_equal(a, b) for a, b in zip(got, want))
             assert len(files._fds) <= 2
+            if info.encoding == "jpeg":
+                assert len(os.listdir("/proc/self/fd")) == fds
+                assert _mapped_files(path) == 1
         files.close()
+        del got
+        assert not any(_mapped_files(path) for path in info.files)  # unmapped with the views
 
 
 def test_a_fork_waits_for_the_reader_threads_reads(tmp_path, shards_raw):

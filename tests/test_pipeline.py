@@ -135,30 +135,28 @@ def test_bad_inputs_give_clear_errors(tmp_path, shards_raw):
         make_loader(config(shards_raw, crop=300))
 
 
-@pytest.mark.parametrize("cores, local, gpu, encoding, want", [
-    (2, 1, True, "jpeg", (1, 1)),    # feeding a GPU: half the cores decode, half read
-    (16, 1, True, "raw", (8, 8)),
-    (16, 8, True, "jpeg", (1, 1)),   # 8 GPUs on a 16-core node: 2 cores per process
-    (2, 1, False, "jpeg", (2, 1)),   # CPU: every core decodes, one reader process
-    (2, 1, False, "raw", (2, 0)),    # CPU, raw: read in the pipeline's own process
-    (16, 2, False, "jpeg", (8, 1)),
+@pytest.mark.parametrize("cores, local, gpu, want", [
+    (2, 1, True, (1, 1)),    # feeding a GPU: half the cores decode, half read
+    (16, 1, True, (8, 8)),
+    (16, 8, True, (1, 1)),   # 8 GPUs on a 16-core node: 2 cores per process
+    (2, 1, False, (2, 0)),   # CPU: every core decodes, read in the pipeline's own process
+    (16, 2, False, (8, 0)),
 ])
-def test_default_readers_follow_the_cores_and_the_device(monkeypatch, cores, local, gpu,
-                                                         encoding, want):
+def test_default_readers_follow_the_cores_and_the_device(monkeypatch, cores, local, gpu, want):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     cfg = LoaderConfig(data="unused")
-    assert cfg.readers(gpu, encoding) == want
-    assert replace(cfg, threads=3, workers=0).readers(gpu, encoding) == (3, 0)  # as given
+    assert cfg.readers(gpu) == want
+    assert replace(cfg, threads=3, workers=0).readers(gpu) == (3, 0)  # as given
 
 
-def test_cpu_defaults_read_raw_in_process_and_jpeg_in_one_reader(shards_raw, shards_jpeg):
+def test_cpu_defaults_read_in_process(shards_raw, shards_jpeg):
     import multiprocessing
-    for data, readers in ((shards_raw, 0), (shards_jpeg, 1)):
+    for data in (shards_raw, shards_jpeg):
         before = set(multiprocessing.active_children())
         loader = make_loader(LoaderConfig(data=data, batch_size=8, device="cpu", threads=1))
         assert next(iter(loader)).images.shape == (8, 3, 224, 224)
-        assert len(set(multiprocessing.active_children()) - before) == readers
+        assert set(multiprocessing.active_children()) == before and loader.readers == (1, 0)
         del loader
 
 
@@ -209,19 +207,43 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
         make_loader(cfg, split="val", shm_reserved=train.shm)
 
 
-def test_a_read_error_in_a_reader_thread_reaches_the_caller(tmp_path, shards_raw):
-    """A shard cut short under a running loader: the reader thread's error comes out of the
-    loader as the one-line error naming the file, not a hang or a DALI traceback."""
+@pytest.mark.parametrize("encoding, workers", [("raw", 2), ("jpeg", 0)])
+def test_a_shard_cut_short_under_a_running_loader(tmp_path, shards_raw, shards_jpeg, encoding,
+                                                  workers):
+    """A shard cut short under a running loader: the read's error comes out of the loader as
+    the one-line error naming the file, not a hang, a DALI traceback or, for JPEG streams read
+    from a map of the shard, a SIGBUS that would kill the process."""
     data = tmp_path / "d"
-    shutil.copytree(shards_raw, data)
-    loader = make_loader(replace(config(data), workers=2), epochs=3)
+    shutil.copytree(shards_raw if encoding == "raw" else shards_jpeg, data)
+    loader = make_loader(replace(config(data), workers=workers), epochs=3)
+    batches = iter(loader)
+    next(batches)  # running: every shard of the first batches read (JPEG: mapped)
     shard = load_split(data, "train").files[0]
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     with pytest.raises(UserError, match=rf"{shard}: cannot read the shard .*short read"):
-        for _ in range(3):  # the first epoch may be read already
+        for _ in batches:  # the rest of the first epoch may be read already
+            pass
+        for _ in range(2):
             for _ in loader:
                 pass
+
+
+def test_default_reader_processes_that_do_not_fit_read_in_this_process(monkeypatch, capsys,
+                                                                        shards_jpeg):
+    """A GPU's default reader processes (JPEG) where /dev/shm is too small for their batches:
+    the pipeline reads in its own process instead and says so, with the room to give (a chosen
+    --workers is refused instead: tests/test_errors.py)."""
+    from alexnet_base import resources
+    from alexnet_pipe import pipeline
+    from alexnet_pipe.reader import BatchSource
+    monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 2**20)
+    source = BatchSource(split=load_split(shards_jpeg, "train"), batch_size=32, train=True,
+                         crop=224, packed=True)
+    assert pipeline._fit_shared_memory(source, 2, 4, default=True) == 0
+    err = capsys.readouterr().err
+    assert "/dev/shm: 1 MiB free, but 4 reader processes need about" in err
+    assert "reading in this process instead" in err and "--shm-size=1g" in err
 
 
 def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shards_raw):

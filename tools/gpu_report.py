@@ -137,7 +137,7 @@ def main() -> int:
                                   progress=False))
     cfg = LoaderConfig(data=a.work / "jpeg", batch_size=a.batch_size, device=a.device,
                        augment=AugmentConfig(mean="pixel"))
-    threads, workers = cfg.readers(gpu, "jpeg")  # on a GPU the same for raw
+    threads, workers = cfg.readers(gpu)
     r.update(threads=threads, workers=workers)
 
     def loader_rate(enc):
