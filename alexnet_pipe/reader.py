@@ -164,9 +164,9 @@ class BatchSource:
         return groups
 
     def read(self, indices: np.ndarray) -> tuple[list | np.ndarray, np.ndarray]:
-        """Images and labels of global `indices`, one pread per image (shards.ShardFiles): raw,
-        one (n, size, size, 3) array the reads fill in place; JPEG, a list of each image's
-        bytes."""
+        """Images and labels of global `indices` (shards.ShardFiles): raw, one (n, size, size, 3)
+        array that one pread per image fills in place; JPEG, a list of each image's bytes as
+        read-only views of the mapped shards (a pipeline that keeps them copies them first)."""
         if self.split.encoding == "raw":
             return self.read_batch(indices)[:2]
         images, labels = [None] * len(indices), np.empty(len(indices), np.int32)
