@@ -27,7 +27,7 @@ import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import h5py
@@ -372,6 +372,17 @@ class ShardFiles:
         self.close()
 
 
+@cache
+def _libc() -> ctypes.CDLL:
+    """The C library with mmap and munmap's signatures, set up once per process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_int64]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
 def _map_read_only(fd: int, offset: int, length: int) -> np.ndarray:
     """`length` bytes of file `fd` from `offset` (a multiple of the page size) as a read-only
     uint8 array over a shared map, unmapped once no view of it is left. It holds no descriptor:
@@ -380,11 +391,7 @@ def _map_read_only(fd: int, offset: int, length: int) -> np.ndarray:
     shards, 1,024 files)."""
     if length == 0:  # mmap refuses a length of 0
         return np.zeros(0, np.uint8)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_int64]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc = _libc()
     addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
     if addr in (None, ctypes.c_void_p(-1).value):  # MAP_FAILED
         err = ctypes.get_errno()
