@@ -110,16 +110,13 @@ class AugmentConfig:
             raise UserError("--divide-std needs --mean channel (the paper's pixel mean has no std)")
 
 
-def default_readers(gpu: bool) -> tuple[int, int]:
-    """(DALI threads, readers) per local process, from the cores this process may use, shared
-    by the processes torchrun starts on this machine; readers are processes for JPEG shards,
-    threads for raw ones. Feeding a GPU: about half to each, so the training loop's thread
-    never reads. On the CPU every core decodes and crops, and the shards are read in the
-    pipeline's own thread (0): raw images one pread each, JPEG streams as views of the mapped
-    shards, which cost that thread about 25 us an image with DALI's copy, where a reader
-    process and its hand-off cost 50 (BENCHMARKS.md)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    share = max(2, resources.usable_cores() // max(local, 1))
+def default_readers(gpu: bool, local_world: int = 1) -> tuple[int, int]:
+    """(DALI threads, shard readers) per process, from the cores this process may use, shared
+    by the `local_world` processes torchrun starts on this machine. Feeding a GPU: about half
+    to each, so the training loop's thread never reads. On the CPU every core decodes and
+    crops, and the shards are read in the pipeline's own thread (0 readers), which costs that
+    thread less than a reader's hand-off would (BENCHMARKS.md)."""
+    share = max(2, resources.usable_cores() // max(local_world, 1))
     if gpu:
         return max(1, share // 2), max(1, share - share // 2)
     return share, 0
@@ -135,36 +132,37 @@ class LoaderConfig:
     threads: int | None = opt(None, "DALI CPU threads per process (default: half the cores "
                               "available to each local process when it feeds a GPU, all of "
                               "them on the CPU).")
-    workers: int | None = opt(None, "Readers of the shards per pipeline: processes for JPEG "
-                              "shards (they hand batches over in /dev/shm: 2 + 2 x workers "
-                              "batches), threads for raw shards; 0 reads in the pipeline's own "
-                              "thread (default: the other half of those cores when it feeds a "
-                              "GPU; 0 on the CPU).")
+    readers: int | None = opt(None, "Shard readers per pipeline: processes for JPEG shards "
+                              "(they hand batches over in /dev/shm: 2 + 2 x readers batches), "
+                              "threads for raw shards; 0 reads in the pipeline's own thread "
+                              "(default: the other half of those cores when it feeds a GPU; "
+                              "0 on the CPU).")
     dtype: str = opt("float32", "Image dtype handed to the model.", choices=DTYPES)
+    channels_last: bool = opt(True, "On GPUs: images in channels_last memory (DALI emits HWC; "
+                              "no copy), the layout the model then runs in.")
     seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
                     "the weight initialisation with it).")
     prefetch: int = opt(2, "Batches each pipeline prepares ahead.")
     hw_decoder_load: float = opt(0.65, "On GPUs with JPEG decode engines (A100, H100, H200): "
                                  "the share of each batch's JPEGs nvJPEG sends to them, the rest "
-                                 "to the CUDA cores (DALI's default 0.65, for the fastest "
-                                 "decoding); 1 keeps decoding off the cores the training step "
-                                 "uses.")
+                                 "to the CUDA cores (DALI's default); 1 keeps decoding off the "
+                                 "cores the training step uses.")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
         _at_least("batch-size", self.batch_size, 1)
         _choose("device", self.device, DEVICES)
         _at_least("threads", self.threads, 1)
-        _at_least("workers", self.workers, 0)
+        _at_least("readers", self.readers, 0)
         _at_least("prefetch", self.prefetch, 1)
         _choose("dtype", self.dtype, DTYPES)
         if not 0 <= self.hw_decoder_load <= 1:
             raise UserError(f"--hw-decoder-load {self.hw_decoder_load}: must be between 0 and 1")
 
-    def readers(self, gpu: bool) -> tuple[int, int]:
-        """(threads, workers) of a pipeline feeding a GPU or not, the defaults filled in."""
-        threads, workers = default_readers(gpu)
-        return (self.threads or threads), (workers if self.workers is None else self.workers)
+    def reader_counts(self, gpu: bool, local_world: int = 1) -> tuple[int, int]:
+        """(DALI threads, shard readers) of a pipeline feeding a GPU or not, defaults filled in."""
+        threads, readers = default_readers(gpu, local_world)
+        return (self.threads or threads), (readers if self.readers is None else self.readers)
 
 
 # --- train -----------------------------------------------------------------------------------------
@@ -195,9 +193,7 @@ class TrainConfig:
     tower_devices: tuple[str, ...] = opt(("cuda:0", "cuda:1"), "Devices of tower A and tower B "
                                          "with --parallel towers.", csv=True)
     amp: bool = opt(True, "bf16 autocast on GPUs.")
-    channels_last: bool = opt(True, "channels_last memory format on GPUs.")
-    compile: bool = opt(False, "torch.compile the model (its synthetic step on an H200, with "
-                        "torch's LRN then: 1.86x, after a 48 s compile).")
+    compile: bool = opt(False, "torch.compile the model (a one-off compile at the start).")
     deterministic: bool = opt(False, "Deterministic cuDNN algorithms: a resumed GPU run repeats "
                               "an uninterrupted one exactly, at some speed; by default cuDNN "
                               "picks the fastest (benchmark mode, not bit-reproducible).")
@@ -239,14 +235,20 @@ class TrainConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     loader: LoaderConfig
-    split: str = opt("train", "Shards to read (always with the train augmentation).",
-                     choices=SPLITS)
     batches: int = opt(20, "Timed batches per repeat.")
     seconds: float | None = opt(None, "Time each repeat for this many seconds instead.")
     repeats: int = opt(3, "Timed repeats; the median is reported.")
     warmup: int = opt(5, "Untimed batches first (worker start, first decode, allocations).")
     compare_model: bool = opt(False, "Also time AlexNet train steps on synthetic input.")
     baseline: bool = opt(False, "Also time a torch DataLoader doing the same work.")
+
+    def validate(self) -> None:
+        self.loader.validate()
+        _at_least("batches", self.batches, 1)
+        if self.seconds is not None and self.seconds <= 0:
+            raise UserError(f"--seconds {self.seconds}: must be positive")
+        _at_least("repeats", self.repeats, 1)
+        _at_least("warmup", self.warmup, 0)
 
 
 @dataclass(frozen=True)

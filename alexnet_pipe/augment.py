@@ -1,13 +1,12 @@
 """The augmentation math as pure numpy: what the DALI pipelines compute, written so it can be read
-and tested on its own. Every DALI stage in pipeline.py has its twin here.
+and tested on its own. Every DALI stage in pipeline.py has its twin here (the normalisation's
+values are normalize.py's).
 
 Pixel scale everywhere: 0-255. Images are HWC uint8 on input, CHW float on output.
 """
 from __future__ import annotations
 
 import numpy as np
-
-from alexnet_base.config import AugmentConfig
 
 def lighting_basis(eigval: np.ndarray, eigvec: np.ndarray, scale: str) -> np.ndarray:
     """(3, 3) matrix B with offset = B @ alpha, on the 0-255 scale.
@@ -48,13 +47,6 @@ def crop_flip(image: np.ndarray, x: int, y: int, crop: int, flip: bool) -> np.nd
     """HWC -> HWC crop at (x, y), mirrored left-right if `flip`."""
     out = image[y:y + crop, x:x + crop]
     return out[:, ::-1] if flip else out
-
-
-def mean_terms(stats, config: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) to apply after cropping: mean is (size, size, 3) for pixel, (3,) for channel."""
-    if config.mean == "pixel":
-        return stats.pixel_mean, np.ones(3)
-    return stats.channel_mean, (stats.channel_std if config.divide_std else np.ones(3))
 
 
 def reference(image: np.ndarray, *, x: int, y: int, flip: bool, offset: np.ndarray, mean, std,

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_base import resources
-from alexnet_base.config import BenchConfig, LoaderConfig
+from alexnet_base.config import ENCODINGS, BenchConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, distributed
+from alexnet_pipe.normalize import Normalization
 from alexnet_pipe.pipeline import make_loader
 from alexnet_pipe.reader import BatchSource
 from preprocessing import resize
-from preprocessing.shards import load_split, load_stats
+from preprocessing.shards import MANIFEST_FILE, load_split, load_stats, read_manifest
 
 
 def timed_rate(it, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
@@ -50,27 +51,30 @@ def endless(loader):
 
 
 def bench_loader(config: BenchConfig) -> dict:
+    config.validate()
     cfg = config.loader
     device = distributed.device(cfg.device)
     gpu = device.type == "cuda"
-    info = load_split(cfg.data, config.split)
-    mb_per_image = info.bytes_per_image / 1e6
+    info = load_split(cfg.data, "train")
+    stats = load_stats(cfg.data, info)
+    norm = Normalization.from_stats(stats, cfg.augment)
     sync = _cuda_sync if gpu else (lambda: None)
     # the baseline first, while this process has no reader threads or pipelines of ours: its
-    # DataLoader may fork (forks during reads are also held off by pipeline's fork gate)
-    baseline = baseline_rate(config, info) if config.baseline else None
+    # DataLoader may fork (a fork during a read is held off by reading.FORK_GATE as well)
+    baseline = baseline_rate(config, info, stats, norm) if config.baseline else None
     rates = []
-    loader = make_loader(cfg, split=config.split, train=True, device=device, info=info,
+    loader = make_loader(cfg, split="train", info=info, norm=norm, device=device,
                          epochs=STREAM)  # read on across epochs as a long run does
     it = endless(loader)
     for _ in range(config.repeats):
         rates.append(timed_rate(it, config.batches, config.seconds,
                                 config.warmup if not rates else 0, cfg.batch_size, sync))
-    threads, workers = loader.readers  # as built: JPEG gets none where /dev/shm is small
+    threads, readers = loader.readers  # as built: JPEG gets none where /dev/shm is small
     result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
-              "batch_size": cfg.batch_size, "threads": threads, "workers": workers,
+              "batch_size": cfg.batch_size, "threads": threads, "readers": readers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),
-              "mb_per_s": statistics.median(rates) * mb_per_image, "repeats": rates}
+              "mb_per_s": statistics.median(rates) * info.bytes_per_image / 1e6,
+              "repeats": rates}
     if config.compare_model:
         result["model_images_per_s"] = model_step_rate(cfg, gpu, info.num_classes)
         result["loader_over_model"] = result["images_per_s"] / result["model_images_per_s"]
@@ -93,11 +97,12 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
     from alexnet_pipe.train import train_step
     device = torch.device("cuda" if gpu else "cpu")
     model = build_model(arch, num_classes=num_classes, crop=cfg.augment.crop).to(device)
-    if gpu:
+    channels_last = gpu and cfg.channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(cfg.batch_size, 3, cfg.augment.crop, cfg.augment.crop, device=device)
-    if gpu:  # as the loader delivers it: an NCHW view of HWC memory
+    if channels_last:  # as the loader delivers it: an NCHW view of HWC memory
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
 
@@ -143,19 +148,19 @@ def _exit_as_forked(_worker: int) -> None:
     atexit.register(os._exit, 0)
 
 
-def baseline_rate(config: BenchConfig, info) -> float:
+def baseline_rate(config: BenchConfig, info, stats, norm: Normalization) -> float:
     import torch
-    cfg = config.loader
-    stats = load_stats(cfg.data, info)
-    mean, std = augment.mean_terms(stats, cfg.augment)
-    basis = augment.lighting_basis(stats.eigval, stats.eigvec, cfg.augment.lighting_scale) \
-        if cfg.augment.lighting_std > 0 else None
-    source = BatchSource(split=info, batch_size=cfg.batch_size, train=True, crop=cfg.augment.crop,
-                         lighting_std=cfg.augment.lighting_std, lighting_basis=basis)
-    # as many processes as our loader has threads and readers, at most the cores (torch's advice)
-    workers = min(sum(cfg.readers(False)), resources.usable_cores())
+    cfg, aug = config.loader, config.loader.augment
+    basis = augment.lighting_basis(stats.eigval, stats.eigvec, aug.lighting_scale) \
+        if aug.lighting_std > 0 else None
+    source = BatchSource(split=info, batch_size=cfg.batch_size, train=True, crop=aug.crop,
+                         flip=aug.flip, lighting_std=aug.lighting_std, lighting_basis=basis)
+    # as many processes as our loader has DALI threads and readers, at most the cores (torch's
+    # advice)
+    env = distributed.from_environment()
+    workers = min(sum(cfg.reader_counts(False, env.local_world)), resources.usable_cores())
     loader = torch.utils.data.DataLoader(
-        _TorchDataset(source, mean, std), batch_size=cfg.batch_size, shuffle=True,
+        _TorchDataset(source, norm.mean, norm.std), batch_size=cfg.batch_size, shuffle=True,
         num_workers=workers, drop_last=True, persistent_workers=True,
         prefetch_factor=2, multiprocessing_context=resources.start_method(),
         worker_init_fn=_exit_as_forked)
@@ -168,16 +173,15 @@ def baseline_rate(config: BenchConfig, info) -> float:
 def resolve_data(data: Path, encoding: str | None) -> Path:
     """--data may be a shard folder, or a folder holding jpeg/ and raw/ shard folders."""
     data = Path(data)
-    if (data / "manifest.json").is_file():
+    if (data / MANIFEST_FILE).is_file():
         if encoding:
-            from preprocessing.shards import read_manifest
             have = read_manifest(data)["encoding"]
             if have != encoding:
                 raise UserError(f"--encoding {encoding}: {data} holds {have} shards")
         return data
-    kinds = [k for k in ("jpeg", "raw") if (data / k / "manifest.json").is_file()]
+    kinds = [k for k in ENCODINGS if (data / k / MANIFEST_FILE).is_file()]
     if not kinds:
-        raise UserError(f"--data {data}: no manifest.json, nor jpeg/ or raw/ shard folders; "
+        raise UserError(f"--data {data}: no {MANIFEST_FILE}, nor jpeg/ or raw/ shard folders; "
                         f"run `alexnet-pipe prepare` first")
     if encoding is None and len(kinds) > 1:
         raise UserError(f"--data {data}: holds {' and '.join(kinds)} shards; pick one with "

@@ -1,28 +1,109 @@
-"""One checkpoint dict, written atomically by rank 0, read back with weights_only=True.
+"""The checkpoint: its schema, written atomically by rank 0, read back with weights_only=True.
 
     RUN/checkpoints/epoch-0003.pt   after each epoch (the last `keep` are kept)
-    RUN/checkpoints/interrupt.pt    on SIGTERM/SIGINT, mid-epoch
+    RUN/checkpoints/interrupt.pt    on SIGTERM/SIGINT or --max-steps, mid-epoch
     RUN/checkpoints/best.pt         the lowest validation top-1 error so far
 
-Each holds: model (the grouped AlexNet layout, whatever the parallel mode), optimizer, scheduler,
-epoch (completed epochs), batch (batches done of the next epoch), step, rng, config, arch,
-num_classes, size (px of the shards), crop, class_names, normalisation (mean, std) and the best
-centre-crop error so far.
+This module alone builds the dict (`build`) and reads it (`restore`, `load_model`): a new field
+is one line in each. What it holds:
+    model           the grouped AlexNet layout, whatever the parallel mode
+    optimizer, scheduler     their state dicts
+    epoch, batch, step, best_top1_err      Progress: where the run stands
+    rng             torch's CPU generator, and the CUDA one of the input device
+    arch, num_classes, size (px of the shards), crop, class_names, normalization
+                    Model: what evaluate, predict and filters need, nothing from the data folder
+    config, version the options of the run, for people and --resume's checks
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path
+from alexnet_pipe import __version__
+from alexnet_pipe.model import TowerAlexNet, build_model
+from alexnet_pipe.normalize import Normalization
 
 CHECKPOINT_DIR = "checkpoints"
 _EPOCH = re.compile(r"epoch-(\d{4,})\.pt$")
+
+
+@dataclass
+class Progress:
+    """Where a run stands: all that training carries from one step to the next."""
+    epoch: int = 0              # epochs completed
+    batch: int = 0              # batches of the next epoch already done (after an interrupt)
+    step: int = 0               # optimizer steps in all
+    best: float = math.inf      # lowest centre-crop val top-1 error so far
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a checkpoint says of its network and its input: enough to use it on images."""
+    arch: str
+    num_classes: int
+    size: int                   # px, the side of the shards it was trained on
+    crop: int                   # px, its input
+    class_names: tuple[str, ...]
+    norm: Normalization
+
+
+def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progress: Progress,
+          config: dict, device: torch.device) -> dict:
+    """The checkpoint dict of a run: `weights` is the trained module (grouped or towers),
+    `device` the input device whose CUDA generator draws the dropout masks."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"arch": model.arch, "num_classes": model.num_classes, "size": model.size,
+            "crop": model.crop, "class_names": list(model.class_names),
+            "normalization": model.norm.to_state(), "config": config, "version": __version__,
+            "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
+            "best_top1_err": progress.best, "rng": rng,
+            "model": weights.grouped_state_dict() if isinstance(weights, TowerAlexNet)
+            else weights.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
+            device: torch.device) -> Progress:
+    """Puts a checkpoint back into a run's module, optimiser, scheduler and generators."""
+    if isinstance(weights, TowerAlexNet):
+        weights.load_grouped_state_dict(state["model"])
+    else:
+        weights.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"].get("cuda") is not None and device.type == "cuda":  # GPU dropout masks
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
+                    best=state["best_top1_err"])
+
+
+def model_of(state: dict) -> Model:
+    return Model(arch=state["arch"], num_classes=state["num_classes"], size=state["size"],
+                 crop=state["crop"], class_names=tuple(state["class_names"]),
+                 norm=Normalization.from_state(state["normalization"]))
+
+
+def load_model(path: Path, device) -> tuple[torch.nn.Module, Model]:
+    """The trained network of a checkpoint on `device`, in eval mode, and what it expects."""
+    state = load(path)
+    about = model_of(state)
+    net = build_model(about.arch, about.num_classes, about.crop)
+    net.load_state_dict(state["model"])
+    return net.to(device).eval(), about
+
+
+# --- files -----------------------------------------------------------------------------------------
 
 
 def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:

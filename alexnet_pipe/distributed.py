@@ -17,6 +17,7 @@ class DistEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine (they share its cores and /dev/shm)
 
     @property
     def is_main(self) -> bool:
@@ -28,9 +29,12 @@ class DistEnv:
 
 
 def from_environment() -> DistEnv:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is rank 0 of 1."""
-    return DistEnv(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)),
-                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain run is rank 0
+    of 1. The only place that reads them."""
+    env = os.environ
+    return DistEnv(rank=int(env.get("RANK", 0)), world=int(env.get("WORLD_SIZE", 1)),
+                   local_rank=int(env.get("LOCAL_RANK", 0)),
+                   local_world=int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def device(choice: str, env: DistEnv | None = None) -> torch.device:

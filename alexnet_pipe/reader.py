@@ -1,6 +1,7 @@
 """The DALI callback that reads the shards: which samples each rank reads in which epoch, in
-which batch, with which augmentation draws, and the batch reads from HDF5. What the files are
-(names, manifest, statistics, their checks) is preprocessing/shards.py's business.
+which batch, with which augmentation draws. What the files are (names, manifest, statistics) is
+preprocessing/shards.py's business; how their bytes are read, reading.py's; what a batch hands
+the pipeline, contract.py's.
 
 `BatchSource` is the callback of a batch-mode `fn.external_source`, parallel or not: stateless
 (batch k of epoch e is a pure function of the seed, e and k), picklable, and it opens its shard
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alexnet_pipe import augment
+from alexnet_pipe.contract import META, SourceBatch
+from alexnet_pipe.reading import ShardFiles
 from preprocessing import shards
 from preprocessing.shards import SplitInfo
 
@@ -66,19 +69,11 @@ def _die_with_parent(parent: int) -> None:
 @dataclass
 class BatchSource:
     """`fn.external_source(source=..., batch=True, batch_info=True)` callback, run by DALI's
-    reader processes (parallel=True, JPEG shards), by reader threads (pipeline.ReadAhead, raw
-    shards) or in the pipeline's own thread (--workers 0).
-
-    Returns per batch: images (raw: one (B, size, size, 3) uint8 array; JPEG: a list of each
-    image's bytes, or with `packed` one zero-padded (B, longest) array, see read_batch),
-    crop_x, crop_y (normalised 0-1 as DALI's crop_pos_x/y expect), mirror (int32), norm_mean
-    (float32 (3,): channel_mean - offset, with offset the PCA lighting shift, for
-    crop_mirror_normalize's per-sample mean), and meta (int64 (7,): label, valid (0 for val
-    padding), the global sample index, the image's stored bytes, and the crop's x, y (px) and
-    mirror again, for the CPU loader's pixel-mean windows) in one array: each
-    output of a parallel external source costs a hand-off and a copy per batch, which at batch 64
-    added up to ~5% of the loader's time. Batches are always full: the train remainder is
-    dropped, the last val batch is padded with its last sample and valid=0.
+    reader processes (parallel=True, JPEG shards), by reader threads (reading.ReadAhead, raw
+    shards) or in the pipeline's own thread (0 readers). Returns a contract.SourceBatch per
+    batch: raw images as one array; JPEG as a list of streams, or `packed` as one zero-padded
+    array (read_batch). Batches are always full: the train remainder is dropped, the last val
+    batch is padded with its last sample and valid=0.
     """
     split: SplitInfo
     batch_size: int
@@ -101,7 +96,7 @@ class BatchSource:
         self._parent = os.getpid()  # the process that owns the pipeline
         self._armed = False         # set in a worker once it dies with its parent
         self._shard_starts = np.concatenate([[0], np.cumsum(self.split.counts)])
-        self._files = None      # shards.ShardFiles, opened lazily in each process
+        self._files = None      # reading.ShardFiles, opened lazily in each process
         self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
 
     def __getstate__(self):
@@ -153,7 +148,7 @@ class BatchSource:
         file order (sequential reads where possible). Opens the shards lazily, per process:
         descriptors neither pickle nor survive a fork."""
         if self._files is None:
-            self._files = shards.ShardFiles(self.split.files, self.max_open_files)
+            self._files = ShardFiles(self.split.files, self.max_open_files)
         shard_of = np.searchsorted(self._shard_starts, indices, side="right") - 1
         groups = []
         for s in np.unique(shard_of):
@@ -164,7 +159,7 @@ class BatchSource:
         return groups
 
     def read(self, indices: np.ndarray) -> tuple[list | np.ndarray, np.ndarray]:
-        """Images and labels of global `indices` (shards.ShardFiles): raw, one (n, size, size, 3)
+        """Images and labels of global `indices` (reading.ShardFiles): raw, one (n, size, size, 3)
         array that one pread per image fills in place; JPEG, a list of each image's bytes as
         read-only views of the mapped shards (a pipeline that keeps them copies them first)."""
         if self.split.encoding == "raw":
@@ -179,13 +174,9 @@ class BatchSource:
     def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(images, labels, lengths) of global `indices`, one pread per image into one array
         allocated per batch. raw: (n, size, size, 3). JPEG: (n, longest) uint8, row i holding
-        image i's `lengths[i]` bytes from its start, zeros after.
-
-        What a GPU decoder is fed (`packed`): DALI takes one dense batch as one buffer to hand
-        over and feed instead of n streams (the pipeline cuts each stream back out), which
-        halves the main thread's time per batch and lifts reader-only throughput 1.5-1.9x. A
-        CPU decoder is fed the list: there the larger padded hand-off cost 12% of the loader's
-        rate (BENCHMARKS.md)."""
+        image i's `lengths[i]` bytes from its start, zeros after: what a GPU decoder is fed
+        (`packed`), one buffer for DALI to hand over instead of n streams (the pipeline cuts
+        each stream back out). A CPU decoder is fed the list, which costs it less there."""
         groups, n, size = self._by_shard(indices), len(indices), self.split.size
         labels = np.empty(n, np.int32)
         if self.split.encoding == "raw":
@@ -247,7 +238,7 @@ class BatchSource:
             raise StopIteration  # also for every prefetched call past the end
         return self.batch(*where)
 
-    def batch(self, epoch: int, batch: int) -> tuple:
+    def batch(self, epoch: int, batch: int) -> SourceBatch:
         idx, valid = self.batch_indices(epoch, batch)
         if self.packed or self.split.encoding == "raw":
             images, labels, lengths = self.read_batch(idx)
@@ -256,9 +247,12 @@ class BatchSource:
             lengths = np.array([len(data) for data in images], np.int64)
         p = self.params(epoch, batch, len(idx))
         span = max(self.split.size - self.crop, 1)
-        shifts = self.lighting_shifts(p)
-        meta = np.stack([labels, valid, idx, lengths, p["x"], p["y"], p["flip"]],
-                        axis=1).astype(np.int64)
-        # Whole arrays are batches to DALI (first axis = sample), as is a list of JPEG streams.
-        return (images, (p["x"] / span).astype(np.float32), (p["y"] / span).astype(np.float32),
-                p["flip"].astype(np.int32), (self.channel_mean - shifts).astype(np.float32), meta)
+        columns = {"label": labels, "valid": valid, "index": idx, "nbytes": lengths,
+                   "x": p["x"], "y": p["y"], "mirror": p["flip"]}
+        meta = np.stack([columns[name] for name in META._fields], axis=1).astype(np.int64)
+        # whole arrays are batches to DALI (first axis = sample), as is a list of JPEG streams
+        return SourceBatch(images=images, crop_x=(p["x"] / span).astype(np.float32),
+                           crop_y=(p["y"] / span).astype(np.float32),
+                           mirror=p["flip"].astype(np.int32),
+                           norm_mean=(self.channel_mean - self.lighting_shifts(p)).astype(
+                               np.float32), meta=meta)

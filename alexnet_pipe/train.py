@@ -5,10 +5,10 @@ centre-crop validation error stops improving (at most 3 times), 90 epochs; biase
 learning rate and no decay (the author's rule, `--bias-rule`). The update is torch's SGD
 (v = m*v + g; w -= lr*v): the paper's (v = m*v - lr*g; w += v) differs only right after a drop.
 
-The run in named steps: `set_up` (options, data, model, optimiser, loaders), `restore` (from a
-checkpoint), `train_one_epoch` (around `train_step`, the one training step that the benchmarks
-time too), `evaluate` (evaluate.py), `snapshot` (the checkpoint dict). A run directory describes
-itself:
+The run in named steps: `set_up` (options, data, model, optimiser, log: a frozen `Setup`),
+`checkpoint.restore` (a `Progress`: all that carries from step to step), `train_one_epoch`
+(around `train_step`, the one training step that the benchmarks time too), `evaluate`
+(evaluate.py) and `checkpoint.build` (the checkpoint dict). A run directory describes itself:
     RUN/config.json        the resolved options and the version
     RUN/metrics.jsonl      one JSON line every --log-every steps ("step") and per epoch ("epoch")
     RUN/train.log          the same, for people
@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,11 +33,13 @@ import torch.nn.functional as F
 from alexnet_base.config import TrainConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import __version__, augment, checkpoint, distributed
+from alexnet_pipe.checkpoint import Progress
 from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, input_dtype
+from alexnet_pipe.normalize import Normalization
 from alexnet_pipe.pipeline import make_loader
 from alexnet_pipe.reader import batches_per_epoch
-from preprocessing.shards import load_split, load_stats
+from preprocessing.shards import SplitInfo, load_split, load_stats
 
 
 # --- the training step -----------------------------------------------------------------------------
@@ -65,26 +68,19 @@ def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
 
 # --- set up ------------------------------------------------------------------------------------------
 
-@dataclass
-class Run:
-    """Everything one training process holds; the steps below read and update it."""
+class Setup(NamedTuple):
+    """What a training process holds for the whole run, fixed once set up."""
     config: TrainConfig
     env: distributed.DistEnv
     mode: str                   # none | ddp | towers (never auto)
     device: torch.device        # where the loaders deliver and the model takes its input
-    model: torch.nn.Module      # what is called: DDP-wrapped or compiled as configured
-    core: torch.nn.Module       # whose grouped state dict is checkpointed
+    core: torch.nn.Module       # the model whose grouped state dict is checkpointed
     optimizer: torch.optim.Optimizer
     scheduler: object
     log: "Log"
-    meta: dict                  # what every checkpoint carries besides the state
-    num_classes: int
-    epoch: int = 0              # epochs completed
-    batch: int = 0              # batches of the next epoch already done (after an interrupt)
-    step: int = 0
-    best: float = float("inf")  # lowest centre-crop val top-1 error so far
-    split: object = None        # shards.SplitInfo of train, read once
-    stats: object = None        # shards.ImageStats, read once
+    split: SplitInfo            # the train split, read once
+    model: checkpoint.Model     # what every checkpoint says of the model and its input
+    lighting: np.ndarray | None  # (3, 3) PCA lighting basis (augment.lighting_basis)
 
 
 def _parallel_mode(config: TrainConfig, env: distributed.DistEnv) -> str:
@@ -100,23 +96,24 @@ def _parallel_mode(config: TrainConfig, env: distributed.DistEnv) -> str:
 
 
 def _build_model(config: TrainConfig, num_classes: int, mode: str, device):
-    """(model to train, module whose grouped state dict is checkpointed, its input device)."""
+    """(model whose grouped state dict is checkpointed, its input device)."""
     crop = config.loader.augment.crop
+    channels_last = config.loader.channels_last
     model = build_model(config.arch, num_classes, crop, config.bias_init, config.dropout)
     if mode == "towers":
         distributed.check_devices(config.tower_devices)
         towers = TowerAlexNet(num_classes, crop, config.dropout, config.tower_devices)
         towers.load_grouped_state_dict(model.state_dict())
-        if config.channels_last and any(d.type == "cuda" for d in towers.devices):
+        if channels_last and any(d.type == "cuda" for d in towers.devices):
             towers = towers.to(memory_format=torch.channels_last)  # on their own devices
-        return towers, towers, towers.devices[0]
+        return towers, towers.devices[0]
     model = model.to(device)
-    if device.type == "cuda" and config.channels_last:
+    if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, model, device
+    return model, device
 
 
-def set_up(config: TrainConfig) -> tuple[Run, Path | None]:
+def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     """Check the options and the data, then build model, optimiser and log. Nothing is written
     before every check has passed. Returns the run and the checkpoint to resume from."""
     config.validate()
@@ -133,8 +130,9 @@ def set_up(config: TrainConfig) -> tuple[Run, Path | None]:
     if not config.resume and checkpoint.latest(run_dir) is not None:
         raise UserError(f"--out {run_dir}: holds checkpoints of an earlier run; add --resume to "
                         f"continue it, or choose another --out")
+    aug = config.loader.augment
     split = load_split(config.loader.data, "train")
-    config.loader.augment.validate(split.size)
+    aug.validate(split.size)
     stats = load_stats(config.loader.data, split)
     distributed.init(env, device, config.dist_timeout)
     if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
@@ -147,24 +145,23 @@ def set_up(config: TrainConfig) -> tuple[Run, Path | None]:
              "world_size": env.world}, indent=2) + "\n")
     distributed.barrier()
     torch.manual_seed(config.loader.seed)  # the weight initialisation
-    model, core, in_device = _build_model(config, split.num_classes, mode, device)
-    optimizer = torch.optim.SGD(param_groups(model, config), lr=config.lr,
+    core, in_device = _build_model(config, split.num_classes, mode, device)
+    optimizer = torch.optim.SGD(param_groups(core, config), lr=config.lr,
                                 momentum=config.momentum)
-    mean, std = augment.mean_terms(stats, config.loader.augment)
-    meta = {"arch": config.arch, "num_classes": split.num_classes, "size": split.size,
-            "crop": config.loader.augment.crop, "class_names": list(split.class_names),
-            "config": _plain(config), "version": __version__,
-            "normalization": {"mean": torch.as_tensor(np.asarray(mean), dtype=torch.float32),
-                              "std": torch.as_tensor(np.asarray(std), dtype=torch.float32)}}
-    run = Run(config=config, env=env, mode=mode, device=in_device, model=model, core=core,
-              optimizer=optimizer, scheduler=_scheduler(optimizer, config),
-              log=Log(run_dir, env.is_main), meta=meta, num_classes=split.num_classes,
-              split=split, stats=stats)
+    about = checkpoint.Model(arch=config.arch, num_classes=split.num_classes, size=split.size,
+                             crop=aug.crop, class_names=split.class_names,
+                             norm=Normalization.from_stats(stats, aug))
+    lighting = None
+    if aug.lighting_std > 0:
+        lighting = augment.lighting_basis(stats.eigval, stats.eigvec, aug.lighting_scale)
+    setup = Setup(config=config, env=env, mode=mode, device=in_device, core=core,
+                  optimizer=optimizer, scheduler=_scheduler(optimizer, config),
+                  log=Log(run_dir, env.is_main), split=split, model=about, lighting=lighting)
     n = count_parameters(core)
-    run.log.line(f"{config.arch}: {n:,} parameters ({n + (1000 - split.num_classes) * 4097:,} "
-                 f"at 1000 classes), {split.num_classes} classes, parallel={mode}, "
-                 f"world={env.world}, device={device.type}")
-    return run, resume_from
+    setup.log.line(f"{config.arch}: {n:,} parameters ({n + (1000 - split.num_classes) * 4097:,} "
+                   f"at 1000 classes), {split.num_classes} classes, parallel={mode}, "
+                   f"world={env.world}, device={device.type}")
+    return setup, resume_from
 
 
 def _scheduler(optimizer, config: TrainConfig):
@@ -187,36 +184,21 @@ def _plain(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-# --- restore and snapshot ----------------------------------------------------------------------------
-
-def restore(run: Run, path: Path) -> None:
+def restore(setup: Setup, path: Path) -> Progress:
     state = checkpoint.load(path)
-    checkpoint.check_compatible(state, path, arch=run.config.arch, num_classes=run.num_classes)
-    if isinstance(run.core, TowerAlexNet):
-        run.core.load_grouped_state_dict(state["model"])
-    else:
-        run.core.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.epoch, run.batch, run.step = state["epoch"], state["batch"], state["step"]
-    run.best = state["best_top1_err"]
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"].get("cuda") is not None and run.device.type == "cuda":  # GPU dropout masks
-        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
-    run.log.line(f"resumed from {path} at epoch {run.epoch + 1}, batch {run.batch}, "
-                 f"step {run.step}")
+    checkpoint.check_compatible(state, path, arch=setup.config.arch,
+                                num_classes=setup.model.num_classes)
+    progress = checkpoint.restore(state, weights=setup.core, optimizer=setup.optimizer,
+                                  scheduler=setup.scheduler, device=setup.device)
+    setup.log.line(f"resumed from {path} at epoch {progress.epoch + 1}, batch {progress.batch}, "
+                   f"step {progress.step}")
+    return progress
 
 
-def snapshot(run: Run, epoch: int, batch: int) -> dict:
-    core = run.core
-    rng = {"torch": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    return {**run.meta, "epoch": epoch, "batch": batch, "step": run.step,
-            "best_top1_err": run.best, "rng": rng,
-            "model": core.grouped_state_dict() if isinstance(core, TowerAlexNet)
-            else core.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+def snapshot(setup: Setup, progress: Progress) -> dict:
+    return checkpoint.build(model=setup.model, weights=setup.core, optimizer=setup.optimizer,
+                            scheduler=setup.scheduler, progress=progress,
+                            config=_plain(setup.config), device=setup.device)
 
 
 # --- one epoch ---------------------------------------------------------------------------------------
@@ -315,22 +297,44 @@ class StepTimer:
         return self.busy_ms / self.steps if self.steps else None
 
 
-def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResult:
-    """Train `run` over the rest of epoch `run.epoch`; `run.step` and `run.batch` advance."""
-    run.model.train()
-    cfg, dev = run.config, run.device
-    amp = cfg.amp and dev.type == "cuda"
-    lr = run.optimizer.param_groups[0]["lr"]
-    step_t = torch.full((), run.step, device=dev)   # the step count, kept on the device
-    first_bad = torch.full((), -1, device=dev)      # step of the first non-finite loss
-    since_log = torch.zeros((), device=dev)         # loss sum since the last log record
-    epoch_loss = torch.zeros((), device=dev)
-    n_batches, done, wait, n_log = loader.source.num_batches(), 0, 0.0, 0
-    t_epoch = t_log = time.perf_counter()
-    timer = StepTimer(dev)
+class _Interval:
+    """The steps since the last log point, counted on the device: reading them is a sync."""
+
+    def __init__(self, step: int, device):
+        self.step = torch.full((), step, device=device)   # the step count, kept on the device
+        self.first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss
+        self.loss = torch.zeros((), device=device)        # loss sum since the last log record
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step,
+                                     self.first_bad)
+        self.step += 1
+        self.loss += loss
+        self.steps += 1
+
+    def restart(self, t0: float) -> None:
+        self.loss.zero_()
+        self.steps, self.t0 = 0, t0
+
+
+def train_one_epoch(model, optimizer, loader, device: torch.device, progress: Progress,
+                    config: TrainConfig, *, log: Log, stop: StopRequest, num_classes: int,
+                    ranks: bool, bar=None) -> EpochResult:
+    """Train `model` over the rest of epoch `progress.epoch`; `progress.step` and
+    `progress.batch` advance. ranks: several processes, which agree on a stop."""
+    model.train()
+    amp = config.amp and device.type == "cuda"
+    channels_last = device.type == "cuda" and config.loader.channels_last
+    lr = optimizer.param_groups[0]["lr"]
+    interval = _Interval(progress.step, device)
+    epoch_loss = torch.zeros((), device=device)
+    n_batches, done, wait = loader.source.num_batches(), 0, 0.0
+    t_epoch = interval.t0
+    timer = StepTimer(device)
     it = iter(loader)
     while True:
-        if cfg.max_steps and run.step >= cfg.max_steps and run.batch < n_batches:
+        if config.max_steps and progress.step >= config.max_steps and progress.batch < n_batches:
             return EpochResult(stopped=0, images=done, seconds=time.perf_counter() - t_epoch)
         t0 = time.perf_counter()
         try:
@@ -339,26 +343,22 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
             break
         wait += time.perf_counter() - t0
         timer.mark()
-        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         images = input_dtype(images, amp)
-        if dev.type == "cuda" and cfg.channels_last:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss = train_step(run.model, run.optimizer, images, labels, amp=amp)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_t, first_bad)
-        step_t += 1
-        since_log += loss
+        loss = train_step(model, optimizer, images, labels, amp=amp)
+        interval.add(loss)
         epoch_loss += loss
         timer.mark()
-        run.step, run.batch, done, n_log = run.step + 1, run.batch + 1, done + len(labels), n_log + 1
+        progress.step, progress.batch, done = progress.step + 1, progress.batch + 1, done + len(labels)
         if bar is not None:
             bar.update(1)
-        log_point = run.step % cfg.log_every == 0 or run.batch == n_batches
+        log_point = progress.step % config.log_every == 0 or progress.batch == n_batches
         if log_point:
-            t_log = _log_point(run, first_bad, since_log, n_log, len(labels), lr, t_log, bar,
-                               timer)
-            n_log = 0
-        if run.batch < n_batches:  # at the epoch's end: finish it, then checkpoint
-            signum = _agreed_stop(run, stop, log_point)
+            _log_point(log, progress, config, num_classes, interval, len(labels), lr, bar, timer)
+        if progress.batch < n_batches:  # at the epoch's end: finish it, then checkpoint
+            signum = _agreed_stop(stop, log_point, ranks, device)
             if signum:
                 return EpochResult(stopped=signum, images=done)
     seconds = time.perf_counter() - t_epoch
@@ -367,176 +367,185 @@ def train_one_epoch(run: Run, loader, stop: StopRequest, bar=None) -> EpochResul
                        gpu_wait=timer.wait(), gpu_step_ms=timer.step_ms())
 
 
-def _agreed_stop(run: Run, stop: StopRequest, log_point: bool) -> int:
+def _agreed_stop(stop: StopRequest, log_point: bool, ranks: bool, device) -> int:
     """The signal that stops every rank at this step, or 0. One process checks its own flag every
     step; ranks agree through one small all-reduce at log points only (a signal to one rank stops
     them all at the same step, within --log-every steps, without a sync per step)."""
-    if not run.env.enabled:
+    if not ranks:
         return stop.signal or 0
-    return distributed.max_over_ranks(stop.signal or 0, run.device) if log_point else 0
+    return distributed.max_over_ranks(stop.signal or 0, device) if log_point else 0
 
 
-def _log_point(run: Run, first_bad, since_log, n_log: int, batch: int, lr: float, t_log: float,
-               bar, timer: StepTimer) -> float:
+def _log_point(log: Log, progress: Progress, config: TrainConfig, num_classes: int,
+               interval: _Interval, batch: int, lr: float, bar, timer: StepTimer) -> None:
     """The per-interval record; reading the device values is the interval's one sync point."""
-    bad = int(first_bad.item())
+    bad = int(interval.first_bad.item())
     timer.read()
     if bad >= 0:
-        raise UserError(f"non-finite loss at step {bad + 1} (epoch {run.epoch + 1}); training "
-                        f"stopped, the last good checkpoint is kept. Try a lower --lr")
-    loss = since_log.item() / n_log
+        raise UserError(f"non-finite loss at step {bad + 1} (epoch {progress.epoch + 1}); "
+                        f"training stopped, the last good checkpoint is kept. Try a lower --lr")
+    loss = interval.loss.item() / interval.steps
     now = time.perf_counter()
-    run.log.record(kind="step", epoch=run.epoch + 1, step=run.step, loss=loss, lr=lr,
-                   images_per_s=n_log * batch / (now - t_log))
+    log.record(kind="step", epoch=progress.epoch + 1, step=progress.step, loss=loss, lr=lr,
+               images_per_s=interval.steps * batch / (now - interval.t0))
     if bar is not None:
         bar.set_postfix(loss=f"{loss:.3f}")
-    _warn_if_flat(run, loss)
-    since_log.zero_()
-    return now
+    _warn_if_flat(log, progress.step, config, num_classes, loss)
+    interval.restart(now)
 
 
-def _warn_if_flat(run: Run, loss: float) -> None:
-    cfg, n = run.config, run.num_classes
-    if run.step >= cfg.flat_check_steps and run.step - cfg.log_every < cfg.flat_check_steps:
+def _warn_if_flat(log: Log, step: int, config: TrainConfig, n: int, loss: float) -> None:
+    if step >= config.flat_check_steps and step - config.log_every < config.flat_check_steps:
         chance = math.log(n)
         if abs(loss - chance) < 0.02 * chance:
-            run.log.line(f"WARNING: after {run.step} steps the loss ({loss:.4f}) has not moved "
-                         f"from ln({n}) = {chance:.4f}; the paper's bias initialisation is known "
-                         f"to stall like this: try --bias-init caffe (biases 0.1)")
+            log.line(f"WARNING: after {step} steps the loss ({loss:.4f}) has not moved "
+                     f"from ln({n}) = {chance:.4f}; the paper's bias initialisation is known "
+                     f"to stall like this: try --bias-init caffe (biases 0.1)")
 
 
 # --- the run -----------------------------------------------------------------------------------------
 
 def run(config: TrainConfig) -> dict:
-    train_run, resume_from = set_up(config)
+    setup, resume_from = set_up(config)
     try:
-        if resume_from is not None:
-            restore(train_run, resume_from)
-        return _epochs(train_run)
+        progress = restore(setup, resume_from) if resume_from is not None else Progress()
+        return _epochs(setup, progress)
     finally:
         distributed.shutdown()
 
 
-def _loaders(run: Run):
-    cfg, env = run.config, run.env
+def _wrapped(setup: Setup) -> torch.nn.Module:
+    """What is called: the checkpointed model, DDP-wrapped and compiled as configured (after
+    restore: DDP broadcasts rank 0's weights when it wraps)."""
+    model = setup.core
+    if setup.mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[setup.env.local_rank] if setup.device.type == "cuda" else None)
+    return torch.compile(model) if setup.config.compile else model
+
+
+def _loaders(setup: Setup, progress: Progress):
+    """(per-rank loader config, train loader, val loader), reading the data folder no more."""
+    cfg, env = setup.config, setup.env
     per_rank = replace(cfg.loader, batch_size=cfg.loader.batch_size // env.world)
-    common = dict(rank=env.rank, world=env.world, device=run.device, stats=run.stats)
-    train = make_loader(per_rank, split="train", start_epoch=run.epoch, start_batch=run.batch,
-                        epochs=_stream_epochs(run, per_rank.batch_size), info=run.split, **common)
+    common = dict(rank=env.rank, world=env.world, device=setup.device, norm=setup.model.norm)
+    train = make_loader(per_rank, split="train", info=setup.split, lighting=setup.lighting,
+                        start_epoch=progress.epoch, start_batch=progress.batch,
+                        epochs=_stream_epochs(setup, progress, per_rank.batch_size), **common)
     # the val readers' shared memory comes on top of the train readers' (neither has run yet)
     return per_rank, train, make_loader(per_rank, split="val", shm_reserved=train.shm, **common)
 
 
-def _stream_epochs(run: Run, batch: int) -> int:
+def _stream_epochs(setup: Setup, progress: Progress, batch: int) -> int:
     """Epochs the train readers stream without draining: the rest of the run, which
     --max-steps may end early (nothing is then read past the epoch it ends in)."""
-    cfg = run.config
-    epochs = cfg.epochs - run.epoch
+    cfg = setup.config
+    epochs = cfg.epochs - progress.epoch
     if cfg.max_steps:
-        per_epoch = batches_per_epoch(run.split.total, batch, train=True, rank=run.env.rank,
-                                      world=run.env.world) or 1
-        epochs = min(epochs, -(-(run.batch + max(cfg.max_steps - run.step, 1)) // per_epoch))
+        per_epoch = batches_per_epoch(setup.split.total, batch, train=True,
+                                      rank=setup.env.rank, world=setup.env.world) or 1
+        todo = progress.batch + max(cfg.max_steps - progress.step, 1)
+        epochs = min(epochs, -(-todo // per_epoch))
     return max(epochs, 1)
 
 
-def _epochs(run: Run) -> dict:
-    cfg, env = run.config, run.env
-    if run.epoch >= cfg.epochs:
-        run.log.line(f"already trained {run.epoch} epochs (--epochs {cfg.epochs}): nothing to do")
-        return {"epoch": run.epoch, "step": run.step}
-    if run.mode == "ddp":
-        run.model = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[env.local_rank] if run.device.type == "cuda" else None)
-    if cfg.compile:
-        run.model = torch.compile(run.model)
-    per_rank, train_loader, val_loader = _loaders(run)
+def _epochs(setup: Setup, progress: Progress) -> dict:
+    cfg, env, log, device = setup.config, setup.env, setup.log, setup.device
+    if progress.epoch >= cfg.epochs:
+        log.line(f"already trained {progress.epoch} epochs (--epochs {cfg.epochs}): nothing to do")
+        return {"epoch": progress.epoch, "step": progress.step}
+    model = _wrapped(setup)
+    per_rank, train_loader, val_loader = _loaders(setup, progress)
     stop, result = StopRequest(), {}
-    while run.epoch < cfg.epochs:
-        lr = run.optimizer.param_groups[0]["lr"]
-        bar = _bar(cfg, env, len(train_loader), run.epoch)
-        out = train_one_epoch(run, train_loader, stop, bar)
+    while progress.epoch < cfg.epochs:
+        lr = setup.optimizer.param_groups[0]["lr"]
+        bar = _bar(cfg, env, len(train_loader), progress.epoch)
+        out = train_one_epoch(model, setup.optimizer, train_loader, device, progress, cfg,
+                              log=log, stop=stop, num_classes=setup.model.num_classes,
+                              ranks=env.enabled, bar=bar)
         if bar is not None:
             bar.close()
         if out.stopped:
-            _save(run, "interrupt.pt", run.epoch, run.batch)
-            run.log.line(f"signal {out.stopped}: saved interrupt.pt at epoch {run.epoch + 1}, "
-                         f"batch {run.batch}; continue with --resume")
+            _save(setup, progress, "interrupt.pt")
+            log.line(f"signal {out.stopped}: saved interrupt.pt at epoch {progress.epoch + 1}, "
+                     f"batch {progress.batch}; continue with --resume")
             sys.exit(128 + out.stopped)
-        if run.batch < train_loader.source.num_batches():  # --max-steps, mid-epoch
-            return _stop_at_max_steps(run, val_loader)
-        metrics = evaluate(run.model, val_loader, device=run.device, amp=cfg.amp)
-        run.scheduler.step(metrics["top1_err"])
-        steps = run.batch - train_loader.source.skipped(run.epoch)
+        if progress.batch < train_loader.source.num_batches():  # --max-steps, mid-epoch
+            return _stop_at_max_steps(setup, progress, model, val_loader)
+        metrics = evaluate(model, val_loader, device=device, amp=cfg.amp)
+        setup.scheduler.step(metrics["top1_err"])
+        steps = progress.batch - train_loader.source.skipped(progress.epoch)
         mean_loss = float(out.loss_sum) / max(steps, 1)  # the epoch's one read of it
-        images, loss_sum = distributed.all_sum([out.images, mean_loss], run.device)
-        result = {"kind": "epoch", "epoch": run.epoch + 1, "step": run.step, "lr": lr,
+        images, loss_sum = distributed.all_sum([out.images, mean_loss], device)
+        result = {"kind": "epoch", "epoch": progress.epoch + 1, "step": progress.step, "lr": lr,
                   "train_loss": loss_sum / env.world, "train_images": int(images),
                   "images_per_s": images / out.seconds, "data_wait": out.data_wait,
                   "seconds": out.seconds, **metrics}
         if out.gpu_wait is not None:  # CUDA: the GPU's own view of the same epoch
             result.update(gpu_wait=out.gpu_wait, gpu_step_ms=out.gpu_step_ms)
-        run.log.record(**result)
-        run.log.line(f"epoch {run.epoch + 1}/{cfg.epochs} step {run.step}: train loss "
-                     f"{result['train_loss']:.4f} centre-crop top-1 err {metrics['top1_err']:.4f} "
-                     f"top-5 err {metrics['top5_err']:.4f} val loss {metrics['val_loss']:.4f} "
-                     f"lr {lr:g} {result['images_per_s']:.1f} img/s data-wait {out.data_wait:.1%}"
-                     + (f" GPU idle between steps {out.gpu_wait:.1%}, {out.gpu_step_ms:.1f} ms a "
-                        f"step" if out.gpu_wait is not None else ""))
-        is_best = metrics["top1_err"] < run.best
-        run.best = min(run.best, metrics["top1_err"])
-        run.epoch, run.batch = run.epoch + 1, 0
-        path = _save(run, f"epoch-{run.epoch:04d}.pt", run.epoch, 0)
+        log.record(**result)
+        log.line(f"epoch {progress.epoch + 1}/{cfg.epochs} step {progress.step}: train loss "
+                 f"{result['train_loss']:.4f} centre-crop top-1 err {metrics['top1_err']:.4f} "
+                 f"top-5 err {metrics['top5_err']:.4f} val loss {metrics['val_loss']:.4f} "
+                 f"lr {lr:g} {result['images_per_s']:.1f} img/s data-wait {out.data_wait:.1%}"
+                 + (f" GPU idle between steps {out.gpu_wait:.1%}, {out.gpu_step_ms:.1f} ms a "
+                    f"step" if out.gpu_wait is not None else ""))
+        is_best = metrics["top1_err"] < progress.best
+        progress.best = min(progress.best, metrics["top1_err"])
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+        path = _save(setup, progress, f"epoch-{progress.epoch:04d}.pt")
         if env.is_main and is_best:
             checkpoint.mark_best(Path(cfg.out), path)
-        signum = distributed.max_over_ranks(stop.signal or 0, run.device)  # every epoch
+        signum = distributed.max_over_ranks(stop.signal or 0, device)  # every epoch
         if signum:  # arrived during the epoch's last steps or evaluation, on some rank
-            run.log.line(f"signal {signum}: stopped after epoch {run.epoch}; continue with "
-                         f"--resume")
+            log.line(f"signal {signum}: stopped after epoch {progress.epoch}; continue with "
+                     f"--resume")
             sys.exit(128 + signum)
-        if cfg.max_steps and run.step >= cfg.max_steps:
+        if cfg.max_steps and progress.step >= cfg.max_steps:
             break
-    return _finish(run, per_rank, result)
+    return _finish(setup, progress, model, per_rank, result)
 
 
-def _stop_at_max_steps(run: Run, val_loader) -> dict:
+def _stop_at_max_steps(setup: Setup, progress: Progress, model, val_loader) -> dict:
     """--max-steps reached inside an epoch: evaluate, save a resumable interrupt.pt, end."""
-    metrics = evaluate(run.model, val_loader, device=run.device, amp=run.config.amp)
-    _save(run, "interrupt.pt", run.epoch, run.batch)
-    run.log.record(kind="max_steps", epoch=run.epoch + 1, step=run.step, **metrics)
-    run.log.line(f"--max-steps {run.config.max_steps} reached at epoch {run.epoch + 1}, batch "
-                 f"{run.batch}: centre-crop top-1 err {metrics['top1_err']:.4f}; saved "
-                 f"interrupt.pt (continue with --resume)")
-    return {"kind": "max_steps", "step": run.step, **metrics}
+    metrics = evaluate(model, val_loader, device=setup.device, amp=setup.config.amp)
+    _save(setup, progress, "interrupt.pt")
+    setup.log.record(kind="max_steps", epoch=progress.epoch + 1, step=progress.step, **metrics)
+    setup.log.line(f"--max-steps {setup.config.max_steps} reached at epoch {progress.epoch + 1}, "
+                   f"batch {progress.batch}: centre-crop top-1 err {metrics['top1_err']:.4f}; "
+                   f"saved interrupt.pt (continue with --resume)")
+    return {"kind": "max_steps", "step": progress.step, **metrics}
 
 
-def _save(run: Run, name: str, epoch: int, batch: int) -> Path:
+def _save(setup: Setup, progress: Progress, name: str) -> Path:
     """Rank 0 writes the checkpoint; the ranks agree on whether it worked (a full disk on rank 0
     must not leave the others waiting in the next collective)."""
     path, error = None, None
-    if run.env.is_main:
+    if setup.env.is_main:
         try:
-            path = checkpoint.save(Path(run.config.out), snapshot(run, epoch, batch), name=name,
-                                   keep=run.config.keep)
+            path = checkpoint.save(Path(setup.config.out), snapshot(setup, progress), name=name,
+                                   keep=setup.config.keep)
         except UserError as e:
             error = e
-    if distributed.max_over_ranks(int(error is not None), run.device):
+    if distributed.max_over_ranks(int(error is not None), setup.device):
         raise error or UserError(f"rank 0 could not write {name}; see its message")
     return path
 
 
-def _finish(run: Run, per_rank, result: dict) -> dict:
-    checksum = float(sum(p.detach().double().sum().item() for p in run.core.parameters()))
-    result["ranks_in_sync"] = distributed.same_on_all_ranks(checksum, run.device)
+def _finish(setup: Setup, progress: Progress, model, per_rank, result: dict) -> dict:
+    device, env = setup.device, setup.env
+    checksum = float(sum(p.detach().double().sum().item() for p in setup.core.parameters()))
+    result["ranks_in_sync"] = distributed.same_on_all_ranks(checksum, device)
     if not result["ranks_in_sync"]:
         raise UserError("the ranks' weights differ after training: a DDP fault; do not use this run")
-    if run.config.ten_crop:
-        ten = make_loader(per_rank, split="val", rank=run.env.rank, world=run.env.world,
-                          ten_crop=True, device=run.device, stats=run.stats)
-        tc = evaluate(run.model, ten, device=run.device, amp=run.config.amp, ten_crop=True)
+    if setup.config.ten_crop:
+        ten = make_loader(per_rank, split="val", rank=env.rank, world=env.world, ten_crop=True,
+                          device=device, norm=setup.model.norm)
+        tc = evaluate(model, ten, device=device, amp=setup.config.amp, ten_crop=True)
         result.update({f"ten_crop_{k}": v for k, v in tc.items()})
-        run.log.record(kind="ten_crop", **tc)
-        run.log.line(f"ten-crop: top-1 err {tc['top1_err']:.4f} top-5 err {tc['top5_err']:.4f}")
-    run.log.record(kind="done", ranks_in_sync=result["ranks_in_sync"], step=run.step)
+        setup.log.record(kind="ten_crop", **tc)
+        setup.log.line(f"ten-crop: top-1 err {tc['top1_err']:.4f} top-5 err {tc['top5_err']:.4f}")
+    setup.log.record(kind="done", ranks_in_sync=result["ranks_in_sync"], step=progress.step)
     return result
 
 

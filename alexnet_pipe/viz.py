@@ -12,18 +12,20 @@ from alexnet_pipe import augment
 
 def preview_grid(config, out: Path) -> Path:
     """PNG: each original shard image of a train batch (config.batch_size of them) beside its
-    augmented crop, the mean added back."""
+    augmented crop, the normalisation undone."""
+    from alexnet_pipe.normalize import Normalization
     from alexnet_pipe.pipeline import make_loader
-    from preprocessing.shards import load_stats
+    from preprocessing.shards import load_split, load_stats
     n = config.batch_size
-    loader = make_loader(config, split="train")
+    info = load_split(config.data, "train")
+    norm = Normalization.from_stats(load_stats(config.data, info), config.augment)
+    loader = make_loader(config, split="train", info=info, norm=norm)
     images = next(iter(loader)).images
     src = loader.source
     idx, _ = src.batch_indices(0, 0)
     originals, _ = src.read(idx)
     p = src.params(0, 0, n)
-    stats = load_stats(config.data, src.split)
-    mean, std = augment.mean_terms(stats, config.augment)
+    mean, std = norm.mean, norm.std
     size, crop, pad = src.split.size, config.augment.crop, 8
     cols = 2
     canvas = Image.new("RGB", (cols * (size + crop + 3 * pad), -(-n // cols) * (size + pad) + pad),
@@ -34,7 +36,7 @@ def preview_grid(config, out: Path) -> Path:
             from preprocessing.resize import decode_jpeg
             original = decode_jpeg(original.tobytes())
         x, y, flip = int(p["x"][i]), int(p["y"][i]), bool(p["flip"][i])
-        m = augment.crop_flip(mean, x, y, crop, flip) if np.ndim(mean) == 3 else mean
+        m = augment.crop_flip(mean, x, y, crop, flip) if norm.per_pixel else mean
         seen = images[i].float().cpu().numpy().transpose(1, 2, 0) * std + m
         seen = np.clip(seen, 0, 255).astype(np.uint8)
         r, c = divmod(i, cols)
@@ -86,10 +88,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
 def draw_checkpoint_filters(checkpoint_path: Path, out: Path) -> Path:
     """conv1_filters of a checkpoint's first layer (either architecture)."""
+    import torch
+
     from alexnet_pipe import checkpoint
-    state = checkpoint.load(checkpoint_path)
-    name = "features.1.weight" if state["arch"] == "alexnet" else "features.0.weight"
-    return conv1_filters(state["model"][name].float().numpy(), out)
+    model, _ = checkpoint.load_model(checkpoint_path, torch.device("cpu"))
+    conv1 = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    return conv1_filters(conv1.weight.detach().float().numpy(), out)
 
 
 def conv1_filters(weight: np.ndarray, out: Path, scale: int = 4) -> Path:

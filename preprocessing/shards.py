@@ -17,17 +17,15 @@ user can read and that the loaders read without h5py, at each dataset's file off
     labels   (N,) int32, class index 0..C-1 (sorted wnids)
     keys     (N,) UTF-8 strings, the source path relative to the ImageNet root
     attrs    format_version (int), encoding ("jpeg" | "raw"), size (int), split (str)
+
+How the training loader reads these bytes fast is alexnet_pipe/reading.py's business.
 """
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -235,168 +233,3 @@ def load_stats(data: Path, split: SplitInfo) -> ImageStats:
                         f"({split.train_images} train images of {split.size} px); "
                         f"run prepare again")
     return stats
-
-
-# --- reading images at memory speed ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """What a reader needs of one shard, read once with h5py: no image is read here."""
-    path: str
-    encoding: str
-    size: int
-    labels: np.ndarray              # (N,) int32
-    data_offset: int | None         # file offset of the images dataset; None: not contiguous
-    jpeg_offsets: np.ndarray | None  # (N + 1,) int64 (jpeg)
-
-
-def index_shard(path: str) -> ShardIndex:
-    with open_shard(path) as f:
-        ds = f[IMAGES]
-        jpeg = f.attrs["encoding"] == "jpeg"
-        return ShardIndex(path=str(path), encoding=str(f.attrs["encoding"]),
-                          size=int(f.attrs["size"]), labels=f[LABELS][...].astype(np.int32),
-                          data_offset=ds.id.get_offset(),
-                          jpeg_offsets=f[OFFSETS][...] if jpeg else None)
-
-
-class ShardFiles:
-    """Images of a split's shards, read at their place in the file. h5py reads only a dataset
-    that is not contiguous (another writer's layout). A process holds at most `max_open` files,
-    whatever the number of shards, and no h5py handle between reads.
-
-    Two ways to the bytes of a contiguous dataset:
-    - `read` of JPEG streams: views of the shard's images dataset, memory-mapped once per shard
-      and process (the descriptor closed at once, so maps cost no open file; at most one map
-      per shard). No system call per image: on 2 cores that is ~10 us of a 27 KB pread each.
-    - `read(out=...)` (the batch arrays: raw images, padded JPEG for nvJPEG): one pread per
-      image into the caller's array, from a bounded set of open descriptors (least recently
-      used closed first). Raw ImageNet (~250 GB) outgrows a page cache, and a map would fault
-      its 196 KB images in 4 KB at a time; a pread is one call.
-    A mapped shard cut short after it was mapped would raise SIGBUS where its lost pages are
-    touched, so every `read` of views first checks the file's size (one stat per shard and
-    call): a shard truncated under a running loader is a one-line error, as with pread."""
-
-    def __init__(self, files, max_open: int = 32):
-        self.files, self.max_open = list(files), max_open
-        self._index: dict[int, ShardIndex] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._maps: dict[int, np.ndarray] = {}  # shard -> its images dataset's bytes, mapped
-
-    def index(self, s: int) -> ShardIndex:
-        if s not in self._index:
-            self._index[s] = index_shard(self.files[s])
-        return self._index[s]
-
-    def read(self, s: int, local, out: list | None = None) -> list[np.ndarray]:
-        """Images `local` (indices within shard s): JPEG bytes (uint8) or HWC uint8 arrays.
-        With `out` (writable contiguous uint8 views: (size, size, 3) for raw, exactly each
-        stream's length for JPEG) the images go straight into it: one copy from the page
-        cache, into memory allocated once per batch."""
-        ix = self.index(s)
-        if ix.data_offset is None:
-            images = self._read_h5py(ix, local)
-            if out is not None:
-                for o, image in zip(out, images):
-                    o[...] = image
-            return images if out is None else out
-        if ix.encoding == "jpeg" and out is None:
-            data, o = self._mapped(s), ix.jpeg_offsets
-            return [data[o[i]:o[i + 1]] for i in local]
-        fd = self._fd(s)
-        try:
-            if ix.encoding == "jpeg":
-                o = ix.jpeg_offsets
-                starts = [ix.data_offset + int(o[i]) for i in local]
-            else:
-                n = ix.size * ix.size * 3
-                if out is None:
-                    out = [np.empty((ix.size, ix.size, 3), np.uint8) for _ in local]
-                starts = [ix.data_offset + int(i) * n for i in local]
-            for buf, start, i in zip(out, starts, local):
-                if os.preadv(fd, [buf], start) != buf.nbytes:
-                    raise OSError(0, f"short read of image {int(i)}: the file is truncated")
-            return out
-        except OSError as e:
-            raise os_error(ix.path, e, "read the shard") from None
-
-    def _mapped(self, s: int) -> np.ndarray:
-        """The JPEG bytes of shard s (its images dataset) as a read-only uint8 array over a map
-        of the file, after checking that the file still holds them."""
-        ix = self._index[s]
-        end = ix.data_offset + int(ix.jpeg_offsets[-1])
-        try:
-            size = os.stat(ix.path).st_size
-            if size < end:  # cut short since it was indexed: touching the map would be SIGBUS
-                raise OSError(0, f"short read: the file has {size} bytes, its images end at "
-                                 f"{end}: the file is truncated")
-            if s not in self._maps:
-                start = ix.data_offset - ix.data_offset % mmap.ALLOCATIONGRANULARITY
-                fd = os.open(ix.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                try:
-                    self._maps[s] = _map_read_only(fd, start, end - start)[ix.data_offset - start:]
-                finally:
-                    os.close(fd)  # the map stays without it
-        except OSError as e:
-            raise os_error(ix.path, e, "read the shard") from None
-        return self._maps[s]
-
-    def _fd(self, s: int) -> int:
-        if s in self._fds:
-            self._fds.move_to_end(s)
-            return self._fds[s]
-        while len(self._fds) >= self.max_open:
-            os.close(self._fds.popitem(last=False)[1])
-        try:
-            fd = os.open(self.files[s], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise os_error(self.files[s], e, "open the shard") from None
-        self._fds[s] = fd
-        return fd
-
-    @staticmethod
-    def _read_h5py(ix: ShardIndex, local) -> list[np.ndarray]:
-        with open_shard(ix.path) as f:
-            ds = f[IMAGES]
-            if ix.encoding == "jpeg":
-                o = ix.jpeg_offsets
-                return [ds[int(o[i]):int(o[i + 1])] for i in local]
-            return [ds[int(i)] for i in local]
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-        self._maps.clear()  # each map ends with the last view of it still held elsewhere
-
-    def __del__(self):  # a reader thread's files end with it (pipeline.ReadAhead)
-        self.close()
-
-
-@cache
-def _libc() -> ctypes.CDLL:
-    """The C library with mmap and munmap's signatures, set up once per process."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_int64]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return libc
-
-
-def _map_read_only(fd: int, offset: int, length: int) -> np.ndarray:
-    """`length` bytes of file `fd` from `offset` (a multiple of the page size) as a read-only
-    uint8 array over a shared map, unmapped once no view of it is left. It holds no descriptor:
-    Python's own mmap keeps a duplicate of the file's descriptor for the map's life (until
-    3.13's trackfd=False), which at one map per shard would spend the open-file limit (1,252
-    shards, 1,024 files)."""
-    if length == 0:  # mmap refuses a length of 0
-        return np.zeros(0, np.uint8)
-    libc = _libc()
-    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-    if addr in (None, ctypes.c_void_p(-1).value):  # MAP_FAILED
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    pages = (ctypes.c_ubyte * length).from_address(addr)
-    # unmapped after the last view, not before; not at interpreter exit, where a view may live on
-    weakref.finalize(pages, libc.munmap, addr, length).atexit = False
-    return np.frombuffer(memoryview(pages).toreadonly(), np.uint8)  # no view can be made writable

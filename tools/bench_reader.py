@@ -29,15 +29,23 @@ except ImportError:
     from alexnet_pipe.reader import load_split
 from alexnet_pipe.reader import BatchSource  # noqa: E402
 
-try:  # the loader's depth (format 1 had none of its own: DALI's default of 1, --depth 0)
-    from alexnet_pipe.pipeline import queue_depth
-except ImportError:
-    def queue_depth(prefetch: int, workers: int) -> int:
-        return max(prefetch, workers)
-try:  # raw shards read in threads of the pipeline's process, where the loader has them
-    from alexnet_pipe.pipeline import ReadAhead
-except ImportError:
-    ReadAhead = None
+
+
+def _from_loader(name):
+    """`name` from the module that holds it at this commit (the read engine moved into
+    alexnet_pipe/reading.py; older commits kept it in pipeline.py, format 1 had none)."""
+    import importlib
+    for module in ("alexnet_pipe.reading", "alexnet_pipe.pipeline"):
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            pass
+    return None
+
+
+# the loader's depth (format 1 had none of its own: DALI's default of 1, --depth 0)
+queue_depth = _from_loader("queue_depth") or (lambda prefetch, workers: max(prefetch, workers))
+ReadAhead = _from_loader("ReadAhead")  # raw shards read in threads of the pipeline's process
 try:  # fork only while CUDA is down (gpu_report measures this after its GPU work)
     from alexnet_base.resources import start_method
 except ImportError:
