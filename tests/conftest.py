@@ -54,7 +54,7 @@ def shards_raw(tmp_path_factory, sample_tree) -> Path:
 
 
 # Small and quick: 16 train images in batches of 8, no flips or lighting noise in the way.
-FAST = ["--batch-size", "8", "--device", "cpu", "--threads", "1", "--workers", "1",
+FAST = ["--batch-size", "8", "--device", "cpu", "--threads", "1", "--readers", "1",
         "--log-every", "1", "--bias-init", "caffe", "--lr", "0.005", "--mean", "channel"]
 
 

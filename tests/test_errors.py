@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, cli
 
-CPU = ["--device", "cpu", "--threads", "1", "--workers", "1"]
+CPU = ["--device", "cpu", "--threads", "1", "--readers", "1"]
 
 
 def assert_one_line_error(proc, *needles, decoder_log=False):
@@ -132,14 +132,14 @@ def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
     interrupted". Raw shards are read in threads and need none."""
     bench = ["bench-loader", "--device", "cpu", "--threads", "1", "--batch-size", "32",
              "--batches", "2", "--repeats", "1", "--warmup", "1", "--json"]
-    # chosen --workers: refused in one line, with what to do (4 buffers of 1 MiB and more)
-    proc = cli_with_small_shm("2m", *bench, "--data", shards_jpeg, "--workers", "1")
-    assert_one_line_error(proc, "--workers 1", "/dev/shm: 2 MiB free", "--workers 0",
+    # chosen --readers: refused in one line, with what to do (4 buffers of 1 MiB and more)
+    proc = cli_with_small_shm("2m", *bench, "--data", shards_jpeg, "--readers", "1")
+    assert_one_line_error(proc, "--readers 1", "/dev/shm: 2 MiB free", "--readers 0",
                           "--shm-size")
     # the CPU's default reads in this process: no /dev/shm needed, nothing to say
     proc = cli_with_small_shm("1m", *bench, "--data", shards_jpeg)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "/dev/shm" not in proc.stderr and json.loads(proc.stdout)["workers"] == 0
+    assert "/dev/shm" not in proc.stderr and json.loads(proc.stdout)["readers"] == 0
     # with just the room the loader estimates (4 buffers, each 2x the mean file bytes of 32
     # images + 1 MiB), the reader process runs: the estimate is not optimistic
     files = sorted(shards_jpeg.glob("train-*.h5"))
@@ -149,10 +149,10 @@ def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
             images += len(h["labels"])
     need = 4 * (32 * 2 * sum(f.stat().st_size for f in files) / images + 2**20)
     proc = cli_with_small_shm(f"{int(need / 2**20) + 1}m", *bench, "--data", shards_jpeg,
-                              "--workers", "1")
+                              "--readers", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["workers"] == 1
+    assert json.loads(proc.stdout)["readers"] == 1
     # raw shards: 2 reader threads, whatever /dev/shm holds
-    proc = cli_with_small_shm("1m", *bench, "--data", shards_raw, "--workers", "2")
+    proc = cli_with_small_shm("1m", *bench, "--data", shards_raw, "--readers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["workers"] == 2 and "/dev/shm" not in proc.stderr
+    assert json.loads(proc.stdout)["readers"] == 2 and "/dev/shm" not in proc.stderr

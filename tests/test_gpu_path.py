@@ -8,13 +8,15 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from alexnet_base.config import BenchConfig, LoaderConfig, PrepareConfig
-from alexnet_pipe import bench, pipeline
+from alexnet_pipe import bench, pipeline, reading
+from alexnet_pipe.normalize import Normalization
 from alexnet_pipe.reader import BatchSource
 from conftest import ROOT, train_args
 from preprocessing import shards
@@ -39,18 +41,25 @@ class RecordingSource(BatchSource):
         return out
 
 
-def recording_loader(data, tmp_path, *, workers: int, delay: float, batch: int = 8,
+def cpu_loader(source: BatchSource, cfg: LoaderConfig):
+    """A loader over `source` (a BatchSource of our own) as make_loader builds one on the CPU,
+    with the channel mean."""
+    info = source.split
+    norm = Normalization.from_stats(load_stats(cfg.data, info), cfg.augment)
+    placement = pipeline.Placement.for_device(torch.device("cpu"))
+    pipe = pipeline.build_pipeline(source, norm=norm, config=cfg, placement=placement,
+                                   threads=cfg.threads, readers=cfg.readers)
+    return pipeline.Loader(pipe, source, dtype="float32", start_epoch=0,
+                           readers=(cfg.threads, cfg.readers))
+
+
+def recording_loader(data, tmp_path, *, readers: int, delay: float, batch: int = 8,
                      epochs: int = 1, start_batch: int = 0):
-    cfg = LoaderConfig(data=data, batch_size=batch, device="cpu", threads=1, workers=workers)
-    info = load_split(data, "train")
-    stats = load_stats(data, info)
-    source = RecordingSource(split=info, batch_size=batch, train=True, crop=224, epochs=epochs,
-                             start_batch=start_batch)
+    cfg = LoaderConfig(data=data, batch_size=batch, device="cpu", threads=1, readers=readers)
+    source = RecordingSource(split=load_split(data, "train"), batch_size=batch, train=True,
+                             crop=224, epochs=epochs, start_batch=start_batch)
     source.log, source.delay = str(tmp_path / "calls.jsonl"), delay
-    pipe, readers = pipeline.build_pipeline(source, stats=stats, config=cfg, gpu=False,
-                                            device_id=None)
-    loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0, readers=readers)
-    return loader, tmp_path / "calls.jsonl"
+    return cpu_loader(source, cfg), tmp_path / "calls.jsonl"
 
 
 def calls(path):
@@ -60,7 +69,7 @@ def calls(path):
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"], ids=["reader-threads", "reader-processes"])
 def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw, shards_jpeg, encoding):
     data = shards_raw if encoding == "raw" else shards_jpeg
-    loader, log = recording_loader(data, tmp_path, workers=2, delay=0.3)
+    loader, log = recording_loader(data, tmp_path, readers=2, delay=0.3)
     for _ in range(2):  # 2 epochs of 6 batches
         for _ in loader:
             pass
@@ -83,7 +92,7 @@ def test_each_reader_has_its_next_read_queued(tmp_path, shards_raw, shards_jpeg,
     CI rehearsals, with 0.15 and 0.3 s a batch): one below the full count passes, two (what
     one read per reader gives) fails."""
     data = shards_raw if encoding == "raw" else shards_jpeg
-    loader, log = recording_loader(data, tmp_path, workers=2, delay=0.0, epochs=2)
+    loader, log = recording_loader(data, tmp_path, readers=2, delay=0.0, epochs=2)
     taken = []
     for _ in range(2):  # 2 epochs of 6 batches
         for _ in loader:
@@ -102,7 +111,7 @@ def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, shards_jpe
     the next epoch while this one's last batches are still being consumed, and every epoch
     delivers the documented samples all the same."""
     data = shards_raw if encoding == "raw" else shards_jpeg
-    loader, log = recording_loader(data, tmp_path, workers=workers, delay=0.05, epochs=3,
+    loader, log = recording_loader(data, tmp_path, readers=workers, delay=0.05, epochs=3,
                                    start_batch=1)
     got, last_taken = [], []
     for _ in range(4):
@@ -128,10 +137,10 @@ def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, shards_jpe
 
 def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_jpeg):
     import nvidia.dali.backend as backend
-    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1)
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
     want = next(iter(pipeline.make_loader(cfg))).images  # forked readers
     monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
-    assert pipeline._start_method(gpu=False) == "spawn"
+    assert pipeline.Placement.for_device(torch.device("cpu")).reader_start == "spawn"
     got = next(iter(pipeline.make_loader(cfg))).images  # spawned readers (fork would be refused)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -149,14 +158,16 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
     monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
     assert resources.start_method() == "spawn"
     assert reader_rate(shards_jpeg, 1, 8, 0.2, None) > 0  # fork: DALI's RuntimeError
-    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1)
-    assert bench.baseline_rate(BenchConfig(loader=cfg, batches=2, repeats=1, warmup=1),
-                               load_split(shards_jpeg, "train")) > 0  # torch DataLoader
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
+    info = load_split(shards_jpeg, "train")
+    stats = load_stats(shards_jpeg, info)
+    assert bench.baseline_rate(BenchConfig(loader=cfg, batches=2, repeats=1, warmup=1), info,
+                               stats, Normalization.from_stats(stats, cfg.augment)) > 0
     prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, workers=2,
                               progress=False, shard_size=16))
     for a, b in zip(shards.list_shards(shards_jpeg, "train"),
                     shards.list_shards(tmp_path, "train")):
-        fa, fb = shards.ShardFiles([a]), shards.ShardFiles([b])
+        fa, fb = reading.ShardFiles([a]), reading.ShardFiles([b])
         n = len(fa.index(0).labels)
         for x, y in zip(fa.read(0, np.arange(n)), fb.read(0, np.arange(n))):
             np.testing.assert_array_equal(x, y)
@@ -169,18 +180,18 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     import argparse
     import gpu_report
     a = argparse.Namespace(work=tmp_path, out=None, batch_size=256)
-    r = {"card": "X", "cores": 16, "threads": 8, "workers": 8}
+    r = {"card": "X", "cores": 16, "threads": 8, "readers": 8}
     gpu_report.measure(r, "loader_jpeg", lambda: 5000)
     gpu_report.publish(a, r)
     assert "| loader jpeg | 5000.000 |" in (tmp_path / "report.md").read_text()
 
     def dies():
         raise RuntimeError("Worker data receiving interrupted\ntraceback lines")
-    gpu_report.measure(r, "reader_all_workers", dies)
+    gpu_report.measure(r, "reader_all", dies)
     gpu_report.measure(r, "model_synthetic", lambda: 2000)
     gpu_report.publish(a, r)
     table = (tmp_path / "report.md").read_text()
-    assert ("| reader all workers | failed: RuntimeError: Worker data receiving interrupted |"
+    assert ("| reader all | failed: RuntimeError: Worker data receiving interrupted |"
             in table)
     assert "| loader over model | 2.500 |" in table and "| limiting stage | model |" in table
     assert "| synthetic step ms | 128.000 |" in table  # 256 images at 2000 img/s
@@ -198,7 +209,7 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
     one map per shard however often it is read, and no map once no view is left."""
     for data in (shards_jpeg, shards_raw):
         info = load_split(data, "train")
-        files = shards.ShardFiles(info.files, max_open=2)
+        files = reading.ShardFiles(info.files, max_open=2)
         fds = len(os.listdir("/proc/self/fd"))
         for s, path in enumerate(info.files * 2):
             s %= len(info.files)
@@ -211,7 +222,7 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
                     want = list(f["images"][...])
             got = files.read(s, np.arange(n)[::-1])[::-1]
             assert all(np.array_equal(a, b) for a, b in zip(got, want))
-            assert len(files._fds) <= 2
+            assert files.open_files() <= 2
             if info.encoding == "jpeg":
                 assert len(os.listdir("/proc/self/fd")) == fds
                 assert _mapped_files(path) == 1
@@ -225,7 +236,7 @@ def test_a_fork_waits_for_the_reader_threads_reads(tmp_path, shards_raw):
     locks (h5py's, malloc's) with no thread to release them: a forked pool that then opened a
     shard hung. So a fork waits until no read runs: here each read takes 0.5 s, and the fork,
     asked for in the middle of the reads, returns only after the reads then running ended."""
-    loader, log = recording_loader(shards_raw, tmp_path, workers=2, delay=0.5)
+    loader, log = recording_loader(shards_raw, tmp_path, readers=2, delay=0.5)
     time.sleep(0.25)  # the reads ahead are under way (the first batch is already in)
     asked = time.monotonic()
     pid = os.fork()
@@ -249,12 +260,10 @@ def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
                               progress=False, splits=("train",)))
     info = load_split(data, "train")
     assert len(info.files) == 13  # 52 train images, 4 a shard
-    cfg = LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, workers=2)
+    cfg = LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, readers=2)
     source = BatchSource(split=info, batch_size=8, train=True, crop=224, epochs=2,
                          max_open_files=4)
-    pipe, readers = pipeline.build_pipeline(source, stats=load_stats(data, info), config=cfg,
-                                            gpu=False, device_id=None)
-    loader = pipeline.Loader(pipe, source, dtype="float32", start_epoch=0, readers=readers)
+    loader = cpu_loader(source, cfg)
     shard_paths = {str(p) for p in info.files}
 
     def open_shards():
@@ -367,11 +376,12 @@ def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_sm
 def test_channels_last_output_is_the_same_batch_without_a_copy(shards_raw, ten_crop):
     """What the GPU path uses (HWC out of DALI, an NCHW view in channels_last memory), run on the
     CPU: the same numbers as the CHW output."""
-    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, workers=1)
+    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, readers=1)
     split = "val" if ten_crop else "train"
     chw = next(iter(pipeline.make_loader(cfg, split=split, ten_crop=ten_crop))).images
+    cpu = pipeline.Placement.for_device(torch.device("cpu"))
     hwc = next(iter(pipeline.make_loader(cfg, split=split, ten_crop=ten_crop,
-                                         channels_last=True))).images
+                                         placement=replace(cpu, channels_last=True)))).images
     torch.testing.assert_close(hwc, chw, rtol=0, atol=0)
     if not ten_crop:
         assert hwc.is_contiguous(memory_format=torch.channels_last)

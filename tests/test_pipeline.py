@@ -10,17 +10,21 @@ import h5py
 import numpy as np
 import pytest
 
-from alexnet_pipe import augment
+import torch
+
 from alexnet_base.config import AugmentConfig, LoaderConfig
-from alexnet_pipe.pipeline import make_loader
-from preprocessing.shards import load_split, load_stats
+from alexnet_base.errors import UserError
+from alexnet_pipe import reading
+from alexnet_pipe.pipeline import Placement, make_loader
 from conftest import cli
 from preprocessing import resize, shards
-from alexnet_base.errors import UserError
+from preprocessing.shards import load_split, load_stats
+
+CPU = Placement.for_device(torch.device("cpu"))
 
 
 def config(data, **aug) -> LoaderConfig:
-    return LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, workers=1,
+    return LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, readers=1,
                         augment=AugmentConfig(**aug))
 
 
@@ -29,65 +33,102 @@ def first_batch(loader):
         return images.numpy().astype(np.float64), labels.numpy(), valid.numpy()
 
 
-def twin(loader, data, aug, epoch=0, batch=0):
-    """The numpy reference of one batch, from the same draws and the same shard pixels."""
-    src = loader.source
-    idx, _ = src.batch_indices(epoch, batch)
-    images, labels = src.read(idx)
-    p = src.params(epoch, batch, len(idx))
-    stats = load_stats(data, src.split)
-    mean, std = augment.mean_terms(stats, aug)
-    offsets = src.lighting_shifts(p)
-    out = [augment.reference(img if img.ndim == 3 else resize.decode_jpeg(img.tobytes()),
-                             x=int(p["x"][i]), y=int(p["y"][i]), flip=bool(p["flip"][i]),
-                             offset=offsets[i], mean=mean, std=std, crop=aug.crop)
-           for i, img in enumerate(images)]
-    return np.stack(out), labels, p, offsets
+def shard_images(data, split="train"):
+    """(images, labels) of every image of a split in manifest order, read with h5py; JPEG
+    decoded with PIL."""
+    images, labels = [], []
+    for path in load_split(data, split).files:
+        with h5py.File(path, "r") as f:
+            labels += list(f["labels"][...])
+            if f.attrs["encoding"] == "raw":
+                images += list(f["images"][...])
+            else:
+                o, data_ = f["offsets"][...], f["images"][...]
+                images += [resize.decode_jpeg(data_[o[i]:o[i + 1]].tobytes())
+                           for i in range(len(o) - 1)]
+    return images, np.array(labels)
 
 
-@pytest.mark.parametrize("aug", [AugmentConfig(),
-                                 AugmentConfig(mean="channel", divide_std=True, crop=227,
-                                                       lighting_scale="eigval")])
-def test_train_batch_matches_numpy_twin_raw(shards_raw, aug):
-    loader = make_loader(replace(config(shards_raw), augment=aug))
-    got, labels, valid = first_batch(loader)
-    want, want_labels, _, _ = twin(loader, shards_raw, aug)
-    assert got.shape == (8, 3, aug.crop, aug.crop) and valid.all()
+def crop_window(a, x, y, crop, flip):
+    """HWC: the crop at (x, y), mirrored left-right with the crop if `flip`."""
+    out = a[y:y + crop, x:x + crop]
+    return out[:, ::-1] if flip else out
+
+
+PAPER = dict(crop=224, mean="pixel", sigma=0.1, scale="stdev", divide_std=False)  # the defaults
+
+
+def twin(data, *, crop, mean, sigma, scale, divide_std, seed=0, epoch=0, batch=0, size=8):
+    """The numpy reference of one train batch, from what the README documents: the samples are
+    a permutation of the split seeded by (seed, epoch), cut into batches; each batch's draws come
+    from a generator seeded by (seed, epoch, rank, batch, 1): crop x, then y, uniform over every
+    position, then the flips (p = 0.5), then the lighting alphas ~ N(0, sigma); the lighting
+    offset is P (alpha * w), w = sqrt(eigenvalue) (stdev) or eigenvalue / 255 (eigval); then
+    (crop(image) + offset - crop(mean)) / std on the 0-255 scale, CHW."""
+    images, labels = shard_images(data)
+    with h5py.File(data / "stats.h5", "r") as f:
+        st = {k: f[k][...] for k in ("pixel_mean", "channel_mean", "channel_std", "eigval",
+                                     "eigvec")}
+    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    idx = order[batch * size:(batch + 1) * size]
+    span = 256 - crop
+    rng = np.random.default_rng([seed, epoch, 0, batch, 1])
+    xs, ys = rng.integers(0, span + 1, size), rng.integers(0, span + 1, size)
+    flips = rng.random(size) < 0.5
+    alphas = rng.normal(0, sigma, (size, 3))
+    w = np.sqrt(st["eigval"]) if scale == "stdev" else st["eigval"] / 255
+    std = st["channel_std"] if divide_std else np.ones(3)
+    out = []
+    for k, i in enumerate(idx):
+        x, y, flip = int(xs[k]), int(ys[k]), bool(flips[k])
+        offset = st["eigvec"] @ (alphas[k] * w)
+        m = crop_window(st["pixel_mean"], x, y, crop, flip) if mean == "pixel" \
+            else st["channel_mean"]
+        pixels = crop_window(images[i].astype(np.float64), x, y, crop, flip) + offset
+        out.append(((pixels - m) / std).transpose(2, 0, 1))
+    return np.stack(out), labels[idx]
+
+
+@pytest.mark.parametrize("aug, terms", [
+    (AugmentConfig(), PAPER),  # every default is the paper's value, written out here
+    (AugmentConfig(mean="channel", divide_std=True, crop=227, lighting_scale="eigval"),
+     dict(crop=227, mean="channel", sigma=0.1, scale="eigval", divide_std=True))])
+def test_train_batch_matches_numpy_twin_raw(shards_raw, aug, terms):
+    got, labels, valid = first_batch(make_loader(replace(config(shards_raw), augment=aug)))
+    want, want_labels = twin(shards_raw, **terms)
+    assert got.shape == (8, 3, terms["crop"], terms["crop"]) and valid.all()
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_allclose(got, want, atol=1e-3)
 
 
 def test_train_batch_jpeg_within_decoder_error(shards_jpeg):
-    aug = AugmentConfig()
-    loader = make_loader(config(shards_jpeg))
-    got, _, _ = first_batch(loader)
-    want, _, _, _ = twin(loader, shards_jpeg, aug)  # PIL decode vs DALI's libjpeg-turbo decode
+    got, _, _ = first_batch(make_loader(config(shards_jpeg)))
+    want, _ = twin(shards_jpeg, **PAPER)  # PIL decode vs DALI's libjpeg-turbo decode
     assert np.abs(got - want).mean() < 1.0 and np.percentile(np.abs(got - want), 99) <= 3
 
 
 @pytest.mark.parametrize("mean", ["channel", "pixel"])
 def test_val_centre_and_ten_crops_exact(shards_raw, mean):
-    """With the pixel mean, each of the ten crops (mirrored ones too) has its own window of the
+    """The paper's test crops of 224 from 256: the four corners and the centre, then the same
+    five mirrored; with the pixel mean, each crop (mirrored ones too) has its own window of the
     mean image subtracted."""
-    aug = AugmentConfig(mean=mean)
     got, _, valid = first_batch(make_loader(config(shards_raw, mean=mean), split="val"))
     ten, _, _ = first_batch(make_loader(config(shards_raw, mean=mean), split="val",
                                         ten_crop=True))
-    info = load_split(shards_raw, "val")
-    stats = load_stats(shards_raw, info)
-    mean_image = stats.channel_mean if mean == "channel" else stats.pixel_mean
-    with h5py.File(info.files[0]) as f:
-        images = f[shards.IMAGES][:8]
-    for i, image in enumerate(images):
-        centre = augment.reference(image, x=16, y=16, flip=False, offset=0, mean=mean_image,
-                                   std=1, crop=aug.crop)
-        np.testing.assert_allclose(got[i], centre, atol=1e-3)
-        assert ten.shape[1:] == (10, 3, 224, 224)
-        for k, (x, y, flip) in enumerate(augment.ten_crop_positions(256, 224)):
-            ref = augment.reference(image, x=x, y=y, flip=flip, offset=0, mean=mean_image,
-                                    std=1, crop=224)
-            np.testing.assert_allclose(ten[i, k], ref, atol=1e-3)
-        np.testing.assert_allclose(ten[i, 4], got[i], atol=1e-3)  # crop 4 is the centre
+    images, _ = shard_images(shards_raw, "val")
+    with h5py.File(shards_raw / "stats.h5", "r") as f:
+        mean_image = f["channel_mean"][...] if mean == "channel" else f["pixel_mean"][...]
+    corners = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # TL, TR, BL, BR, centre
+    positions = [(x, y, False) for x, y in corners] + [(x, y, True) for x, y in corners]
+
+    def expected(image, x, y, flip):
+        m = crop_window(mean_image, x, y, 224, flip) if mean == "pixel" else mean_image
+        return (crop_window(image.astype(np.float64), x, y, 224, flip) - m).transpose(2, 0, 1)
+    assert ten.shape[1:] == (10, 3, 224, 224) and valid.all()
+    for i, image in enumerate(images[:8]):
+        np.testing.assert_allclose(got[i], expected(image, 16, 16, False), atol=1e-3)
+        for k, (x, y, flip) in enumerate(positions):
+            np.testing.assert_allclose(ten[i, k], expected(image, x, y, flip), atol=1e-3)
 
 
 def test_seed_reproduces_a_batch_and_resume_epoch(shards_raw):
@@ -144,10 +185,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, shards_raw):
 ])
 def test_default_readers_follow_the_cores_and_the_device(monkeypatch, cores, local, gpu, want):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     cfg = LoaderConfig(data="unused")
-    assert cfg.readers(gpu) == want
-    assert replace(cfg, threads=3, workers=0).readers(gpu) == (3, 0)  # as given
+    assert cfg.reader_counts(gpu, local) == want
+    assert replace(cfg, threads=3, readers=0).reader_counts(gpu, local) == (3, 0)  # as given
 
 
 def test_cpu_defaults_read_in_process(shards_raw, shards_jpeg):
@@ -160,16 +200,16 @@ def test_cpu_defaults_read_in_process(shards_raw, shards_jpeg):
         del loader
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, workers):
+@pytest.mark.parametrize("readers", [0, 1])
+def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, readers):
     """nvJPEG is fed each JPEG batch as one padded array that the graph cuts back into streams;
     built on the CPU, that path gives exactly the images, labels and order of the list of
     streams a CPU decoder is fed (the same decoder on the same bytes), over two epochs."""
     import torch
-    cfg = replace(config(shards_jpeg, mean="pixel"), workers=workers)
+    cfg = replace(config(shards_jpeg, mean="pixel"), readers=readers)
     runs = []
     for packed in (False, True):
-        loader = make_loader(cfg, epochs=2, packed=packed)
+        loader = make_loader(cfg, epochs=2, placement=replace(CPU, packed=packed))
         assert loader.source.packed == packed
         runs.append([b for _ in range(2) for b in loader])
         del loader
@@ -192,7 +232,7 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
     train_need, val_need = per_rank("train"), per_rank("val")
     monkeypatch.setattr(resources, "shm_free",
                         lambda path=resources.SHM_DIR: int(1.5 * train_need))
-    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1)
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     mib = 2**20
     with pytest.raises(UserError, match=rf"{1.5 * train_need / mib:.0f} MiB free, but 1 reader "
@@ -207,15 +247,15 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
         make_loader(cfg, split="val", shm_reserved=train.shm)
 
 
-@pytest.mark.parametrize("encoding, workers", [("raw", 2), ("jpeg", 0)])
+@pytest.mark.parametrize("encoding, readers", [("raw", 2), ("jpeg", 0)])
 def test_a_shard_cut_short_under_a_running_loader(tmp_path, shards_raw, shards_jpeg, encoding,
-                                                  workers):
+                                                  readers):
     """A shard cut short under a running loader: the read's error comes out of the loader as
     the one-line error naming the file, not a hang, a DALI traceback or, for JPEG streams read
     from a map of the shard, a SIGBUS that would kill the process."""
     data = tmp_path / "d"
     shutil.copytree(shards_raw if encoding == "raw" else shards_jpeg, data)
-    loader = make_loader(replace(config(data), workers=workers), epochs=3)
+    loader = make_loader(replace(config(data), readers=readers), epochs=3)
     batches = iter(loader)
     next(batches)  # running: every shard of the first batches read (JPEG: mapped)
     shard = load_split(data, "train").files[0]
@@ -233,14 +273,13 @@ def test_default_reader_processes_that_do_not_fit_read_in_this_process(monkeypat
                                                                         shards_jpeg):
     """A GPU's default reader processes (JPEG) where /dev/shm is too small for their batches:
     the pipeline reads in its own process instead and says so, with the room to give (a chosen
-    --workers is refused instead: tests/test_errors.py)."""
+    --readers is refused instead: tests/test_errors.py)."""
     from alexnet_base import resources
-    from alexnet_pipe import pipeline
     from alexnet_pipe.reader import BatchSource
     monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 2**20)
     source = BatchSource(split=load_split(shards_jpeg, "train"), batch_size=32, train=True,
                          crop=224, packed=True)
-    assert pipeline._fit_shared_memory(source, 2, 4, default=True) == 0
+    assert reading.fit_shared_memory(source, 2, 4, default=True, local_world=1, note=True) == 0
     err = capsys.readouterr().err
     assert "/dev/shm: 1 MiB free, but 4 reader processes need about" in err
     assert "reading in this process instead" in err and "--shm-size=1g" in err
@@ -254,7 +293,7 @@ def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shard
     from alexnet_base import resources
     monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 0)
     before = set(multiprocessing.active_children())
-    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, workers=2)
+    cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, readers=2)
     loader = make_loader(cfg)
     assert next(iter(loader)).images.shape == (8, 3, 224, 224)
     assert loader.readers == (1, 2) and loader.shm == 0
@@ -285,7 +324,7 @@ def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shard
     bench_loader.extract(shards_jpeg, files, raw=False)
     info = load_split(shards_jpeg, "train")
     assert len(list(files.rglob("*.jpg"))) == info.total
-    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, workers=1,
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1,
                        augment=AugmentConfig(mean="channel"))
     spec = dict(gpu=False, files=files, batch=8, threads=1, config=cfg)
     rates, cpu = bench_loader.alternate({"native": "native", "jpeg": "jpeg"}, spec, 1, 0.5)

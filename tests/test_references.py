@@ -38,10 +38,10 @@ def shard_keys(data, split: str) -> list[str]:
     return keys
 
 
-def loader_config(data, batch_size: int, workers: int = 0, **aug) -> LoaderConfig:
-    """workers=0 (the CPU default): the reads run in the pipeline's process."""
+def loader_config(data, batch_size: int, readers: int = 0, **aug) -> LoaderConfig:
+    """readers=0 (the CPU default): the reads run in the pipeline's process."""
     return LoaderConfig(data=data, batch_size=batch_size, device="cpu", threads=1,
-                        workers=workers, augment=AugmentConfig(mean="channel", **aug))
+                        readers=readers, augment=AugmentConfig(mean="channel", **aug))
 
 
 def decode(out: np.ndarray, mean: np.ndarray) -> dict:
@@ -68,9 +68,9 @@ def run_epochs(loader, epochs: int):
 
 # --- 1. sharding through the real loaders -----------------------------------------------------
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "reader-process"])
+@pytest.mark.parametrize("readers", [0, 1], ids=["in-process", "reader-process"])
 def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coord_shards,
-                                                                             workers):
+                                                                             readers):
     data, truth = coord_shards
     keys = shard_keys(data, "train")
     mean = stats_h5(data)["channel_mean"]
@@ -78,7 +78,7 @@ def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coor
     assert total == 96
     seen = {}  # (rank, epoch) -> global indices in reading order
     for rank in range(world):
-        cfg = loader_config(data, per_rank, workers, crop=SIZE, flip=False, lighting_std=0)
+        cfg = loader_config(data, per_rank, readers, crop=SIZE, flip=False, lighting_std=0)
         loader = make_loader(cfg, rank=rank, world=world)
         for epoch, images, labels, valid, index in run_epochs(loader, 2):
             assert images.shape == (per_rank, 3, SIZE, SIZE) and valid.all()
@@ -98,12 +98,15 @@ def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coor
     assert seen[0, 0] != seen[0, 1]  # a fresh order each epoch
 
 
-def test_val_shares_cover_every_image_once(coord_shards):
+@pytest.mark.parametrize("world", [2, 5])
+def test_val_shares_cover_every_image_once(coord_shards, world):
+    """12 val images over 2 ranks, and over 5 (shares of 3, 3, 2, 2, 2: no remainder is
+    dropped, each rank's last batch padded and masked)."""
     data, truth = coord_shards
     mean = stats_h5(data)["channel_mean"]
     ids = []
-    for rank in range(2):
-        loader = make_loader(loader_config(data, 4), split="val", rank=rank, world=2)
+    for rank in range(world):
+        loader = make_loader(loader_config(data, 4), split="val", rank=rank, world=world)
         for _, images, labels, valid, _ in run_epochs(loader, 1):
             for out in images[valid]:
                 d = decode(out, mean)

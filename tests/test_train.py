@@ -64,12 +64,12 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, shards_small, straight_run):
-    """Interrupted and resumed with the reads in the trainer's own process (--workers 0, the
+    """Interrupted and resumed with the reads in the trainer's own process (--readers 0, the
     CPU default for raw shards); the straight run read them in a reader process: the same
     weights, wherever the batches were read."""
     run = tmp_path / "run"
     # The signal arrives after step 1 of 2 in epoch 1: deterministically mid-epoch.
-    proc = harness(*train_args(shards_small, run, "--epochs", "2", "--workers", "0"),
+    proc = harness(*train_args(shards_small, run, "--epochs", "2", "--readers", "0"),
                    env={"HARNESS_FAULT": "sigterm@1"}, check=False)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "continue with --resume" in proc.stdout
@@ -77,7 +77,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, shards_small, straigh
     assert (state["epoch"], state["batch"], state["step"]) == (0, 1, 1)
     assert not list((run / "checkpoints").glob("epoch-*.pt"))
     # resumed with every host read of a tensor refused outside log points (a GPU sync there)
-    harness(*train_args(shards_small, run, "--epochs", "2", "--resume", "--workers", "0"),
+    harness(*train_args(shards_small, run, "--epochs", "2", "--resume", "--readers", "0"),
             env={"HARNESS_SYNC_DEBUG": "1"})
     assert_same_weights(run / "checkpoints/epoch-0002.pt", straight_run / "checkpoints/epoch-0002.pt")
     assert not (run / "checkpoints/interrupt.pt").exists()
@@ -118,24 +118,26 @@ def test_crash_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, shards_
 
 
 def test_keep_best_and_resume_across_a_learning_rate_drop(tmp_path, shards_small):
-    # A tiny rate keeps the val error flat, so patience 1 drops the rate after epoch 2.
-    args = ["--lr", "1e-5", "--lr-patience", "1", "--keep", "1"]
+    """A tiny rate keeps the val error flat: with patience 2 the rate drops after epoch 3, the
+    second epoch in a row without a better error. The run resumed after epoch 2 drops it at the
+    same point only if the count of epochs without improvement (1 then) came back with it."""
+    args = ["--lr", "1e-5", "--lr-patience", "2", "--keep", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    cli(*train_args(shards_small, straight, "--epochs", "3", *args))
+    cli(*train_args(shards_small, straight, "--epochs", "4", *args))
     cli(*train_args(shards_small, split, "--epochs", "2", *args))
-    cli(*train_args(shards_small, split, "--epochs", "3", "--resume", *args))
+    cli(*train_args(shards_small, split, "--epochs", "4", "--resume", *args))
     epochs = records(straight, "epoch")
     lrs = [r["lr"] for r in epochs]
-    assert lrs[0] == 1e-5 and lrs[2] == pytest.approx(1e-6), lrs  # the premise: a drop
+    assert lrs[:3] == [1e-5] * 3 and lrs[3] == pytest.approx(1e-6), lrs  # the premise: a drop
     assert [r["lr"] for r in records(split, "epoch")] == lrs
     assert "resumed from" in (split / "train.log").read_text()
     for r in records(split, "epoch"):  # what every epoch record holds
         assert {"train_loss", "lr", "top1_err", "top5_err", "images_per_s", "data_wait"} <= r.keys()
         assert 0 <= r["data_wait"] < 1 and r["train_loss"] > 0
-    assert [r["step"] for r in records(split, "epoch")] == [2, 4, 6]
-    assert_same_weights(split / "checkpoints/epoch-0003.pt", straight / "checkpoints/epoch-0003.pt")
+    assert [r["step"] for r in records(split, "epoch")] == [2, 4, 6, 8]
+    assert_same_weights(split / "checkpoints/epoch-0004.pt", straight / "checkpoints/epoch-0004.pt")
     names = sorted(p.name for p in (straight / "checkpoints").glob("*.pt"))
-    assert names == ["best.pt", "epoch-0003.pt"]  # --keep 1
+    assert names == ["best.pt", "epoch-0004.pt"]  # --keep 1
     errors = [r["top1_err"] for r in epochs]
     best = torch.load(straight / "checkpoints/best.pt", weights_only=True)
     assert best["epoch"] == errors.index(min(errors)) + 1  # the first epoch with the least error
@@ -170,11 +172,15 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
         return (1 - (top5[:, 0] == labels).double().mean().item(),
                 1 - (top5 == labels[:, None]).any(1).double().mean().item())
 
-    centre = errors(logits_at(16, 16, False))
-    crops = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]
+    def loss(log_probs):  # the mean cross-entropy, from log-probabilities
+        return -log_probs.gather(1, labels[:, None]).mean().item()
+
+    centre_logits = logits_at(16, 16, False)
+    centre = (*errors(centre_logits), loss(torch.log_softmax(centre_logits, 1)))
+    crops = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # the corners and the centre
     probs = torch.stack([torch.softmax(logits_at(x, y, f), 1) for x, y in crops
-                         for f in (False, True)]).mean(0)
-    ten = errors(probs)
+                         for f in (False, True)]).mean(0)  # the ten softmax outputs averaged
+    ten = (*errors(probs), loss(probs.log()))
     # Batch 5 over 12 images: the last batch holds 2 images and 3 masked paddings.
     for extra, want in (([], centre), (["--ten-crop"], ten)):
         proc = cli("evaluate", "--checkpoint", ckpt, "--data", shards_small, "--device", "cpu",
@@ -182,7 +188,8 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
         r = json.loads(proc.stdout)
         assert "Warning" not in proc.stderr, proc.stderr  # ten crops leave draws unused: quiet
         assert r["images"] == 12
-        assert (r["top1_err"], r["top5_err"]) == pytest.approx(want, abs=1e-9), extra
+        assert (r["top1_err"], r["top5_err"], r["val_loss"]) == pytest.approx(
+            want, rel=1e-4, abs=1e-9), extra
     logged = records(straight_run, "epoch")[1]
     assert logged["top1_err"] == pytest.approx(centre[0], abs=1e-9)
 
@@ -195,11 +202,24 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
     tree = json.loads((shards_small / "manifest.json").read_text())["options"]["imagenet_root"]
     files = [Path(tree) / keys[i] for i in (0, 5)]
     out = json.loads(cli("predict", *files, "--checkpoint", ckpt, "--top", "4", "--json").stdout)
+    manifest = json.loads((shards_small / "manifest.json").read_text())
+    names = {c["index"]: c["name"] for c in manifest["classes"]}  # class index -> its name
     for i, r in zip((0, 5), out):
         got = {t["class"]: t["p"] for t in r["top"]}
         assert sorted(got) == [0, 1, 2, 3]
+        assert all(t["name"] == names[t["class"]] for t in r["top"])
         for c in range(4):
             assert got[c] == pytest.approx(float(want[i, c]), abs=1e-4)
+
+    # a folder prepared with the val split alone: evaluate needs nothing else from it
+    val_only = tmp_path / "val_only"
+    cli("prepare", "--imagenet-root", tree, "--out", val_only, "--splits", "val", "--encoding",
+        "raw", "--shard-size", "16", "--workers", "1")
+    assert not (val_only / "stats.h5").exists()
+    r = json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", val_only, "--device", "cpu",
+                       "--batch-size", "5", "--json").stdout)
+    assert (r["images"], r["top1_err"], r["top5_err"], r["val_loss"]) == pytest.approx(
+        (12, *centre), rel=1e-4, abs=1e-9)
 
 
 def test_towers_on_the_cpu(tmp_path, shards_small, straight_run):

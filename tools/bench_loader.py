@@ -39,7 +39,9 @@ from make_sample_imagenet import make_sample  # noqa: E402
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
 from alexnet_pipe.bench import (STREAM, baseline_rate, endless, model_step_rate,  # noqa: E402
                                 timed_rate)
+from alexnet_pipe.normalize import Normalization  # noqa: E402
 from alexnet_pipe.pipeline import make_loader  # noqa: E402
+from alexnet_pipe.reading import ShardFiles  # noqa: E402
 from preprocessing import shards  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
 
@@ -47,7 +49,7 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 def extract(shard_dir: Path, out: Path, raw: bool) -> None:
     """Write each shard image as a file (JPEG, or .npy for raw) in class folders."""
     for path in shards.list_shards(shard_dir, "train"):
-        files = shards.ShardFiles([path])
+        files = ShardFiles([path])
         labels = files.index(0).labels
         for i, (img, label) in enumerate(zip(files.read(0, np.arange(len(labels))), labels)):
             folder = out / f"{label:04d}"
@@ -179,8 +181,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=None,
-                    help="readers: processes (JPEG), threads (raw); default: the product's")
+    ap.add_argument("--readers", type=int, default=None,
+                    help="shard readers: processes (JPEG), threads (raw); default: the product's")
     ap.add_argument("--prefetch", type=int, default=LoaderConfig.prefetch,
                     help="batches our pipeline prepares ahead (the product's --prefetch)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -210,7 +212,7 @@ def main() -> int:
             extract(out, files, raw=enc == "raw")
         ref = "bare" if enc == "raw" else "native"
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
-                           workers=a.workers, prefetch=a.prefetch,
+                           readers=a.readers, prefetch=a.prefetch,
                            augment=AugmentConfig(mean=a.mean))
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg)
         pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
@@ -227,7 +229,10 @@ def main() -> int:
             ratios[f"{enc} both"] = ratio({enc: rates[enc], "both": both}, enc, "both")
         if enc == "jpeg" and not a.no_baseline:
             bench = BenchConfig(loader=cfg, seconds=a.seconds, repeats=3)
-            rows["baseline"] = baseline_rate(bench, shards.load_split(out, "train"))
+            info = shards.load_split(out, "train")
+            stats = shards.load_stats(out, info)
+            rows["baseline"] = baseline_rate(bench, info, stats,
+                                             Normalization.from_stats(stats, cfg.augment))
     if gpu:
         rows["model"] = model_step_rate(cfg, gpu, 8)
     jpegs = list((work / "files_jpeg").rglob("*.jpg"))
@@ -235,7 +240,7 @@ def main() -> int:
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
     print(f"\n{a.images} images, 256x256 JPEG mean {mean_kb:.0f} KB, batch {a.batch_size}, "
           f"{a.rounds} alternating rounds of {a.seconds:g} s (a fresh process each), "
-          f"{a.threads} DALI threads + {'default' if a.workers is None else a.workers} reader "
+          f"{a.threads} DALI threads + {'default' if a.readers is None else a.readers} reader "
           f"processes, device {a.device}, --mean {a.mean}")
     print("| pipeline | images/s | ratio (median, range over rounds) |")
     print("| --- | ---: | --- |")

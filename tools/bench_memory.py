@@ -5,7 +5,7 @@ a small set, JPEG and raw shards, and the highest PSS seen within each epoch (sa
 batch). Reports the growth from epoch 2 to the last.
 
 Usage: bench_memory.py [--epochs 50] [--images 256] [--batch-size 32] [--work DIR]
-                       [--trim-after BATCHES] [--workers N] [--encodings jpeg raw]
+                       [--trim-after BATCHES] [--readers N] [--encodings jpeg raw]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alexnet_base.config import LoaderConfig, PrepareConfig  # noqa: E402
-from alexnet_pipe import pipeline  # noqa: E402
+from alexnet_pipe.reading import HeapTrim  # noqa: E402
 from alexnet_pipe.pipeline import make_loader  # noqa: E402
 from make_sample_imagenet import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
@@ -61,12 +61,12 @@ def main() -> int:
     ap.add_argument("--trim-after", type=int, default=None,
                     help="batches between heap trims (default: every epoch, as a run at "
                          "ImageNet's size does; the loader's own default is "
-                         f"{pipeline.TRIM_AFTER_BATCHES})")
-    ap.add_argument("--workers", type=int, default=None,
+                         f"{HeapTrim.after})")
+    ap.add_argument("--readers", type=int, default=None,
                     help="readers: processes (JPEG), threads (raw); default: the product's")
     ap.add_argument("--encodings", nargs="+", choices=("jpeg", "raw"), default=["jpeg", "raw"])
     a = ap.parse_args()
-    pipeline.TRIM_AFTER_BATCHES = 1 if a.trim_after is None else a.trim_after
+    HeapTrim.after = 1 if a.trim_after is None else a.trim_after
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_memory_"))
     tree = work / "imagenet"
     if not tree.exists():
@@ -77,7 +77,7 @@ def main() -> int:
             prepare_run(PrepareConfig(imagenet_root=tree, out=data, encoding=enc, shard_size=32,
                                       progress=False, splits=("train",)))
         loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu",
-                                          workers=a.workers), epochs=a.epochs)
+                                          readers=a.readers), epochs=a.epochs)
         mb, peak = [], []  # after each epoch; the highest within each epoch (every batch)
         for epoch in range(a.epochs):
             inside = 0.0
@@ -87,7 +87,7 @@ def main() -> int:
             peak.append(max(inside, mb[-1]))
         growth = (mb[-1] - mb[1]) / mb[1]
         print(json.dumps({"encoding": enc, "readers": loader.readers, "epochs": a.epochs,
-                          "trim_after": pipeline.TRIM_AFTER_BATCHES,
+                          "trim_after": HeapTrim.after,
                           "processes": len(family(os.getpid())),
                           "pss_mb_epoch2": round(mb[1], 1), "pss_mb_last": round(mb[-1], 1),
                           "pss_mb_max": round(max(mb), 1), "growth": round(growth, 4),

@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-channels-last", action="store_true")
     a = ap.parse_args()
@@ -59,7 +59,7 @@ def main() -> int:
     dev = torch.device("cuda" if gpu else "cpu")
     info = load_split(a.data, "train")
     cfg = LoaderConfig(data=a.data, batch_size=a.batch_size, device=a.device, threads=a.threads,
-                       workers=a.workers, augment=AugmentConfig())
+                       readers=a.readers, augment=AugmentConfig())
     loader = make_loader(cfg, split="train", epochs=STREAM)  # before CUDA work: readers first
     model = build_model(num_classes=info.num_classes).to(dev)
     channels_last = gpu and not a.no_channels_last

@@ -37,7 +37,7 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 # the table's rows after card and cores, in this order
 ROWS = ("dev_shm_free_mib", "loader_jpeg", "loader_raw", "model_synthetic", "synthetic_step_ms",
-        "loader_over_model", "reader_1_worker", "reader_all_workers", "train_real",
+        "loader_over_model", "reader_1", "reader_all", "train_real",
         "real_over_synthetic", "data_wait", "gpu_wait", "gpu_step_ms", "train_seconds",
         "train_real_raw", "real_raw_over_synthetic", "gpu_wait_raw", "gpu_step_ms_raw",
         "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw", "gpu_step_ms_hw",
@@ -101,13 +101,13 @@ def publish(a, r: dict) -> None:
     ratio(r, "real_hw_over_synthetic", "train_real_hw", "model_synthetic")
     if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
         r["synthetic_step_ms"] = 1000 * a.batch_size / r["model_synthetic"]
-    stages = {k: r.get(v) for k, v in (("reader", "reader_all_workers"),
+    stages = {k: r.get(v) for k, v in (("reader", "reader_all"),
                                        ("loader", "loader_jpeg"), ("model", "model_synthetic"))}
     stages = {k: v for k, v in stages.items() if isinstance(v, float)}
     r["limiting_stage"] = min(stages, key=stages.get) if stages else "unknown"
     (a.out or a.work / "report.json").write_text(json.dumps(r, indent=2))
-    rows = [("card", r["card"]), ("cores / DALI threads / reader workers",
-                                  f"{r['cores']} / {r['threads']} / {r['workers']}")]
+    rows = [("card", r["card"]), ("cores / DALI threads / shard readers",
+                                  f"{r['cores']} / {r['threads']} / {r['readers']}")]
     rows += [(k.replace("_", " "), f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
              for k in ROWS if k in r]
     md = "| what | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
@@ -137,8 +137,8 @@ def main() -> int:
                                   progress=False))
     cfg = LoaderConfig(data=a.work / "jpeg", batch_size=a.batch_size, device=a.device,
                        augment=AugmentConfig(mean="pixel"))
-    threads, workers = cfg.readers(gpu)
-    r.update(threads=threads, workers=workers)
+    threads, readers = cfg.reader_counts(gpu)
+    r.update(threads=threads, readers=readers)
 
     def loader_rate(enc):
         loader = LoaderConfig(**{**cfg.__dict__, "data": a.work / enc})
@@ -148,10 +148,9 @@ def main() -> int:
         ("loader_jpeg", lambda: loader_rate("jpeg")),
         ("loader_raw", lambda: loader_rate("raw")),
         ("model_synthetic", lambda: model_step_rate(cfg, gpu, 1000, steps=30, warmup=5)),
-        ("reader_1_worker", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds,
-                                                None)),
-        ("reader_all_workers", lambda: reader_rate(a.work / "jpeg", workers, a.batch_size,
-                                                   a.seconds, None)),
+        ("reader_1", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds, None)),
+        ("reader_all", lambda: reader_rate(a.work / "jpeg", readers, a.batch_size, a.seconds,
+                                           None)),
         ("train_real", lambda: train_rate(a, r)),
         ("train_real_raw", lambda: train_rate(a, r, "raw")),
         ("train_real_hw", lambda: train_rate(a, r, "jpeg", "--hw-decoder-load", "1")),
