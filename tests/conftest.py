@@ -3,27 +3,53 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-from make_sample_imagenet import make_sample  # noqa: E402
-
 from alexnet_base.config import PrepareConfig
-from preprocessing.prepare import run as prepare_run  # noqa: E402
+from preprocessing.prepare import run as prepare_run
+from preprocessing.sample import make_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str):
+    """tools/NAME.py as the module NAME, for the tests of a benchmark tool (tools/ is no
+    package); registered, so that what it sends to a spawned process unpickles there."""
+    import importlib.util
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 12, 3
 
 
+def run_group(cmd: list, *, timeout: float = 280, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` (output captured) in a process group of its own. On its timeout, or when the
+    test is stopped around it (pytest-timeout), the whole group is killed: no rank or reader
+    process of a hung job outlives its test."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def cli(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     """Run `alexnet-pipe ARGS` as a user would, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "alexnet_pipe", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, **kwargs)
+    proc = run_group([sys.executable, "-m", "alexnet_pipe", *map(str, args)], cwd=ROOT,
+                     **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"alexnet-pipe {' '.join(map(str, args))} failed "
                              f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -129,7 +155,7 @@ def make_coord_tree(root: Path, size: int, classes: int, per_class: int,
     """Lossless PNGs of coord_image in train/<wnid>/ and val/<wnid>/. Returns key -> (id, label).
     At the shard size a resize is the identity, so the shards hold these very pixels."""
     from PIL import Image
-    from make_sample_imagenet import wnid
+    from preprocessing.sample import wnid
     truth, ident = {}, 0
     for split, n in (("train", per_class), ("val", val_per_class)):
         for k in range(classes):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ from alexnet_base.config import BenchConfig, LoaderConfig, PrepareConfig
 from alexnet_pipe import bench, pipeline, reading
 from alexnet_pipe.normalize import Normalization
 from alexnet_pipe.reader import BatchSource
-from conftest import ROOT, train_args
+from conftest import ROOT, run_group, tool, train_args
 from preprocessing import shards
 from preprocessing.prepare import run as prepare_run
 from preprocessing.shards import load_split, load_stats
@@ -152,7 +151,7 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
     DataLoader baseline must not fork either. Spawned, all work: prepare writes the same shards
     as the forked prepare did."""
     import nvidia.dali.backend as backend
-    from bench_reader import reader_rate
+    reader_rate = tool("bench_reader").reader_rate
     from alexnet_base import resources
     assert resources.start_method() == "fork"
     monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
@@ -178,7 +177,7 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     """The one-shot GPU report: a figure that fails (a reader process killed by a full /dev/shm)
     is one line in the table, the others stay, and the table is on disk after each figure."""
     import argparse
-    import gpu_report
+    gpu_report = tool("gpu_report")
     a = argparse.Namespace(work=tmp_path, out=None, batch_size=256)
     r = {"card": "X", "cores": 16, "threads": 8, "readers": 8}
     gpu_report.measure(r, "loader_jpeg", lambda: 5000)
@@ -359,8 +358,7 @@ def test_gpu_training_has_no_hidden_sync_and_resumes_exactly(tmp_path, shards_sm
     harness = [sys.executable, str(ROOT / "tests" / "harness.py")]
     for run, epochs, extra in ((straight, "2", []), (split, "1", []), (split, "2", ["--resume"])):
         args = train_args(shards_small, run, "--epochs", epochs, *gpu, *extra)
-        proc = subprocess.run([*harness, *map(str, args)], cwd=ROOT, env=env, text=True,
-                              capture_output=True, timeout=240)
+        proc = run_group([*harness, *map(str, args)], cwd=ROOT, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
     for run in (straight, split):  # the GPU's own idle share and step time, every epoch
         epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

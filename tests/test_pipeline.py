@@ -16,7 +16,7 @@ from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import reading
 from alexnet_pipe.pipeline import Placement, make_loader
-from conftest import cli
+from conftest import cli, tool
 from preprocessing import resize, shards
 from preprocessing.shards import load_split, load_stats
 
@@ -319,7 +319,7 @@ def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shard
     """tools/bench_loader.py: DALI's file reader on the shard images extracted to files, and our
     loader, each timed in a spawned process of its own (an instance keeps its own speed), with
     the CPU time per image of each, reader processes included."""
-    import bench_loader
+    bench_loader = tool("bench_loader")
     files = tmp_path / "files"
     bench_loader.extract(shards_jpeg, files, raw=False)
     info = load_split(shards_jpeg, "train")

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import CLASSES, PER_CLASS, ROOT, VAL_PER_CLASS, cli, small_tmpfs
-from make_sample_imagenet import make_sample, wnid
+from preprocessing.sample import make_sample, wnid
 from preprocessing import layout, resize, shards
 from alexnet_base.errors import UserError
 from alexnet_base.config import PrepareConfig

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, cli, train_args
+from conftest import ROOT, cli, run_group, train_args
 
 HARNESS = ROOT / "tests" / "harness.py"
 
 
 def launch(launcher: list, args, env=None, timeout=300) -> subprocess.CompletedProcess:
     """torchrun LAUNCHER tests/harness.py ARGS (the harness injects what `env` asks for)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, str(HARNESS),
-                           *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          timeout=timeout)
+    return run_group([sys.executable, "-m", "torch.distributed.run", *launcher, str(HARNESS),
+                      *map(str, args)], cwd=ROOT, timeout=timeout,
+                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 TWO = ["--standalone", "--nproc_per_node", "2"]
@@ -111,16 +111,12 @@ def _free_port() -> int:
 def test_two_nodes_on_loopback(tmp_path, shards_small):
     run, port = tmp_path / "run", _free_port()
     args = train_args(shards_small, run, "--epochs", "1")
-    procs = []
-    for node in range(2):
-        launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *launcher, str(HARNESS),
-             *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    with ThreadPoolExecutor(2) as pool:  # each node's torchrun in a process group of its own
+        nodes = [pool.submit(launch, ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+                                      str(node), "--master_addr", "127.0.0.1", "--master_port",
+                                      str(port)], args, timeout=240) for node in range(2)]
+        procs = [n.result() for n in nodes]
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
     epoch, = records(run, "epoch")
     assert (epoch["train_images"], epoch["images"]) == (16, 12)
     config = json.loads((run / "config.json").read_text())

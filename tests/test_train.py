@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alexnet_pipe.model import build_model
-from conftest import ROOT, cli, small_tmpfs, train_args
+from conftest import ROOT, cli, run_group, small_tmpfs, train_args
 
 HARNESS = ROOT / "tests" / "harness.py"
 
@@ -50,9 +50,8 @@ def test_learning_loss_falls(tmp_path, shards_small):
 
 def harness(*args, env: dict, check=True, timeout=300) -> subprocess.CompletedProcess:
     """`alexnet-pipe ARGS` through tests/harness.py, with the faults that `env` names."""
-    proc = subprocess.run([sys.executable, str(HARNESS), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, **env},
-                          timeout=timeout)
+    proc = run_group([sys.executable, str(HARNESS), *map(str, args)], cwd=ROOT,
+                     env={**os.environ, **env}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"harness {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

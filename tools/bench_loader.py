@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import family  # noqa: E402
-from make_sample_imagenet import make_sample  # noqa: E402
+from preprocessing.sample import make_sample  # noqa: E402
 
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
 from alexnet_pipe.bench import (STREAM, baseline_rate, endless, model_step_rate,  # noqa: E402

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alexnet_base.config import LoaderConfig, PrepareConfig  # noqa: E402
 from alexnet_pipe.reading import HeapTrim  # noqa: E402
 from alexnet_pipe.pipeline import make_loader  # noqa: E402
-from make_sample_imagenet import make_sample  # noqa: E402
+from preprocessing.sample import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sample_imagenet import draw_image  # noqa: E402
+from preprocessing.sample import draw_image  # noqa: E402
 
 from preprocessing import resize  # noqa: E402
 from alexnet_base.config import PrepareConfig  # noqa: E402

@@ -31,7 +31,7 @@ from alexnet_base import resources  # noqa: E402
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
 from alexnet_pipe.bench import bench_loader, model_step_rate  # noqa: E402
 from bench_reader import reader_rate  # noqa: E402
-from make_sample_imagenet import make_sample  # noqa: E402
+from preprocessing.sample import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 
