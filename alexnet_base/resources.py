@@ -32,14 +32,10 @@ def raise_open_file_limit(want: int = 65536) -> int:
 
 def release_free_heap() -> bool:
     """Give the free pages of the C heap back to the system (glibc's malloc_trim), in every
-    malloc arena. The loader calls it at an epoch end, at most every TRIM_AFTER_BATCHES.
-
-    Why: on the CPU, DALI's decoders and threads allocate per image (~200 KB) and the PyTorch
-    iterator a new output tensor per batch (19 MB at batch 32), from several arenas; glibc keeps
-    the freed pieces, fragmented, so the loader's memory climbed 20-30% over tens of epochs
-    before levelling off. Trimmed once an epoch it stays flat (BENCHMARKS.md). The other cure,
-    a fixed mmap threshold, pays a page fault per page of every such buffer: half the loader's
-    speed on the CPU (measured). Returns whether memory was released; False off glibc."""
+    malloc arena (the loader's policy: reading.HeapTrim). Why: DALI's decoders and the PyTorch
+    iterator allocate per image and per batch from several arenas, and glibc keeps the freed
+    pieces, fragmented; a fixed mmap threshold instead would pay a page fault per page of every
+    such buffer (BENCHMARKS.md). Returns whether memory was released; False off glibc."""
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
 

@@ -27,8 +27,8 @@ class GroupLRN(nn.Module):
     channels are the rows (a tower's edge is a row's end, padded with zeros as torch's
     LocalResponseNorm pads). Channels_last memory (the GPU path) gives (N*H*W*G, 1, 1, C/G)
     rows, NCHW gives (N*G, 1, C/G, H*W) columns; neither view copies. torch's own module pads
-    and pools in 3-D per group, with a copy of each group: with it the paper model's bf16 step
-    ran at 0.76x this one's rate (H200, batch 256, tools/bench_lrn.py)."""
+    and pools in 3-D per group, with a copy of each group (its cost: tools/bench_lrn.py,
+    BENCHMARKS.md)."""
 
     def __init__(self, groups: int = 2):
         super().__init__()
