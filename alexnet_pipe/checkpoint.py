@@ -12,7 +12,7 @@ is one line in each. What it holds:
     rng             torch's CPU generator, and the CUDA one of the input device
     arch, num_classes, size (px of the shards), crop, class_names, normalization
                     Model: what evaluate, predict and filters need, nothing from the data folder
-    config, version the options of the run, for people and --resume's checks
+    config, version, torch      the options of the run and what wrote it, for people
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progr
     return {"arch": model.arch, "num_classes": model.num_classes, "size": model.size,
             "crop": model.crop, "class_names": list(model.class_names),
             "normalization": model.norm.to_state(), "config": config, "version": __version__,
+            "torch": torch.__version__,
             "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
             "best_top1_err": progress.best, "rng": rng,
             "model": weights.grouped_state_dict() if isinstance(weights, TowerAlexNet)

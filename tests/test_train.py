@@ -74,6 +74,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, shards_small, straigh
     assert "continue with --resume" in proc.stdout
     state = torch.load(run / "checkpoints/interrupt.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 1, 1)
+    assert state["torch"] == torch.__version__  # what wrote it
     assert not list((run / "checkpoints").glob("epoch-*.pt"))
     # resumed with every host read of a tensor refused outside log points (a GPU sync there)
     harness(*train_args(shards_small, run, "--epochs", "2", "--resume", "--readers", "0"),
