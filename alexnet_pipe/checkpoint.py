@@ -65,7 +65,7 @@ def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progr
     return {"arch": model.arch, "num_classes": model.num_classes, "size": model.size,
             "crop": model.crop, "class_names": list(model.class_names),
             "normalization": model.norm.to_state(), "config": config, "version": __version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
             "best_top1_err": progress.best, "rng": rng,
             "model": weights.grouped_state_dict() if isinstance(weights, TowerAlexNet)

@@ -21,6 +21,10 @@ from preprocessing.shards import load_split
 def evaluate_checkpoint(config: EvalConfig) -> dict:
     dev = distributed.device(config.loader.device)
     model, about = checkpoint.load_model(config.checkpoint, dev)
+    if dev.type == "cuda":  # the loader's layout, and cuDNN's fastest algorithms for it
+        torch.backends.cudnn.benchmark = True
+        if config.loader.channels_last:
+            model = model.to(memory_format=torch.channels_last)
     info = load_split(config.loader.data, "val")
     if info.num_classes != about.num_classes:
         raise UserError(f"{config.checkpoint}: a checkpoint for {about.num_classes} classes; "

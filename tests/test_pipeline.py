@@ -312,6 +312,23 @@ def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
     assert Image.open(out).size[0] > 2 * 256
     bad = cli("bench-loader", "--data", tmp_path, "--device", "cpu", check=False)
     assert bad.returncode == 1 and "run `alexnet-pipe prepare` first" in bad.stderr
+    for option, value in (("--repeats", "0"), ("--batches", "0"), ("--seconds", "-1")):
+        bad = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", option, value,
+                  check=False)
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+        assert f"{option} {value}" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_placement_is_decided_once_from_the_device():
+    """What runs where, from the device alone: on a GPU (no CUDA call is needed to decide it)
+    nvJPEG, the mean image in the graph, packed JPEG batches, channels_last unless turned off
+    (--no-channels-last), spawned reader processes; on the CPU, none of those."""
+    gpu = Placement.for_device(torch.device("cuda", 1))
+    assert (gpu.device_id, gpu.dali_device, gpu.decoder, gpu.mean_image_in_graph, gpu.packed,
+            gpu.channels_last, gpu.reader_start) == (1, "gpu", "mixed", True, True, True, "spawn")
+    assert not Placement.for_device(torch.device("cuda", 0), channels_last=False).channels_last
+    assert (CPU.device_id, CPU.dali_device, CPU.decoder, CPU.mean_image_in_graph, CPU.packed,
+            CPU.channels_last) == (None, "cpu", "cpu", False, False, False)
 
 
 @pytest.mark.timeout(120)

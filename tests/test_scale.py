@@ -162,3 +162,22 @@ def test_imagenet_shape_smoke_run_under_a_low_open_file_limit(tmp_path):
     ev = json.loads(cli("evaluate", "--checkpoint", run / "checkpoints/interrupt.pt", "--data",
                         data, "--device", "cpu", "--batch-size", "25", "--json", **limit).stdout)
     assert ev["images"] == 100 and ev["top1_err"] == pytest.approx(done["top1_err"])
+
+
+def test_a_job_that_outlives_its_timeout_is_killed_with_all_its_processes(tmp_path):
+    """What every test's torchrun gets: on a timeout the whole process group goes, as a rank
+    hung in a collective would need (here a child that would sleep on past its parent)."""
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_group(["sh", "-c", script], timeout=2)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until init reaps it, within moments
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {child} outlived the timeout")
