@@ -9,7 +9,7 @@ is one line in each. What it holds:
     model           the grouped AlexNet layout, whatever the parallel mode
     optimizer, scheduler     their state dicts
     epoch, batch, step, best_top1_err      Progress: where the run stands
-    rng             torch's CPU generator, and the CUDA one of the input device
+    rng             torch's CPU generator, and the CUDA one of every device the model runs on
     arch, num_classes, size (px of the shards), crop, class_names, normalization
                     Model: what evaluate, predict and filters need, nothing from the data folder
     config, version, torch      the options of the run and what wrote it, for people
@@ -55,13 +55,20 @@ class Model:
     norm: Normalization
 
 
+def devices_of(weights: torch.nn.Module, device: torch.device) -> list[torch.device]:
+    """The devices whose generators draw a run's dropout masks: each tower's, or the input's."""
+    return list(weights.devices) if isinstance(weights, TowerAlexNet) else [device]
+
+
 def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progress: Progress,
           config: dict, device: torch.device) -> dict:
     """The checkpoint dict of a run: `weights` is the trained module (grouped or towers),
-    `device` the input device whose CUDA generator draws the dropout masks."""
+    `device` its input device."""
     rng = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
+    cuda = {str(d): torch.cuda.get_rng_state(d) for d in devices_of(weights, device)
+            if d.type == "cuda"}
+    if cuda:  # every GPU's generator: towers on two GPUs draw on both
+        rng["cuda"] = cuda
     return {"arch": model.arch, "num_classes": model.num_classes, "size": model.size,
             "crop": model.crop, "class_names": list(model.class_names),
             "normalization": model.norm.to_state(), "config": config, "version": __version__,
@@ -83,8 +90,12 @@ def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"].get("cuda") is not None and device.type == "cuda":  # GPU dropout masks
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    cuda = state["rng"].get("cuda")
+    if isinstance(cuda, torch.Tensor):  # written before every device's state was kept
+        cuda = {str(device): cuda}
+    for d in devices_of(weights, device):  # GPU dropout masks
+        if d.type == "cuda" and cuda is not None and str(d) in cuda:
+            torch.cuda.set_rng_state(cuda[str(d)], d)
     return Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
                     best=state["best_top1_err"])
 

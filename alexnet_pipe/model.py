@@ -19,39 +19,94 @@ from torch import nn
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # alpha divided by n, as torch and cuda-convnet2
 
 
+def _window_mean(v: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, H, W) -> the mean of `v` over the n = LRN["size"] channels around each channel
+    within its group, zeros beyond a group's edge counted (torch's alpha is over n). One average
+    pool over a view in which each group's channels are the rows: channels_last memory gives
+    (N*H*W*G, 1, 1, C/G) rows, NCHW (N*G, 1, C/G, H*W) columns; neither view copies."""
+    n, c, h, w = v.shape
+    size, half, per = LRN["size"], LRN["size"] // 2, c // groups
+    if v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous():
+        rows = v.permute(0, 2, 3, 1).reshape(-1, 1, 1, per)  # a view: HWC memory
+        window = F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half))
+        return window.view(n, h, w, c).permute(0, 3, 1, 2)
+    cols = v.reshape(n * groups, 1, per, h * w)
+    window = F.avg_pool2d(cols, (size, 1), stride=1, padding=(half, 0))
+    return window.view(n, c, h, w)
+
+
 class GroupLRN(nn.Module):
     """Local response normalisation within each of `groups` channel groups (towers):
     b_c = a_c / (k + alpha/n * sum of a_c'^2 over the n channels around c in its group) ** beta.
 
-    The window sum is one average pool over a view of the squares in which each group's
-    channels are the rows (a tower's edge is a row's end, padded with zeros as torch's
-    LocalResponseNorm pads). Channels_last memory (the GPU path) gives (N*H*W*G, 1, 1, C/G)
-    rows, NCHW gives (N*G, 1, C/G, H*W) columns; neither view copies. torch's own module pads
-    and pools in 3-D per group, with a copy of each group (its cost: tools/bench_lrn.py,
-    BENCHMARKS.md)."""
+    The window sum is `_window_mean`'s one pool (torch's own module pads and pools in 3-D per
+    group, with a copy of each group). On a GPU, `fused` runs `LRNFunction`: forward and
+    backward each one compiled pass; the CPU keeps this reference."""
 
-    def __init__(self, groups: int = 2):
+    def __init__(self, groups: int = 2, fused: bool = True):
         super().__init__()
-        self.groups = groups
+        self.groups, self.fused = groups, fused
 
     def forward(self, x):
+        if self.fused and x.is_cuda:
+            return LRNFunction.apply(x, self.groups)
         # Computed in float32 (the sum of squares; autocast runs its pow in float32 anyway) and
         # handed on in the input's dtype: under autocast the pool and conv2 then read bf16,
         # not a float32 copy twice the size.
-        n, c, h, w = x.shape
-        size, half, per = LRN["size"], LRN["size"] // 2, c // self.groups
         a = x.to(torch.promote_types(x.dtype, torch.float32))
-        if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
-            rows = (a * a).permute(0, 2, 3, 1).reshape(-1, 1, 1, per)  # a view: HWC memory
-            window = F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half))
-            window = window.view(n, h, w, c).permute(0, 3, 1, 2)
-        else:
-            cols = (a * a).reshape(n * self.groups, 1, per, h * w)
-            window = F.avg_pool2d(cols, (size, 1), stride=1, padding=(half, 0))
-            window = window.view(n, c, h, w)
-        # window: the mean over n channels, zeros counted, as torch's alpha (over n) expects
-        scale = window.mul(LRN["alpha"]).add_(LRN["k"]).pow(-LRN["beta"])
+        scale = _window_mean(a * a, self.groups).mul(LRN["alpha"]).add_(LRN["k"]).pow(-LRN["beta"])
         return (a * scale).to(x.dtype)
+
+
+def _lrn_forward(x, groups: int):
+    """(b in x's dtype, s = k + alpha * window mean of a^2 in float32 or wider)."""
+    a = x.to(torch.promote_types(x.dtype, torch.float32))
+    s = _window_mean(a * a, groups) * LRN["alpha"] + LRN["k"]
+    return (a * s.pow(-LRN["beta"])).to(x.dtype), s
+
+
+def _lrn_backward(x, s, grad, groups: int):
+    """dL/da_j = g_j s_j^-beta - 2 alpha beta a_j * window mean of (g_c a_c s_c^(-beta-1)):
+    the window is symmetric, so the channels c whose window holds j are j's own window."""
+    a = x.to(s.dtype)
+    g = grad.to(s.dtype)
+    scale = s.pow(-LRN["beta"])
+    t = g * a * scale / s
+    out = g * scale - (2 * LRN["alpha"] * LRN["beta"]) * a * _window_mean(t, groups)
+    return out.to(x.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """fn compiled once per process (on GPUs), or as it is inside a graph being compiled."""
+    if torch.compiler.is_compiling():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+class LRNFunction(torch.autograd.Function):
+    """GroupLRN's formula with its gradient written out: forward and backward each one fused
+    pass, keeping only the input and s for the backward (bf16 in and out, float32 arithmetic
+    under autocast). `compile`: torch.compile the two passes (GPUs); off, the same math eager
+    (the CPU's tests compare it with the formula in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, groups: int, compile: bool = True):
+        fwd = _compiled(_lrn_forward) if compile else _lrn_forward
+        out, s = fwd(x, groups)
+        ctx.save_for_backward(x, s)
+        ctx.groups, ctx.compile = groups, compile
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        bwd = _compiled(_lrn_backward) if ctx.compile else _lrn_backward
+        return bwd(x, s, grad, ctx.groups), None, None
 
 
 def _conv1_pad(crop: int) -> nn.Module:
@@ -178,6 +233,9 @@ class TowerAlexNet(nn.Module):
                 fn(self.towers[1], torch.cat([parts[0].to(b), parts[1]], 1))]
 
     def forward(self, x):
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):  # conv1 casts it anyway: cross in half the bytes
+            x = x.to(torch.get_autocast_dtype(kind))
         h = [t.lower(x.to(d)) for t, d in zip(self.towers, self.devices)]
         h = self._both(h, lambda t, z: t.upper(t.conv3(z)))
         h = [torch.flatten(z, 1) for z in h]

@@ -254,10 +254,14 @@ class StepTimer:
     batch or for a log point's sync. `step_ms()`: the GPU time of a step. Together they tell a
     starved GPU (wait) from a slowed one (step time above the synthetic step's). Recording an
     event does not sync; the events are read at log points, which sync anyway. Off CUDA it
-    records nothing and reads None. `event`: the event type (torch.cuda.Event)."""
+    records nothing and reads None. `event`: the event type (torch.cuda.Event); `stream`: where
+    the events are recorded (default: `device`'s current stream, not the current device's)."""
 
-    def __init__(self, device, event=None):
+    def __init__(self, device, event=None, stream=None):
         self.on = device.type == "cuda"
+        if self.on and stream is None:
+            stream = torch.cuda.current_stream(device)
+        self._stream = stream
         self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
         self._pending: list = []  # start, end, start, end, ... of steps not read yet
         self._free: list = []     # events read: recorded again, not created per step
@@ -266,9 +270,9 @@ class StepTimer:
 
     def mark(self) -> None:
         """At a step's start, then at its end."""
-        if self.on:
+        if self.on:  # on the run's device's stream, whichever device is current
             e = self._free.pop() if self._free else self._event()
-            e.record()
+            e.record(self._stream)
             self._pending.append(e)
 
     def read(self) -> None:
@@ -503,7 +507,8 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
             sys.exit(128 + signum)
         if cfg.max_steps and progress.step >= cfg.max_steps:
             break
-    return _finish(setup, progress, model, per_rank, result)
+    # the ten-crop readers' shared memory comes on top of the train and val readers' (running)
+    return _finish(setup, progress, model, per_rank, result, train_loader.shm + val_loader.shm)
 
 
 def _stop_at_max_steps(setup: Setup, progress: Progress, model, val_loader) -> dict:
@@ -532,7 +537,8 @@ def _save(setup: Setup, progress: Progress, name: str) -> Path:
     return path
 
 
-def _finish(setup: Setup, progress: Progress, model, per_rank, result: dict) -> dict:
+def _finish(setup: Setup, progress: Progress, model, per_rank, result: dict,
+            shm_reserved: int) -> dict:
     device, env = setup.device, setup.env
     checksum = float(sum(p.detach().double().sum().item() for p in setup.core.parameters()))
     result["ranks_in_sync"] = distributed.same_on_all_ranks(checksum, device)
@@ -540,7 +546,7 @@ def _finish(setup: Setup, progress: Progress, model, per_rank, result: dict) -> 
         raise UserError("the ranks' weights differ after training: a DDP fault; do not use this run")
     if setup.config.ten_crop:
         ten = make_loader(per_rank, split="val", rank=env.rank, world=env.world, ten_crop=True,
-                          device=device, norm=setup.model.norm)
+                          device=device, norm=setup.model.norm, shm_reserved=shm_reserved)
         tc = evaluate(model, ten, device=device, amp=setup.config.amp, ten_crop=True)
         result.update({f"ten_crop_{k}": v for k, v in tc.items()})
         setup.log.record(kind="ten_crop", **tc)

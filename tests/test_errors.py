@@ -156,3 +156,18 @@ def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
     proc = cli_with_small_shm("1m", *bench, "--data", shards_raw, "--readers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["readers"] == 2 and "/dev/shm" not in proc.stderr
+
+
+def test_ten_crop_readers_count_the_readers_already_running(tmp_path, shards_jpeg):
+    """train --ten-crop builds its ten-crop loader while the train and val readers still hold
+    their /dev/shm: with room for those two but not for a third, the ten-crop loader is
+    refused in one line (readers chosen) instead of dying of SIGBUS."""
+    files = sorted(shards_jpeg.glob("*-*.h5"))
+    per_image = sum(f.stat().st_size for f in files) / 60  # 48 train + 12 val images
+    each = 4 * (4 * 2 * per_image + 2**20)  # one pipeline's buffers at batch 4 (see the above)
+    proc = cli_with_small_shm(f"{int(2.5 * each / 2**20) + 1}m", "train", "--data", shards_jpeg,
+                              "--out", tmp_path / "run", *CPU, "--batch-size", "4",
+                              "--epochs", "1", "--ten-crop",
+                              "--bias-init", "caffe")
+    assert_one_line_error(proc, "--readers 1", "/dev/shm", "needs about")
+

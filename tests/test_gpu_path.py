@@ -325,7 +325,8 @@ def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
     synced = []
 
     class Event:  # a CUDA event's part the timer uses: record, synchronize, elapsed_time
-        def record(self):
+        def record(self, stream):
+            assert stream == "the run's device's stream"  # not the current device's
             self.t = next(times)
 
         def synchronize(self):
@@ -334,7 +335,7 @@ def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
         def elapsed_time(self, later):
             return later.t - self.t
 
-    timer = StepTimer(torch.device("cuda"), event=Event)
+    timer = StepTimer(torch.device("cuda", 1), event=Event, stream="the run's device's stream")
     for _ in range(2):
         timer.mark(), timer.mark()
     timer.read()

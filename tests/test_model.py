@@ -183,3 +183,66 @@ def test_bias_rule_learning_rates_and_decay(rule):
         want = w - 2 * lr * g if (bias and rule == "author") else w - lr * (g + wd * w)
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-15, msg=n)
     assert sum(1 for _, p in model.named_parameters() if p.ndim == 1) == 8
+
+
+def test_tower_b_takes_its_input_in_the_autocast_dtype():
+    """Under autocast the input crosses to tower B's device in bfloat16, half the bytes of the
+    float32 the loader hands over (conv1 would cast it there anyway): same outputs."""
+    torch.manual_seed(0)
+    towers = TowerAlexNet(num_classes=6, devices=("cpu", "cpu")).eval()
+    seen = []
+    towers.towers[1].lower.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    x = torch.randn(2, 3, 224, 224) * 50
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = towers(x)
+        want = torch.cat([towers.towers[0].lower(x), towers.towers[1].lower(x)], 1)
+    assert seen[0] == torch.bfloat16 and out.shape == (2, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.cat([t.lower(x.to(torch.bfloat16)) for t in towers.towers], 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # conv1 cast it the same way
+    seen.clear()
+    with torch.no_grad():  # no autocast: float32 goes on as float32
+        towers(x)
+    assert seen[0] == torch.float32
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_lrn_has_the_formulas_values_and_gradients(groups, channels_last):
+    """LRNFunction (the GPU's LRN: its gradient written out, each pass one compiled kernel
+    there) run eager in float64: the formula's values, and the gradients torch's autograd takes
+    of torch's own LocalResponseNorm (per group), in both layouts."""
+    from alexnet_pipe.model import LRN, LRNFunction
+    rng = np.random.default_rng(3)
+    a = rng.uniform(-60, 120, (2, 12, 3, 4))
+    x = torch.from_numpy(a).requires_grad_()
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    out = LRNFunction.apply(xin, groups, False)
+    want = np.stack([_lrn_reference(img, groups) for img in a])
+    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-12)
+    weights = torch.from_numpy(rng.normal(size=a.shape))
+    (got,) = torch.autograd.grad((out * weights).sum(), x)
+    torch_lrn = torch.nn.LocalResponseNorm(**LRN)
+    ref = torch.cat([torch_lrn(part) for part in x.chunk(groups, 1)], 1)
+    (expected,) = torch.autograd.grad((ref * weights).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_fused_lrn_on_the_gpu_within_bf16_of_the_reference():
+    """On a GPU GroupLRN runs the compiled LRNFunction: bf16 in and out, within bf16's precision
+    of the float64 formula, and its input gradient within bf16's of the reference's."""
+    from alexnet_pipe.model import GroupLRN
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(rng.uniform(0, 120, (4, 96, 13, 13)))
+    x = a.cuda().bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = GroupLRN(2)(x)
+    assert out.dtype == torch.bfloat16
+    want = np.stack([_lrn_reference(img, 2) for img in x.detach().double().cpu().numpy()])
+    np.testing.assert_allclose(out.detach().double().cpu().numpy(), want, rtol=2 ** -7)
+    g = torch.from_numpy(rng.normal(size=a.shape)).cuda()
+    (got,) = torch.autograd.grad((out.double() * g).sum(), x)
+    xr = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad((GroupLRN(2, fused=False)(xr) * g).sum(), xr)
+    torch.testing.assert_close(got.double(), ref, rtol=2 ** -6, atol=1e-3 * ref.abs().max().item())

@@ -308,3 +308,21 @@ def test_a_really_full_disk_in_a_checkpoint_is_one_clear_error(tmp_path):
         assert "epoch-0002.pt" in msg and "ENOSPC" in msg and "\n" not in msg, msg
         assert hashlib.sha256(first.read_bytes()).hexdigest() == before
         assert sorted(p.name for p in first.parent.iterdir()) == ["epoch-0001.pt"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("devices", ["cuda:0,cuda:0", "cuda:0,cuda:1"])
+def test_towers_on_gpus_resume_exactly(tmp_path, shards_small, devices):
+    """Each tower draws its dropout masks on its own GPU: a resumed run repeats an uninterrupted
+    one only if every GPU's generator comes back with the checkpoint."""
+    if torch.cuda.device_count() < len(set(devices.split(","))):
+        pytest.skip("needs two GPUs")
+    gpu = ["--device", "gpu", "--deterministic", "--parallel", "towers", "--tower-devices",
+           devices]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cli(*train_args(shards_small, straight, "--epochs", "2", *gpu))
+    cli(*train_args(shards_small, split, "--epochs", "1", *gpu))
+    rng = torch.load(split / "checkpoints/epoch-0001.pt", weights_only=True)["rng"]["cuda"]
+    assert sorted(rng) == sorted(set(devices.split(",")))
+    cli(*train_args(shards_small, split, "--epochs", "2", "--resume", *gpu))
+    assert_same_weights(split / "checkpoints/epoch-0002.pt", straight / "checkpoints/epoch-0002.pt")
