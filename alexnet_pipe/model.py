@@ -26,6 +26,11 @@ def _window_mean(v: torch.Tensor, groups: int) -> torch.Tensor:
     (N*H*W*G, 1, 1, C/G) rows, NCHW (N*G, 1, C/G, H*W) columns; neither view copies."""
     n, c, h, w = v.shape
     size, half, per = LRN["size"], LRN["size"] // 2, c // groups
+    if torch.compiler.is_compiling():  # a sum of shifted slices: one fused pass for inductor,
+        # which also fails to lower the column pool on CPUs (torch 2.13: "vr must not be None")
+        padded = F.pad(v.unflatten(1, (groups, per)), (0, 0, 0, 0, half, half))
+        window = sum(padded[:, :, i:i + per] for i in range(size))
+        return (window / size).flatten(1, 2)
     if v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous():
         rows = v.permute(0, 2, 3, 1).reshape(-1, 1, 1, per)  # a view: HWC memory
         window = F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half))

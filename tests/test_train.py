@@ -326,3 +326,22 @@ def test_towers_on_gpus_resume_exactly(tmp_path, shards_small, devices):
     assert sorted(rng) == sorted(set(devices.split(",")))
     cli(*train_args(shards_small, split, "--epochs", "2", "--resume", *gpu))
     assert_same_weights(split / "checkpoints/epoch-0002.pt", straight / "checkpoints/epoch-0002.pt")
+
+
+@pytest.mark.timeout(400)
+def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small):
+    """train --compile (inductor on the CPU): the same losses and weights as eager training over
+    a few steps, to float32's reordering of sums (dropout off: inductor draws its own masks),
+    and it goes on through evaluation (a second graph) to a resumable checkpoint."""
+    args = ["--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    cli(*train_args(shards_small, eager, "--epochs", "2", *args))
+    cli(*train_args(shards_small, compiled, "--epochs", "2", "--compile", *args), timeout=380)
+    a, b = records(eager, "step"), records(compiled, "step")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
+    assert records(compiled, "max_steps")[0]["top1_err"] == records(eager, "max_steps")[0]["top1_err"]
+    wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
