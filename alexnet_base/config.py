@@ -24,6 +24,7 @@ ARCHS = ("alexnet", "alexnet-owt")
 BIAS_INITS = ("paper", "caffe")
 BIAS_RULES = ("author", "uniform")
 PARALLEL = ("auto", "none", "ddp", "towers")
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def opt(default=None, help: str = "", *, choices=None, cli: bool = True, csv: bool = False,
@@ -193,7 +194,11 @@ class TrainConfig:
     tower_devices: tuple[str, ...] = opt(("cuda:0", "cuda:1"), "Devices of tower A and tower B "
                                          "with --parallel towers.", csv=True)
     amp: bool = opt(True, "bf16 autocast on GPUs.")
-    compile: bool = opt(False, "torch.compile the model (a one-off compile at the start).")
+    compile: bool = opt(False, "torch.compile the model (a one-off compile at the start, one "
+                        "graph per batch shape).")
+    compile_mode: str = opt("default", "With --compile: default, or reduce-overhead (CUDA "
+                            "graphs: each step one launch, for small batches on GPUs).",
+                            choices=COMPILE_MODES)
     deterministic: bool = opt(False, "Deterministic cuDNN algorithms: a resumed GPU run repeats "
                               "an uninterrupted one exactly, at some speed; by default cuDNN "
                               "picks the fastest (benchmark mode, not bit-reproducible).")
@@ -217,6 +222,7 @@ class TrainConfig:
         _choose("bias-init", self.bias_init, BIAS_INITS)
         _choose("bias-rule", self.bias_rule, BIAS_RULES)
         _choose("parallel", self.parallel, PARALLEL)
+        _choose("compile-mode", self.compile_mode, COMPILE_MODES)
         if self.parallel == "towers" and self.arch != "alexnet":
             raise UserError("--parallel towers needs --arch alexnet (the two-tower network)")
         if len(self.tower_devices) != 2:
@@ -256,3 +262,4 @@ class EvalConfig:
     loader: LoaderConfig
     checkpoint: Path = opt(required=True, help="A checkpoint written by train.")
     ten_crop: bool = opt(False, "The paper's ten-crop test-time augmentation.")
+    compile: bool = opt(False, "torch.compile the model (one graph per batch shape).")

@@ -90,17 +90,22 @@ def _cuda_sync():
 
 
 def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int = 10,
-                    warmup: int = 3, arch: str = "alexnet") -> float:
-    """AlexNet SGD steps on synthetic device-resident input: what the loader has to keep up with."""
+                    warmup: int = 3, arch: str = "alexnet", compile_mode: str | None = None,
+                    model=None) -> float:
+    """AlexNet SGD steps on synthetic device-resident input: what the loader has to keep up with.
+    compile_mode: torch.compile's mode (None: eager); model: another network of the same input
+    (the benchmarks' references)."""
     import torch
     from alexnet_pipe.model import build_model
     from alexnet_pipe.train import train_step
     device = torch.device("cuda" if gpu else "cpu")
-    model = build_model(arch, num_classes=num_classes, crop=cfg.augment.crop).to(device)
+    model = (model or build_model(arch, num_classes=num_classes, crop=cfg.augment.crop)).to(device)
     channels_last = gpu and cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    run = model if compile_mode is None else torch.compile(model, dynamic=False,
+                                                           mode=compile_mode)
     x = torch.randn(cfg.batch_size, 3, cfg.augment.crop, cfg.augment.crop, device=device)
     if channels_last:  # as the loader delivers it: an NCHW view of HWC memory
         x = x.contiguous(memory_format=torch.channels_last)
@@ -108,8 +113,9 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
 
     def steps_iter():
         while True:
-            train_step(model, opt, x, y, amp=gpu)
+            train_step(run, opt, x, y, amp=gpu)
             yield
+    warmup += 0 if compile_mode is None else 3  # compiling, autotuning, capturing graphs
     return timed_rate(steps_iter(), steps, None, warmup, cfg.batch_size,
                       _cuda_sync if gpu else (lambda: None))
 

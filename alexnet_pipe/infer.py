@@ -25,6 +25,8 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
         torch.backends.cudnn.benchmark = True
         if config.loader.channels_last:
             model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model = torch.compile(model, dynamic=False)
     info = load_split(config.loader.data, "val")
     if info.num_classes != about.num_classes:
         raise UserError(f"{config.checkpoint}: a checkpoint for {about.num_classes} classes; "

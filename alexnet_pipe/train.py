@@ -425,7 +425,9 @@ def _wrapped(setup: Setup) -> torch.nn.Module:
     if setup.mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[setup.env.local_rank] if setup.device.type == "cuda" else None)
-    return torch.compile(model, dynamic=False) if setup.config.compile else model
+    if not setup.config.compile:
+        return model
+    return torch.compile(model, dynamic=False, mode=setup.config.compile_mode)
 
 
 def _loaders(setup: Setup, progress: Progress):

@@ -332,7 +332,8 @@ def test_towers_on_gpus_resume_exactly(tmp_path, shards_small, devices):
 def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small):
     """train --compile (inductor on the CPU): the same losses and weights as eager training over
     a few steps, to float32's reordering of sums (dropout off: inductor draws its own masks),
-    and it goes on through evaluation (a second graph) to a resumable checkpoint."""
+    and it goes on through evaluation (a second graph) to a resumable checkpoint; evaluate
+    --compile gives eager's figures."""
     args = ["--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     cli(*train_args(shards_small, eager, "--epochs", "2", *args))
@@ -345,3 +346,9 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+    ckpt = eager / "checkpoints/interrupt.pt"  # evaluate --compile: eager's figures
+    got, want = (json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small,
+                                "--device", "cpu", "--batch-size", "6", "--json", *extra).stdout)
+                 for extra in (["--compile"], []))
+    assert got["top1_err"] == want["top1_err"]
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)

@@ -150,8 +150,8 @@ def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> tuple
                 rate, per_image = ours.recv()
             except EOFError:  # it died: its traceback is on stderr already
                 proc.join()
-                raise SystemExit(f"bench_loader: the {label} pipeline's process ended with exit "
-                                 f"code {proc.exitcode} and no rate") from None
+                raise RuntimeError(f"the {label} pipeline's process ended with exit code "
+                                   f"{proc.exitcode} and no rate") from None
             proc.join()
             rates[label].append(rate)
             cpu[label].append(per_image)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a host without a package index: install DALI from an offline wheel folder,
-# run the `gpu` tests, measure the GPU path, and print one table last. Idempotent (a rerun starts
-# clean), every step runs whatever failed before it, 5-6 minutes on an H200 (307 s measured, before
-# the report's two more train runs of about 20 s each).
+# run the `gpu` tests, measure the GPU path (tools/gpu_report.py) and profile the step
+# (tools/profile_step.py), and print one table last. Idempotent (a rerun starts clean), every
+# step runs whatever failed before it; the steps' limits add up to 8 minutes. What it measured
+# lands in one folder ($OUT where set, else $WORK): 6 files.
 # Usage: tools/gpu_check.sh WHEEL_DIR   (wheels from ../shared/offline-wheels/pack-dali.sh)
 set -uo pipefail
 wheels=${1:?usage: tools/gpu_check.sh WHEEL_DIR}
@@ -27,10 +28,18 @@ nvidia-smi -L 2>&1; echo "cores $(nproc), /dev/shm $(df -h --output=avail /dev/s
   "open files $(ulimit -n)"
 python3 -c 'import torch, nvidia.dali as d; print("torch", torch.__version__, "DALI", d.__version__)'
 # every GPU test runs (no -x): one failure must not hide the others
-step pytest-gpu 200 python3 -m pytest -v -m gpu -p no:cacheprovider tests
-step report 240 python3 tools/gpu_report.py --work "$work" --out "$work/report.json"
+step pytest-gpu 150 sh -c "python3 -m pytest -v -m gpu -p no:cacheprovider tests \
+  > $work/pytest_gpu.log 2>&1; rc=\$?; tail -n 30 $work/pytest_gpu.log; exit \$rc"
+step report 270 python3 tools/gpu_report.py --work "$work" --out "$work/report.json" \
+  --images 2048 --seconds 3
+# the split of one eager and one compiled step at 256 (the compile is cached by the report's)
+step profile 60 python3 tools/profile_step.py --device gpu --batch-size 256 --compile \
+  --json "$work/profile.jsonl"
 echo "== steps: ${status[*]}"
-# on the lent machine, what is under $OUT comes back: the report with it
-[ -n "${OUT:-}" ] && cp "$work"/report.json "$work"/report.md "$OUT"/ 2>/dev/null
-[ -n "${OUT:-}" ] && cp "$work"/run/train.log "$OUT"/report_train.log 2>/dev/null
+# on the lent machine, what is under $OUT comes back
+if [ -n "${OUT:-}" ]; then
+  cp "$work"/report.json "$work"/report.md "$work"/dmon.log "$work"/profile.jsonl \
+    "$work"/pytest_gpu.log "$OUT"/ 2>/dev/null
+  cp "$work"/run/train.log "$OUT"/report_train.log 2>/dev/null
+fi
 [ -f "$work/report.md" ] && cat "$work/report.md"

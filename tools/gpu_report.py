@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""The GPU table, measured in one run: card; loader img/s (JPEG and raw shards, pixel mean) on the
-GPU; AlexNet bf16 train-step img/s on synthetic input; their ratio; real-pipeline train img/s
-over synthetic; data-wait over a multi-epoch train run (host time blocked in the loader, which
-on a GPU includes waiting for the GPU's queue: real / synthetic is the measure); real / synthetic
-again on raw shards (no nvJPEG) and with every JPEG on the decode engines; for each train run
-the GPU's idle share between steps and its time per step, from CUDA events (train.StepTimer),
-against the synthetic step's time; reader-only img/s with one worker and with all; which stage
-limits. Writes WORK/report.json and WORK/report.md.
+"""The GPU table, measured in one run, the most wanted figures first (a figure that fails or is
+cut off by the time limit is one line; the table is on disk after each):
+- the paper model's bf16 train step on synthetic input at batch 256 and 128: eager, compiled,
+  compiled with CUDA graphs (reduce-overhead); the same network with torch's LocalResponseNorm
+  (what a user writes first) and the one-tower model without LRN, for scale;
+- loader img/s (JPEG and raw shards, pixel mean), nvidia-smi dmon beside the JPEG run (is the
+  hardware JPEG decoder used?); loader / step;
+- `train` with the real pipeline / synthetic step, JPEG and raw, at 256 and 128, with data-wait
+  and the GPU's idle share and time per step (train.StepTimer) of each run;
+- our loader / DALI's own GPU pipeline (fn.readers.file + nvJPEG + crop_mirror_normalize on the
+  same JPEGs, channel mean, fresh processes alternating) at batch 256, 128, 64 and 32;
+- reader-only img/s with one reader and with all; which stage limits.
+Writes WORK/report.json, WORK/report.md and WORK/dmon.log.
 
 Usage: gpu_report.py --work DIR [--device gpu|cpu] [--images 4096] [--batch-size 256]
 """
@@ -36,12 +41,18 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 
 # the table's rows after card and cores, in this order
-ROWS = ("dev_shm_free_mib", "loader_jpeg", "loader_raw", "model_synthetic", "synthetic_step_ms",
-        "loader_over_model", "reader_1", "reader_all", "train_real",
-        "real_over_synthetic", "data_wait", "gpu_wait", "gpu_step_ms", "train_seconds",
-        "train_real_raw", "real_raw_over_synthetic", "gpu_wait_raw", "gpu_step_ms_raw",
-        "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw", "gpu_step_ms_hw",
-        "limiting_stage")
+PEER_BATCHES = (256, 128, 64, 32)
+ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_compiled",
+        "compiled_over_eager", "model_compiled_128", "model_graphed_128",
+        "graphed_128_over_eager", "model_torch_lrn", "eager_over_torch_lrn", "model_one_tower",
+        "paper_over_one_tower", "synthetic_step_ms", "loader_jpeg", "loader_raw",
+        "loader_over_model", "train_real", "real_over_synthetic", "data_wait", "gpu_wait",
+        "gpu_step_ms", "train_seconds", "train_real_raw", "real_raw_over_synthetic",
+        "gpu_wait_raw", "gpu_step_ms_raw", "train_real_128", "real_128_over_synthetic",
+        "gpu_wait_128", "gpu_step_ms_128", "train_real_raw_128", "real_raw_128_over_synthetic",
+        *(f"{k}_{b}" for b in PEER_BATCHES for k in ("peer_ours", "peer_dali", "ours_over_dali")),
+        "reader_1", "reader_all", "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw",
+        "gpu_step_ms_hw", "limiting_stage")
 
 
 def measure(r: dict, name: str, fn) -> None:
@@ -59,14 +70,14 @@ def ratio(r: dict, name: str, top: str, bottom: str) -> None:
     r[name] = t / b if isinstance(t, float) and isinstance(b, float) and b > 0 else "n/a"
 
 
-def train_rate(a, r: dict, enc: str = "jpeg", *extra: str) -> float:
+def train_rate(a, r: dict, enc: str = "jpeg", tag: str = "", *extra: str) -> float:
     """A 3-epoch train run on `enc` shards in its own process: img/s over the epochs after the
     first (the default run also puts train_seconds and data_wait in r). Raw shards leave nvJPEG
     out: if their real / synthetic is near 1 where JPEG's is not, the decoder's GPU work is
     what the step loses; if not, the training process's own share of the loader. JPEG with
     `--hw-decoder-load 1` keeps the decoding on the decode engines, off the step's cores."""
-    default = enc == "jpeg" and not extra
-    run = a.work / ("run" if default else f"run_{enc}{len(extra)}")
+    default = not tag
+    run = a.work / f"run{tag}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "alexnet_pipe", "train", "--data",
@@ -85,7 +96,6 @@ def train_rate(a, r: dict, enc: str = "jpeg", *extra: str) -> float:
         r["train_seconds"] = seconds
         r["data_wait"] = sum(e["data_wait"] for e in steady) / len(steady)
     # the GPU's own view: idle between steps (starved) or a step slower than synthetic (slowed)
-    tag = "" if default else "_raw" if enc == "raw" else "_hw"
     for key in ("gpu_wait", "gpu_step_ms"):
         if all(key in e for e in steady):
             r[key + tag] = sum(e[key] for e in steady) / len(steady)
@@ -99,6 +109,14 @@ def publish(a, r: dict) -> None:
     ratio(r, "real_over_synthetic", "train_real", "model_synthetic")
     ratio(r, "real_raw_over_synthetic", "train_real_raw", "model_synthetic")
     ratio(r, "real_hw_over_synthetic", "train_real_hw", "model_synthetic")
+    ratio(r, "real_128_over_synthetic", "train_real_128", "model_synthetic_128")
+    ratio(r, "real_raw_128_over_synthetic", "train_real_raw_128", "model_synthetic_128")
+    ratio(r, "compiled_over_eager", "model_compiled", "model_synthetic")
+    ratio(r, "graphed_128_over_eager", "model_graphed_128", "model_synthetic_128")
+    ratio(r, "eager_over_torch_lrn", "model_synthetic", "model_torch_lrn")
+    ratio(r, "paper_over_one_tower", "model_synthetic", "model_one_tower")
+    for b in PEER_BATCHES:
+        ratio(r, f"ours_over_dali_{b}", f"peer_ours_{b}", f"peer_dali_{b}")
     if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
         r["synthetic_step_ms"] = 1000 * a.batch_size / r["model_synthetic"]
     stages = {k: r.get(v) for k, v in (("reader", "reader_all"),
@@ -144,16 +162,65 @@ def main() -> int:
         loader = LoaderConfig(**{**cfg.__dict__, "data": a.work / enc})
         return bench_loader(BenchConfig(loader=loader, seconds=a.seconds,
                                         repeats=3))["images_per_s"]
+
+    def step(batch: int, mode=None, arch="alexnet", model=None):
+        c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch})
+        return model_step_rate(c, gpu, 1000, steps=30, warmup=5, arch=arch, compile_mode=mode,
+                               model=model)
+
+    def torch_lrn_model():  # the paper model with torch's LocalResponseNorm, per tower
+        from bench_lrn import TorchLRN
+        from alexnet_pipe.model import GroupLRN, build_model
+        m = build_model("alexnet", 1000)
+        for i, layer in enumerate(m.features):
+            if isinstance(layer, GroupLRN):
+                m.features[i] = TorchLRN(layer.groups)
+        return m
+
+    def with_dmon(fn):  # the decode engines' use (jpg column) beside the JPEG loader's run
+        dmon = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"],
+                                stdout=open(a.work / "dmon.log", "w"),
+                                stderr=subprocess.STDOUT) if gpu and shutil.which("nvidia-smi") \
+            else None
+        try:
+            return fn()
+        finally:
+            if dmon is not None:
+                dmon.terminate()
+
+    def peers(batch: int) -> float:  # ours and DALI's own pipeline, alternating fresh processes
+        import bench_loader as bl
+        files = a.work / "files_jpeg"
+        if not files.exists():
+            bl.extract(a.work / "jpeg", files, raw=False)
+        c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch,
+                            "augment": AugmentConfig(mean="channel")})
+        spec = dict(gpu=gpu, files=files, batch=batch, threads=threads, config=c)
+        rates, _ = bl.alternate({"dali": "native", "ours": "jpeg"}, spec, 2, 2.0)
+        r[f"peer_dali_{batch}"] = sorted(rates["dali"])[len(rates["dali"]) // 2]
+        return sorted(rates["ours"])[len(rates["ours"]) // 2]
+
+    half = a.batch_size // 2
     figures = [
-        ("loader_jpeg", lambda: loader_rate("jpeg")),
+        ("model_synthetic", lambda: step(a.batch_size)),
+        ("model_synthetic_128", lambda: step(half)),
+        ("model_one_tower", lambda: step(a.batch_size, arch="alexnet-owt")),
+        ("model_torch_lrn", lambda: step(a.batch_size, model=torch_lrn_model())),
+        ("model_compiled", lambda: step(a.batch_size, "default")),
+        ("model_graphed_128", lambda: step(half, "reduce-overhead")),
+        ("loader_jpeg", lambda: with_dmon(lambda: loader_rate("jpeg"))),
         ("loader_raw", lambda: loader_rate("raw")),
-        ("model_synthetic", lambda: model_step_rate(cfg, gpu, 1000, steps=30, warmup=5)),
+        ("train_real", lambda: train_rate(a, r)),
+        ("train_real_raw", lambda: train_rate(a, r, "raw", "_raw")),
+        ("train_real_128", lambda: train_rate(a, r, "jpeg", "_128", "--batch-size", str(half))),
+        ("train_real_raw_128", lambda: train_rate(a, r, "raw", "_raw_128", "--batch-size",
+                                                  str(half))),
+        *((f"peer_ours_{b}", lambda b=b: peers(b)) for b in PEER_BATCHES),
+        ("model_compiled_128", lambda: step(half, "default")),
         ("reader_1", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds, None)),
         ("reader_all", lambda: reader_rate(a.work / "jpeg", readers, a.batch_size, a.seconds,
                                            None)),
-        ("train_real", lambda: train_rate(a, r)),
-        ("train_real_raw", lambda: train_rate(a, r, "raw")),
-        ("train_real_hw", lambda: train_rate(a, r, "jpeg", "--hw-decoder-load", "1")),
+        ("train_real_hw", lambda: train_rate(a, r, "jpeg", "_hw", "--hw-decoder-load", "1")),
     ]
     for name, fn in figures:  # the table is rewritten after each: a timeout leaves the rest
         measure(r, name, fn)
