@@ -312,11 +312,15 @@ def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
     assert Image.open(out).size[0] > 2 * 256
     bad = cli("bench-loader", "--data", tmp_path, "--device", "cpu", check=False)
     assert bad.returncode == 1 and "run `alexnet-pipe prepare` first" in bad.stderr
-    for option, value in (("--repeats", "0"), ("--batches", "0"), ("--seconds", "-1")):
-        bad = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", option, value,
-                  check=False)
-        assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
-        assert f"{option} {value}" in bad.stderr.strip().splitlines()[-1]
+    bad = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", "--repeats", "0",
+              check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "--repeats 0: must be at least 1" in bad.stderr.strip().splitlines()[-1]
+    from alexnet_base.config import BenchConfig
+    for field, value, message in (("batches", 0, "--batches 0"), ("seconds", -1.0, "--seconds -1"),
+                                  ("warmup", -1, "--warmup -1")):
+        with pytest.raises(UserError, match=message):
+            BenchConfig(loader=config(shards_jpeg), **{field: value}).validate()
 
 
 def test_placement_is_decided_once_from_the_device():
