@@ -91,12 +91,12 @@ def _cuda_sync():
 
 def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int = 10,
                     warmup: int = 3, arch: str = "alexnet", compile_mode: str | None = None,
-                    model=None) -> float:
-    """AlexNet SGD steps on synthetic device-resident input: what the loader has to keep up with.
-    compile_mode: torch.compile's mode (None: eager); model: another network of the same input
-    (the benchmarks' references)."""
+                    model=None, in_channels: int = 3) -> float:
+    """AlexNet SGD steps on synthetic device-resident input in the loader's dtype and layout:
+    what the loader has to keep up with. compile_mode: torch.compile's mode (None: eager);
+    model, in_channels: another network and its input channels (the benchmarks' variants)."""
     import torch
-    from alexnet_pipe.model import build_model
+    from alexnet_pipe.model import build_model, input_dtype
     from alexnet_pipe.train import train_step
     device = torch.device("cuda" if gpu else "cpu")
     model = (model or build_model(arch, num_classes=num_classes, crop=cfg.augment.crop)).to(device)
@@ -106,7 +106,9 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     run = model if compile_mode is None else torch.compile(model, dynamic=False,
                                                            mode=compile_mode)
-    x = torch.randn(cfg.batch_size, 3, cfg.augment.crop, cfg.augment.crop, device=device)
+    x = input_dtype(torch.randn(cfg.batch_size, in_channels, cfg.augment.crop,
+                                cfg.augment.crop, device=device).to(getattr(torch, cfg.dtype)),
+                    gpu)  # what train_one_epoch hands the step
     if channels_last:  # as the loader delivers it: an NCHW view of HWC memory
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)

@@ -3,7 +3,9 @@
 cut off by the time limit is one line; the table is on disk after each):
 - the paper model's bf16 train step on synthetic input at batch 256 and 128: eager, compiled,
   compiled with CUDA graphs (reduce-overhead); the same network with torch's LocalResponseNorm
-  (what a user writes first) and the one-tower model without LRN, for scale;
+  (what a user writes first) and the one-tower model without LRN, for scale; and exact variants
+  to decide by: bf16 input from the loader, grouped convolutions as two dense ones, conv1 over
+  a zero 4th channel;
 - loader img/s (JPEG and raw shards, pixel mean), nvidia-smi dmon beside the JPEG run (is the
   hardware JPEG decoder used?); loader / step;
 - `train` with the real pipeline / synthetic step, JPEG and raw, at 256 and 128, with data-wait
@@ -45,7 +47,8 @@ PEER_BATCHES = (256, 128, 64, 32)
 ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_compiled",
         "compiled_over_eager", "model_compiled_128", "model_graphed_128",
         "graphed_128_over_eager", "model_torch_lrn", "eager_over_torch_lrn", "model_one_tower",
-        "paper_over_one_tower", "synthetic_step_ms", "loader_jpeg", "loader_raw",
+        "paper_over_one_tower", "model_bf16_input", "bf16_input_over_fp32", "model_split_groups",
+        "split_groups_over_grouped", "model_4_channels", "four_channels_over_three", "synthetic_step_ms", "loader_jpeg", "loader_raw",
         "loader_over_model", "train_real", "real_over_synthetic", "data_wait", "gpu_wait",
         "gpu_step_ms", "train_seconds", "train_real_raw", "real_raw_over_synthetic",
         "gpu_wait_raw", "gpu_step_ms_raw", "train_real_128", "real_128_over_synthetic",
@@ -53,6 +56,20 @@ ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_com
         *(f"{k}_{b}" for b in PEER_BATCHES for k in ("peer_ours", "peer_dali", "ours_over_dali")),
         "reader_1", "reader_all", "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw",
         "gpu_step_ms_hw", "limiting_stage")
+
+
+class SplitGroups(torch.nn.Module):
+    """A groups=2 convolution as two dense convolutions on the halves of its channels."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        c, w, b = self.conv, self.conv.weight, self.conv.bias
+        xs, ws, bs = x.chunk(2, 1), w.chunk(2, 0), b.chunk(2, 0)
+        return torch.cat([torch.nn.functional.conv2d(xi, wi, bi, c.stride, c.padding)
+                          for xi, wi, bi in zip(xs, ws, bs)], 1)
 
 
 def measure(r: dict, name: str, fn) -> None:
@@ -115,6 +132,9 @@ def publish(a, r: dict) -> None:
     ratio(r, "graphed_128_over_eager", "model_graphed_128", "model_synthetic_128")
     ratio(r, "eager_over_torch_lrn", "model_synthetic", "model_torch_lrn")
     ratio(r, "paper_over_one_tower", "model_synthetic", "model_one_tower")
+    ratio(r, "bf16_input_over_fp32", "model_bf16_input", "model_synthetic")
+    ratio(r, "split_groups_over_grouped", "model_split_groups", "model_synthetic")
+    ratio(r, "four_channels_over_three", "model_4_channels", "model_synthetic")
     for b in PEER_BATCHES:
         ratio(r, f"ours_over_dali_{b}", f"peer_ours_{b}", f"peer_dali_{b}")
     if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
@@ -163,10 +183,10 @@ def main() -> int:
         return bench_loader(BenchConfig(loader=loader, seconds=a.seconds,
                                         repeats=3))["images_per_s"]
 
-    def step(batch: int, mode=None, arch="alexnet", model=None):
-        c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch})
+    def step(batch: int, mode=None, arch="alexnet", model=None, dtype="float32", channels=3):
+        c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch, "dtype": dtype})
         return model_step_rate(c, gpu, 1000, steps=30, warmup=5, arch=arch, compile_mode=mode,
-                               model=model)
+                               model=model, in_channels=channels)
 
     def torch_lrn_model():  # the paper model with torch's LocalResponseNorm, per tower
         from bench_lrn import TorchLRN
@@ -175,6 +195,26 @@ def main() -> int:
         for i, layer in enumerate(m.features):
             if isinstance(layer, GroupLRN):
                 m.features[i] = TorchLRN(layer.groups)
+        return m
+
+    def split_groups_model():  # grouped convolutions as two dense ones each: the same math
+        from alexnet_pipe.model import build_model
+        m = build_model("alexnet", 1000)
+        for i, layer in enumerate(m.features):
+            if isinstance(layer, torch.nn.Conv2d) and layer.groups == 2:
+                m.features[i] = SplitGroups(layer)
+        return m
+
+    def four_channel_model():  # conv1 over RGB and a zero 4th channel (DALI's pad_output)
+        from alexnet_pipe.model import build_model
+        m = build_model("alexnet", 1000)
+        conv1 = m.features[1]
+        wide = torch.nn.Conv2d(4, conv1.out_channels, conv1.kernel_size, conv1.stride)
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.weight[:, :3] = conv1.weight
+            wide.bias.copy_(conv1.bias)
+        m.features[1] = wide
         return m
 
     def with_dmon(fn):  # the decode engines' use (jpg column) beside the JPEG loader's run
@@ -207,6 +247,9 @@ def main() -> int:
         ("model_one_tower", lambda: step(a.batch_size, arch="alexnet-owt")),
         ("model_torch_lrn", lambda: step(a.batch_size, model=torch_lrn_model())),
         ("model_compiled", lambda: step(a.batch_size, "default")),
+        ("model_bf16_input", lambda: step(a.batch_size, dtype="bfloat16")),
+        ("model_split_groups", lambda: step(a.batch_size, model=split_groups_model())),
+        ("model_4_channels", lambda: step(a.batch_size, model=four_channel_model(), channels=4)),
         ("model_graphed_128", lambda: step(half, "reduce-overhead")),
         ("loader_jpeg", lambda: with_dmon(lambda: loader_rate("jpeg"))),
         ("loader_raw", lambda: loader_rate("raw")),
