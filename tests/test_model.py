@@ -68,21 +68,25 @@ def test_lrn_against_the_formula():
     assert np.abs(want - a / 2.0 ** 0.75).max() > 0.5  # the test would see a wrong alpha or n
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["module", "fused"])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lrn_in_both_memory_layouts_matches_the_formula_and_torchs_gradients(groups, channels_last):
+def test_lrn_in_both_memory_layouts_matches_the_formula_and_torchs_gradients(groups, channels_last,
+                                                                            fused):
     """GroupLRN pools a view of the squares that differs by layout (channels_last on GPUs): each
     gives the formula's values, torch's LocalResponseNorm's gradients (per group), and keeps
-    the input's layout for the next convolution."""
-    from alexnet_pipe.model import LRN, GroupLRN
+    the input's layout for the next convolution. So does LRNFunction, the GPU's LRN with its
+    gradient written out (each pass one compiled kernel there), run eager here in float64."""
+    from alexnet_pipe.model import LRN, GroupLRN, LRNFunction
     rng = np.random.default_rng(2)
     a = rng.uniform(-60, 120, (2, 12, 3, 4))
     x = torch.from_numpy(a).requires_grad_()
     xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    out = GroupLRN(groups)(xin)
+    out = LRNFunction.apply(xin, groups, False) if fused else GroupLRN(groups)(xin)
     want = np.stack([_lrn_reference(img, groups) for img in a])
     np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-12)
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    if not fused:
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     weights = torch.from_numpy(rng.normal(size=a.shape))
     (got,) = torch.autograd.grad((out * weights).sum(), x)
     torch_lrn = torch.nn.LocalResponseNorm(**LRN)
@@ -204,28 +208,6 @@ def test_tower_b_takes_its_input_in_the_autocast_dtype():
     with torch.no_grad():  # no autocast: float32 goes on as float32
         towers(x)
     assert seen[0] == torch.float32
-
-
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_lrn_has_the_formulas_values_and_gradients(groups, channels_last):
-    """LRNFunction (the GPU's LRN: its gradient written out, each pass one compiled kernel
-    there) run eager in float64: the formula's values, and the gradients torch's autograd takes
-    of torch's own LocalResponseNorm (per group), in both layouts."""
-    from alexnet_pipe.model import LRN, LRNFunction
-    rng = np.random.default_rng(3)
-    a = rng.uniform(-60, 120, (2, 12, 3, 4))
-    x = torch.from_numpy(a).requires_grad_()
-    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    out = LRNFunction.apply(xin, groups, False)
-    want = np.stack([_lrn_reference(img, groups) for img in a])
-    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-12)
-    weights = torch.from_numpy(rng.normal(size=a.shape))
-    (got,) = torch.autograd.grad((out * weights).sum(), x)
-    torch_lrn = torch.nn.LocalResponseNorm(**LRN)
-    ref = torch.cat([torch_lrn(part) for part in x.chunk(groups, 1)], 1)
-    (expected,) = torch.autograd.grad((ref * weights).sum(), x)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.gpu

@@ -119,22 +119,28 @@ def train_rate(a, r: dict, enc: str = "jpeg", tag: str = "", *extra: str) -> flo
     return sum(e["images_per_s"] for e in steady) / len(steady)
 
 
+RATIOS = (  # (ratio, figure, the figure it is measured against)
+    ("loader_over_model", "loader_jpeg", "model_synthetic"),
+    ("real_over_synthetic", "train_real", "model_synthetic"),
+    ("real_raw_over_synthetic", "train_real_raw", "model_synthetic"),
+    ("real_hw_over_synthetic", "train_real_hw", "model_synthetic"),
+    ("real_128_over_synthetic", "train_real_128", "model_synthetic_128"),
+    ("real_raw_128_over_synthetic", "train_real_raw_128", "model_synthetic_128"),
+    ("compiled_over_eager", "model_compiled", "model_synthetic"),
+    ("graphed_128_over_eager", "model_graphed_128", "model_synthetic_128"),
+    ("eager_over_torch_lrn", "model_synthetic", "model_torch_lrn"),
+    ("paper_over_one_tower", "model_synthetic", "model_one_tower"),
+    ("bf16_input_over_fp32", "model_bf16_input", "model_synthetic"),
+    ("split_groups_over_grouped", "model_split_groups", "model_synthetic"),
+    ("four_channels_over_three", "model_4_channels", "model_synthetic"),
+)
+
+
 def publish(a, r: dict) -> None:
     """The ratios and the limiting stage of what is measured so far, into WORK/report.json and
     WORK/report.md (printed by the caller at the end)."""
-    ratio(r, "loader_over_model", "loader_jpeg", "model_synthetic")
-    ratio(r, "real_over_synthetic", "train_real", "model_synthetic")
-    ratio(r, "real_raw_over_synthetic", "train_real_raw", "model_synthetic")
-    ratio(r, "real_hw_over_synthetic", "train_real_hw", "model_synthetic")
-    ratio(r, "real_128_over_synthetic", "train_real_128", "model_synthetic_128")
-    ratio(r, "real_raw_128_over_synthetic", "train_real_raw_128", "model_synthetic_128")
-    ratio(r, "compiled_over_eager", "model_compiled", "model_synthetic")
-    ratio(r, "graphed_128_over_eager", "model_graphed_128", "model_synthetic_128")
-    ratio(r, "eager_over_torch_lrn", "model_synthetic", "model_torch_lrn")
-    ratio(r, "paper_over_one_tower", "model_synthetic", "model_one_tower")
-    ratio(r, "bf16_input_over_fp32", "model_bf16_input", "model_synthetic")
-    ratio(r, "split_groups_over_grouped", "model_split_groups", "model_synthetic")
-    ratio(r, "four_channels_over_three", "model_4_channels", "model_synthetic")
+    for name, top, bottom in RATIOS:
+        ratio(r, name, top, bottom)
     for b in PEER_BATCHES:
         ratio(r, f"ours_over_dali_{b}", f"peer_ours_{b}", f"peer_dali_{b}")
     if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
