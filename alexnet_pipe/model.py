@@ -85,11 +85,27 @@ _COMPILED: dict = {}
 
 
 def _compiled(fn):
-    """fn compiled once per process (on GPUs), or as it is inside a graph being compiled."""
+    """fn compiled once per process (on GPUs), or as it is inside a graph being compiled. If
+    the first compiled call fails (no working compiler or Triton here), the same math runs
+    eager from then on, said once on stderr: a run is never lost to the LRN's speed-up."""
     if torch.compiler.is_compiling():
         return fn
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn, dynamic=False)
+
+        def first_call(*args):
+            try:
+                out = compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: keep training
+                import sys
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"warning: the fused LRN could not be compiled ({type(e).__name__}: "
+                      f"{first}); it runs eager, slower", file=sys.stderr, flush=True)
+                _COMPILED[fn] = fn
+                return fn(*args)
+            _COMPILED[fn] = compiled
+            return out
+        _COMPILED[fn] = first_call
     return _COMPILED[fn]
 
 

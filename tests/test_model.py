@@ -228,3 +228,26 @@ def test_fused_lrn_on_the_gpu_within_bf16_of_the_reference():
     xr = x.detach().double().requires_grad_()
     (ref,) = torch.autograd.grad((GroupLRN(2, fused=False)(xr) * g).sum(), xr)
     torch.testing.assert_close(got.double(), ref, rtol=2 ** -6, atol=1e-3 * ref.abs().max().item())
+
+
+def test_an_lrn_that_cannot_compile_runs_eager_and_says_so(monkeypatch, capsys):
+    """Where torch.compile fails (no Triton, no compiler), the fused LRN keeps the run going
+    with the same math eager, and says so once."""
+    from alexnet_pipe import model as M
+    monkeypatch.setattr(M, "_COMPILED", {})
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("Cannot find a working triton installation")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.from_numpy(np.random.default_rng(5).uniform(0, 120, (1, 8, 3, 3)))
+    out = M.LRNFunction.apply(x.clone().requires_grad_(), 2, True)
+    out.sum().backward()
+    again = M.LRNFunction.apply(x, 2, True)
+    np.testing.assert_allclose(out.detach().numpy(), _lrn_reference(x.numpy()[0], 2)[None],
+                               rtol=1e-12)
+    torch.testing.assert_close(again, out.detach())
+    err = capsys.readouterr().err
+    assert err.count("warning: the fused LRN could not be compiled") == 2  # forward, backward
+    assert "triton" in err
