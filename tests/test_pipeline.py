@@ -17,8 +17,8 @@ from alexnet_base.errors import UserError
 from alexnet_pipe import reading
 from alexnet_pipe.pipeline import Placement, make_loader
 from conftest import cli, tool
-from preprocessing import resize, shards
-from preprocessing.shards import load_split, load_stats
+from preprocessing import resize
+from preprocessing.shards import load_split
 
 CPU = Placement.for_device(torch.device("cpu"))
 
