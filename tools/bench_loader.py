@@ -15,8 +15,12 @@ of ours / reference in the same round. Each pipeline's CPU time per image (from 
 group: DALI's threads, the main thread, reader processes, the rest) comes with it: less noisy
 than a rate on a shared machine, and on a GPU host the cores a GPU's reading needs.
 
+With --step each batch also trains the paper model (the step `train` runs), so the ratio is
+`train` fed by our loader / `train` fed by DALI's own pipeline.
+
 Usage: bench_loader.py [--images 1024] [--batch-size 128] [--device cpu] [--seconds 3] [--rounds 5]
-       [--mean channel|pixel] [--encodings jpeg raw] [--control] [--no-baseline] [--work DIR]
+       [--mean channel|pixel] [--encodings jpeg raw] [--control] [--step] [--no-baseline]
+       [--work DIR]
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
             jpegs, labels = fn.readers.file(file_root=str(files), random_shuffle=True, name="r")
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
+        if gpu:
+            labels = labels.gpu()
         out = fn.crop_mirror_normalize(images, crop=(224, 224),
                                        crop_pos_x=fn.random.uniform(range=(0, 1)),
                                        crop_pos_y=fn.random.uniform(range=(0, 1)),
@@ -88,6 +94,22 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
 
     return endless(DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r",
                                        auto_reset=True))
+
+
+def stepped(pairs, config: LoaderConfig, device: torch.device):
+    """One training step of the paper model (what `train` runs: bf16 autocast on a GPU, the
+    loader's layout) on each (images, labels) batch of `pairs`, as an endless iterator. Labels
+    are taken modulo 8 classes: the references label by folder."""
+    from alexnet_pipe.model import build_model, input_dtype
+    from alexnet_pipe.train import train_step
+    gpu = device.type == "cuda"
+    model = build_model("alexnet", num_classes=8, crop=config.augment.crop).to(device)
+    if gpu and config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    for images, labels in pairs:
+        train_step(model, opt, input_dtype(images, gpu), labels.long() % 8, amp=gpu)
+        yield
 
 
 def cpu_seconds(pid: int) -> dict:
@@ -115,11 +137,15 @@ def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
     then img/s over `seconds` and the CPU time per image ({group: us}, see cpu_seconds), sent
     back on `conn`."""
     gpu = spec["gpu"]
+    device = torch.device("cuda" if gpu else "cpu")
     if kind in ("native", "bare"):
         it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu)
+        pairs = ((b[0]["images"], b[0]["labels"].reshape(-1)) for b in it)
     else:
-        it = endless(make_loader(spec["config"], device=torch.device("cuda" if gpu else "cpu"),
-                                 epochs=STREAM))
+        it = endless(make_loader(spec["config"], device=device, epochs=STREAM))
+        pairs = ((b.images, b.labels) for b in it)
+    if spec.get("step"):  # each batch trains the model: train fed by this pipeline
+        it = stepped(pairs, spec["config"], device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     timed_rate(it, 0, None, 5, spec["batch"], sync)
     before, t0 = cpu_seconds(os.getpid()), time.perf_counter()
@@ -193,6 +219,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, help="keep the generated data here")
     ap.add_argument("--encodings", nargs="+", choices=("jpeg", "raw"), default=["jpeg", "raw"])
     ap.add_argument("--no-baseline", action="store_true", help="skip the torch DataLoader")
+    ap.add_argument("--step", action="store_true",
+                    help="each batch also trains the paper model: train fed by each pipeline")
     ap.add_argument("--control", action="store_true",
                     help="also time each reference against itself (A/A): the harness's noise")
     a = ap.parse_args()
@@ -214,7 +242,8 @@ def main() -> int:
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
                            readers=a.readers, prefetch=a.prefetch,
                            augment=AugmentConfig(mean=a.mean))
-        spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg)
+        spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg,
+                    step=a.step)
         pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
         rates, cpu = alternate(pipelines, spec, a.rounds, a.seconds)
         print(json.dumps({"rates": {k: [round(v) for v in r] for k, r in rates.items()}}),

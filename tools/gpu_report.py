@@ -11,7 +11,8 @@ cut off by the time limit is one line; the table is on disk after each):
 - `train` with the real pipeline / synthetic step, JPEG and raw, at 256 and 128, with data-wait
   and the GPU's idle share and time per step (train.StepTimer) of each run;
 - our loader / DALI's own GPU pipeline (fn.readers.file + nvJPEG + crop_mirror_normalize on the
-  same JPEGs, channel mean, fresh processes alternating) at batch 256, 128, 64 and 32;
+  same JPEGs, channel mean, fresh processes alternating) at batch 256, 128, 64 and 32; the
+  same with each batch training the model (train fed by ours / by DALI's) at 256 and 128;
 - reader-only img/s with one reader and with all; which stage limits.
 Writes WORK/report.json, WORK/report.md and WORK/dmon.log.
 
@@ -44,6 +45,7 @@ from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 # the table's rows after card and cores, in this order
 PEER_BATCHES = (256, 128, 64, 32)
+TRAIN_PEER_BATCHES = (256, 128)  # the same, each batch training the paper model
 ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_compiled",
         "compiled_over_eager", "model_compiled_128", "model_graphed_128",
         "graphed_128_over_eager", "model_torch_lrn", "eager_over_torch_lrn", "model_one_tower",
@@ -54,6 +56,8 @@ ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_com
         "gpu_wait_raw", "gpu_step_ms_raw", "train_real_128", "real_128_over_synthetic",
         "gpu_wait_128", "gpu_step_ms_128", "train_real_raw_128", "real_raw_128_over_synthetic",
         *(f"{k}_{b}" for b in PEER_BATCHES for k in ("peer_ours", "peer_dali", "ours_over_dali")),
+        *(f"{k}_{b}" for b in TRAIN_PEER_BATCHES
+          for k in ("train_peer_ours", "train_peer_dali", "train_ours_over_dali")),
         "reader_1", "reader_all", "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw",
         "gpu_step_ms_hw", "limiting_stage")
 
@@ -143,6 +147,8 @@ def publish(a, r: dict) -> None:
         ratio(r, name, top, bottom)
     for b in PEER_BATCHES:
         ratio(r, f"ours_over_dali_{b}", f"peer_ours_{b}", f"peer_dali_{b}")
+    for b in TRAIN_PEER_BATCHES:
+        ratio(r, f"train_ours_over_dali_{b}", f"train_peer_ours_{b}", f"train_peer_dali_{b}")
     if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
         r["synthetic_step_ms"] = 1000 * a.batch_size / r["model_synthetic"]
     stages = {k: r.get(v) for k, v in (("reader", "reader_all"),
@@ -234,16 +240,18 @@ def main() -> int:
             if dmon is not None:
                 dmon.terminate()
 
-    def peers(batch: int) -> float:  # ours and DALI's own pipeline, alternating fresh processes
+    def peers(batch: int, step: bool = False) -> float:  # ours and DALI's own pipeline,
+        # alternating fresh processes; step: each batch trains the model (train fed by each)
         import bench_loader as bl
         files = a.work / "files_jpeg"
         if not files.exists():
             bl.extract(a.work / "jpeg", files, raw=False)
         c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch,
                             "augment": AugmentConfig(mean="channel")})
-        spec = dict(gpu=gpu, files=files, batch=batch, threads=threads, config=c)
+        spec = dict(gpu=gpu, files=files, batch=batch, threads=threads, config=c, step=step)
         rates, _ = bl.alternate({"dali": "native", "ours": "jpeg"}, spec, 2, 2.0)
-        r[f"peer_dali_{batch}"] = sorted(rates["dali"])[len(rates["dali"]) // 2]
+        r[f"{'train_' if step else ''}peer_dali_{batch}"] = sorted(rates["dali"])[
+            len(rates["dali"]) // 2]
         return sorted(rates["ours"])[len(rates["ours"]) // 2]
 
     half = a.batch_size // 2
@@ -265,6 +273,8 @@ def main() -> int:
         ("train_real_raw_128", lambda: train_rate(a, r, "raw", "_raw_128", "--batch-size",
                                                   str(half))),
         *((f"peer_ours_{b}", lambda b=b: peers(b)) for b in PEER_BATCHES),
+        *((f"train_peer_ours_{b}", lambda b=b: peers(b, step=True))
+          for b in TRAIN_PEER_BATCHES),
         ("model_compiled_128", lambda: step(half, "default")),
         ("reader_1", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds, None)),
         ("reader_all", lambda: reader_rate(a.work / "jpeg", readers, a.batch_size, a.seconds,
