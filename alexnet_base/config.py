@@ -23,7 +23,7 @@ LIGHTING_SCALES = ("stdev", "eigval")
 ARCHS = ("alexnet", "alexnet-owt")
 BIAS_INITS = ("paper", "caffe")
 BIAS_RULES = ("author", "uniform")
-PARALLEL = ("auto", "none", "ddp", "towers")
+PARALLEL = ("auto", "none", "ddp", "towers", "hybrid")
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
@@ -189,7 +189,9 @@ class TrainConfig:
                          choices=BIAS_INITS)
     dropout: float = opt(0.5, "Dropout of fc6 and fc7 (the paper).")
     parallel: str = opt("auto", "auto: ddp under torchrun with several processes, else none; "
-                        "towers: the paper's model parallelism over --tower-devices.",
+                        "towers: the paper's model parallelism over --tower-devices; hybrid "
+                        "(under torchrun): convolutions data-parallel, fc6/fc7 split across "
+                        "the ranks (Krizhevsky 2014).",
                         choices=PARALLEL)
     tower_devices: tuple[str, ...] = opt(("cuda:0", "cuda:1"), "Devices of tower A and tower B "
                                          "with --parallel towers.", csv=True)
@@ -223,8 +225,9 @@ class TrainConfig:
         _choose("bias-rule", self.bias_rule, BIAS_RULES)
         _choose("parallel", self.parallel, PARALLEL)
         _choose("compile-mode", self.compile_mode, COMPILE_MODES)
-        if self.parallel == "towers" and self.arch != "alexnet":
-            raise UserError("--parallel towers needs --arch alexnet (the two-tower network)")
+        if self.parallel in ("towers", "hybrid") and self.arch != "alexnet":
+            raise UserError(f"--parallel {self.parallel} needs --arch alexnet (the paper's "
+                            f"network)")
         if len(self.tower_devices) != 2:
             raise UserError(f"--tower-devices {','.join(self.tower_devices)}: give two devices")
         _at_least("lr-patience", self.lr_patience, 1)

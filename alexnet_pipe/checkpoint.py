@@ -7,7 +7,9 @@
 This module alone builds the dict (`build`) and reads it (`restore`, `load_model`): a new field
 is one line in each. What it holds:
     model           the grouped AlexNet layout, whatever the parallel mode
-    optimizer, scheduler     their state dicts
+    optimizer       its state dict in the grouped model's layout too (optimizer_layout: grouped;
+                    towers written before it hold their own)
+    scheduler       its state dict
     epoch, batch, step, best_top1_err      Progress: where the run stands
     rng             torch's CPU generator, and the CUDA one of every device the model runs on
     arch, num_classes, size (px of the shards), crop, class_names, normalization
@@ -75,19 +77,22 @@ def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progr
             "torch": str(torch.__version__),
             "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
             "best_top1_err": progress.best, "rng": rng,
-            "model": weights.grouped_state_dict() if isinstance(weights, TowerAlexNet)
-            else weights.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            "model": weights.grouped_state_dict() if _split(weights) else weights.state_dict(),
+            "optimizer": grouped_optimizer_state(optimizer, weights),
+            "optimizer_layout": "grouped", "scheduler": scheduler.state_dict()}
 
 
 def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
             device: torch.device) -> Progress:
     """Puts a checkpoint back into a run's module, optimiser, scheduler and generators."""
-    if isinstance(weights, TowerAlexNet):
+    if _split(weights):
         weights.load_grouped_state_dict(state["model"])
     else:
         weights.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if _split(weights) and state.get("optimizer_layout") == "grouped":
+        load_grouped_optimizer_state(optimizer, weights, state["optimizer"])
+    else:  # one model, or towers written before the grouped layout (their own)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     cuda = state["rng"].get("cuda")
@@ -98,6 +103,53 @@ def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
             torch.cuda.set_rng_state(cuda[str(d)], d)
     return Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
                     best=state["best_top1_err"])
+
+
+def _split(weights: torch.nn.Module) -> bool:
+    """A model split into parts (towers, hybrid) that keeps the grouped layout on disk."""
+    return hasattr(weights, "gather_grouped")
+
+
+def _grouped_index(optimizer, weights) -> dict:
+    """{grouped name: its index in the one-model optimiser's state dict}: the parameters
+    numbered group by group in the grouped model's order, as its optimiser numbers them."""
+    name_of = weights.grouped_layout()
+    order = {n: i for i, n in enumerate(weights.grouped_names())}
+    index = {}
+    for group in optimizer.param_groups:
+        for name in sorted({name_of[p] for p in group["params"]}, key=order.get):
+            index[name] = len(index)
+    return index
+
+
+def grouped_optimizer_state(optimizer, weights: torch.nn.Module) -> dict:
+    """The optimiser's state dict as the one (grouped) model's optimiser would hold it, whatever
+    the parts: a run resumes in any parallel mode. For hybrid a collective (every rank)."""
+    state = optimizer.state_dict()
+    if not _split(weights):
+        return state
+    index, name_of = _grouped_index(optimizer, weights), weights.grouped_layout()
+    groups = [{**saved, "params": sorted({index[name_of[p]] for p in group["params"]})}
+              for group, saved in zip(optimizer.param_groups, state["param_groups"])]
+    buffers = weights.gather_grouped({p: s["momentum_buffer"] for p, s in optimizer.state.items()
+                                      if s.get("momentum_buffer") is not None})
+    return {"state": {index[n]: {"momentum_buffer": b} for n, b in buffers.items()},
+            "param_groups": groups}
+
+
+def load_grouped_optimizer_state(optimizer, weights: torch.nn.Module, state: dict) -> None:
+    """The inverse of grouped_optimizer_state: each part's slice of the one model's state."""
+    index = _grouped_index(optimizer, weights)
+    full = {n: state["state"][i]["momentum_buffer"] for n, i in index.items()
+            if i in state["state"]}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    local = {p: i for i, p in enumerate(params)}
+    parts = weights.cut_grouped(full)
+    optimizer.load_state_dict({
+        "state": {local[p]: {"momentum_buffer": part.clone()} for p, part in parts.items()},
+        "param_groups": [{**saved, "params": [local[p] for p in group["params"]]}
+                         for group, saved in zip(optimizer.param_groups,
+                                                 state["param_groups"])]})
 
 
 def model_of(state: dict) -> Model:

@@ -275,19 +275,34 @@ class TowerAlexNet(nn.Module):
         k = self.logits_a if kind == "logits" else n // 2
         return [slice(0, k), slice(k, n)]
 
+    def _pieces(self):
+        """(grouped name, [tower A's parameter, tower B's], how it is halved), in the grouped
+        model's parameter order."""
+        for g, t, kind in self._MAP:
+            for name in ("weight", "bias"):
+                yield f"{g}.{name}", [tw.get_parameter(f"{t}.{name}") for tw in self.towers], kind
+
+    def grouped_names(self) -> list[str]:
+        return [name for name, _, _ in self._pieces()]
+
+    def grouped_layout(self) -> dict:
+        """{parameter: the grouped parameter it is half of}."""
+        return {p: name for name, params, _ in self._pieces() for p in params}
+
+    def gather_grouped(self, values: dict) -> dict:
+        """{parameter: tensor shaped like it} -> {grouped name: both halves joined, on the CPU}."""
+        return {name: torch.cat([values[p].detach().cpu() for p in params], 0)
+                for name, params, _ in self._pieces() if params[0] in values}
+
+    def cut_grouped(self, full: dict) -> dict:
+        """{grouped name: whole tensor} -> {parameter: its half}."""
+        return {p: full[name][part] for name, params, kind in self._pieces() if name in full
+                for p, part in zip(params, self._halves(full[name].shape[0], kind))}
+
     def load_grouped_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            for g, t, kind in self._MAP:
-                for name in ("weight", "bias"):
-                    full = state[f"{g}.{name}"]
-                    for tower, part in zip(self.towers, self._halves(full.shape[0], kind)):
-                        target = tower.get_parameter(f"{t}.{name}")
-                        target.copy_(full[part].to(target.device))
+            for p, value in self.cut_grouped(state).items():
+                p.copy_(value.to(p.device))
 
     def grouped_state_dict(self) -> dict:
-        state = {}
-        for g, t, _ in self._MAP:
-            for name in ("weight", "bias"):
-                state[f"{g}.{name}"] = torch.cat(
-                    [tw.get_parameter(f"{t}.{name}").detach().cpu() for tw in self.towers], 0)
-        return state
+        return self.gather_grouped({p: p for p in self.parameters()})

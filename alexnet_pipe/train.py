@@ -35,6 +35,7 @@ from alexnet_base.errors import UserError
 from alexnet_pipe import __version__, augment, checkpoint, distributed
 from alexnet_pipe.checkpoint import Progress
 from alexnet_pipe.evaluate import evaluate
+from alexnet_pipe.hybrid import HybridAlexNet
 from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, input_dtype
 from alexnet_pipe.normalize import Normalization
 from alexnet_pipe.pipeline import make_loader
@@ -51,6 +52,9 @@ def train_step(model, optimizer, images, labels, *, amp: bool) -> torch.Tensor:
         loss = F.cross_entropy(model(images).float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    reduce = getattr(model, "reduce_gradients", None)  # hybrid: its gradients' collectives
+    if reduce is not None:
+        reduce()
     optimizer.step()
     return loss.detach()
 
@@ -72,7 +76,7 @@ class Setup(NamedTuple):
     """What a training process holds for the whole run, fixed once set up."""
     config: TrainConfig
     env: distributed.DistEnv
-    mode: str                   # none | ddp | towers (never auto)
+    mode: str                   # none | ddp | towers | hybrid (never auto)
     device: torch.device        # where the loaders deliver and the model takes its input
     core: torch.nn.Module       # the model whose grouped state dict is checkpointed
     optimizer: torch.optim.Optimizer
@@ -89,13 +93,15 @@ def _parallel_mode(config: TrainConfig, env: distributed.DistEnv) -> str:
         mode = "ddp" if env.enabled else "none"
     if mode == "towers" and env.enabled:
         raise UserError("--parallel towers runs in one process; launch it without torchrun")
-    if mode == "ddp" and not env.enabled:
-        raise UserError("--parallel ddp: launch with torchrun --nproc_per_node N (one process "
-                        "per GPU), or leave --parallel at auto")
+    if mode in ("ddp", "hybrid") and not env.enabled:
+        raise UserError(f"--parallel {mode}: launch with torchrun --nproc_per_node N (one "
+                        f"process per GPU)" + (", or leave --parallel at auto" if mode == "ddp"
+                                                 else ""))
     return mode
 
 
-def _build_model(config: TrainConfig, num_classes: int, mode: str, device):
+def _build_model(config: TrainConfig, num_classes: int, mode: str, device,
+                 env: distributed.DistEnv):
     """(model whose grouped state dict is checkpointed, its input device)."""
     crop = config.loader.augment.crop
     channels_last = config.loader.channels_last
@@ -110,6 +116,8 @@ def _build_model(config: TrainConfig, num_classes: int, mode: str, device):
     model = model.to(device)
     if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if mode == "hybrid":
+        model = HybridAlexNet(model, rank=env.rank, world=env.world, seed=config.loader.seed)
     return model, device
 
 
@@ -145,7 +153,7 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
              "world_size": env.world}, indent=2) + "\n")
     distributed.barrier()
     torch.manual_seed(config.loader.seed)  # the weight initialisation
-    core, in_device = _build_model(config, split.num_classes, mode, device)
+    core, in_device = _build_model(config, split.num_classes, mode, device, env)
     optimizer = torch.optim.SGD(param_groups(core, config), lr=config.lr,
                                 momentum=config.momentum)
     about = checkpoint.Model(arch=config.arch, num_classes=split.num_classes, size=split.size,
@@ -157,7 +165,7 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     setup = Setup(config=config, env=env, mode=mode, device=in_device, core=core,
                   optimizer=optimizer, scheduler=_scheduler(optimizer, config),
                   log=Log(run_dir, env.is_main), split=split, model=about, lighting=lighting)
-    n = count_parameters(core)
+    n = getattr(core, "grouped_count", None) or count_parameters(core)  # hybrid: all ranks
     setup.log.line(f"{config.arch}: {n:,} parameters ({n + (1000 - split.num_classes) * 4097:,} "
                    f"at 1000 classes), {split.num_classes} classes, parallel={mode}, "
                    f"world={env.world}, device={device.type}")
@@ -190,6 +198,8 @@ def restore(setup: Setup, path: Path) -> Progress:
                                 num_classes=setup.model.num_classes)
     progress = checkpoint.restore(state, weights=setup.core, optimizer=setup.optimizer,
                                   scheduler=setup.scheduler, device=setup.device)
+    if isinstance(setup.core, HybridAlexNet):  # its dropout stream goes on from this step
+        setup.core.draws = progress.step
     setup.log.line(f"resumed from {path} at epoch {progress.epoch + 1}, batch {progress.batch}, "
                    f"step {progress.step}")
     return progress
@@ -422,6 +432,10 @@ def _wrapped(setup: Setup) -> torch.nn.Module:
     """What is called: the checkpointed model, DDP-wrapped and compiled as configured (after
     restore: DDP broadcasts rank 0's weights when it wraps)."""
     model = setup.core
+    if setup.mode == "hybrid":  # its own collectives; only the convolutions compile
+        if setup.config.compile:
+            model.compile_trunk(setup.config.compile_mode)
+        return model
     if setup.mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[setup.env.local_rank] if setup.device.type == "cuda" else None)
@@ -528,9 +542,11 @@ def _save(setup: Setup, progress: Progress, name: str) -> Path:
     """Rank 0 writes the checkpoint; the ranks agree on whether it worked (a full disk on rank 0
     must not leave the others waiting in the next collective)."""
     path, error = None, None
+    # hybrid: every rank sends its slices of the classifier (a collective)
+    state = snapshot(setup, progress) if setup.env.is_main or setup.mode == "hybrid" else None
     if setup.env.is_main:
         try:
-            path = checkpoint.save(Path(setup.config.out), snapshot(setup, progress), name=name,
+            path = checkpoint.save(Path(setup.config.out), state, name=name,
                                    keep=setup.config.keep)
         except UserError as e:
             error = e
@@ -542,7 +558,9 @@ def _save(setup: Setup, progress: Progress, name: str) -> Path:
 def _finish(setup: Setup, progress: Progress, model, per_rank, result: dict,
             shm_reserved: int) -> dict:
     device, env = setup.device, setup.env
-    checksum = float(sum(p.detach().double().sum().item() for p in setup.core.parameters()))
+    # hybrid: the parameters every rank holds whole (each rank's slices are its own)
+    params = getattr(setup.core, "replicated_parameters", setup.core.parameters)()
+    checksum = float(sum(p.detach().double().sum().item() for p in params))
     result["ranks_in_sync"] = distributed.same_on_all_ranks(checksum, device)
     if not result["ranks_in_sync"]:
         raise UserError("the ranks' weights differ after training: a DDP fault; do not use this run")
