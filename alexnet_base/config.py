@@ -148,6 +148,10 @@ class LoaderConfig:
                                  "the share of each batch's JPEGs nvJPEG sends to them, the rest "
                                  "to the CUDA cores (DALI's default); 1 keeps decoding off the "
                                  "cores the training step uses.")
+    verify: bool = opt(True, "Before reading: the shards and stats.h5 this command reads "
+                       "hashed against the manifest's sha256, at disk speed (a changed byte "
+                       "in a raw shard would otherwise be read as pixels); --no-verify where "
+                       "`alexnet-pipe verify` just checked the folder.")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:

@@ -24,6 +24,7 @@ from alexnet_pipe.pipeline import make_loader
 from alexnet_pipe.reader import BatchSource
 from preprocessing import resize
 from preprocessing.shards import MANIFEST_FILE, load_split, load_stats, read_manifest
+from preprocessing.verify import check_inputs
 
 
 def timed_rate(it, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
@@ -56,6 +57,8 @@ def bench_loader(config: BenchConfig) -> dict:
     device = distributed.device(cfg.device)
     gpu = device.type == "cuda"
     info = load_split(cfg.data, "train")
+    if cfg.verify:
+        check_inputs(cfg.data, ("train",), workers=resources.usable_cores())
     stats = load_stats(cfg.data, info)
     norm = Normalization.from_stats(stats, cfg.augment)
     sync = _cuda_sync if gpu else (lambda: None)

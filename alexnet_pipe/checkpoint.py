@@ -15,9 +15,11 @@ is one line in each. What it holds:
     arch, num_classes, size (px of the shards), crop, class_names, normalization
                     Model: what evaluate, predict and filters need, nothing from the data folder
     config, version, torch      the options of the run and what wrote it, for people
+    digest          sha256 of all of the above (content_digest), checked at every load
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -80,6 +82,40 @@ def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progr
             "model": weights.grouped_state_dict() if _split(weights) else weights.state_dict(),
             "optimizer": grouped_optimizer_state(optimizer, weights),
             "optimizer_layout": "grouped", "scheduler": scheduler.state_dict()}
+
+
+def sealed(state: dict) -> dict:
+    """`state` with its content digest, which every load checks."""
+    return {**state, "digest": content_digest(state)}
+
+
+def content_digest(state: dict) -> str:
+    """sha256 of everything in a checkpoint dict but its digest: every tensor's dtype, shape
+    and bytes, every other value's repr, in sorted key order. Independent of the zip container,
+    whose reader does not notice a flipped byte inside a tensor."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def _feed(h, value) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, value[key])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[" if isinstance(value, list) else b"(")
+        for item in value:
+            _feed(h, item)
+        h.update(b"]")
+    else:
+        h.update(repr(value).encode())
 
 
 def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
@@ -180,7 +216,7 @@ def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             # through a Python file: a full disk is then an OSError (ENOSPC), where torch's own
             # writer for a path says only "unexpected pos" (a RuntimeError)
-            torch.save(state, f)
+            torch.save(sealed(state), f)
     except (OSError, RuntimeError) as e:
         # torch's zip writer, closing after a failed write, raises its own RuntimeError over
         # the OSError that caused it
@@ -224,7 +260,48 @@ def load(path: Path) -> dict:
         raise UserError(f"{path}: not a readable alexnet-pipe checkpoint ({e})") from None
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise UserError(f"{path}: not an alexnet-pipe checkpoint")
+    if "digest" in state and content_digest(state) != state["digest"]:  # older ones have none
+        raise UserError(f"{path}: damaged: its content does not match the digest it was saved "
+                        f"with (a changed byte, or a bad copy); use an intact copy or another "
+                        f"checkpoint of the run")
     return state
+
+
+def load_latest(run_dir: Path, warn) -> tuple[Path, dict]:
+    """The newest checkpoint of a run that loads intact, and its dict. Each damaged newer one is
+    named through warn(line) and kept, renamed NAME.damaged so that training on does not write
+    over it; none intact is an error naming each (and renames nothing)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    candidates = epoch_checkpoints(run_dir) + [p for p in [folder / "interrupt.pt"]
+                                               if p.exists()]
+    damaged = []
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+        try:
+            state = load(path)
+        except UserError as e:
+            damaged.append((path, str(e)))
+            continue
+        for bad, why in damaged:
+            kept = _set_aside(bad)
+            warn(f"WARNING: {why}; kept as {kept}")
+        if damaged:
+            warn(f"WARNING: resuming from {path}, the newest intact checkpoint")
+        return path, state
+    raise UserError(f"--resume: no intact checkpoint in {folder}: "
+                    + "; ".join(why for _, why in damaged))
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the run's names (NAME.damaged, NAME.damaged-2, ...)."""
+    n, target = 1, path.with_name(path.name + ".damaged")
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    try:
+        path.rename(target)
+    except OSError as e:
+        raise os_error(path, e, "set the damaged checkpoint aside") from None
+    return target
 
 
 def check_compatible(state: dict, path: Path, *, arch: str, num_classes: int) -> None:

@@ -111,7 +111,31 @@ def inspect(out, as_json):
     s = summarize(out)
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
     if s["problems"]:
-        raise click.ClickException(f"{out}: {len(s['problems'])} problem(s) found; run prepare again")
+        raise click.ClickException(f"{out}: {len(s['problems'])} problem(s) found ({s['problems'][0]}"
+                                   f"{'; ...' if len(s['problems']) > 1 else ''}); `alexnet-pipe "
+                                   f"verify {out}` checks every byte, and the same prepare "
+                                   f"command rewrites what is damaged")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--workers", type=int, default=None,
+              help="Threads hashing files at once (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def verify(out, workers, as_json):
+    """Check every shard and stats.h5 of a prepared folder against the manifest's sha256."""
+    import os
+    from preprocessing.verify import failed, format_report, verify as run
+    r = run(out, workers=workers or os.cpu_count() or 1)
+    click.echo(json.dumps(r) if as_json else format_report(out, r))
+    if failed(r):
+        named = r["damaged"] + r["missing"] + [e.split(":")[0] for e in r["unreadable"]]
+        raise click.ClickException(
+            f"{out}: {len(r['damaged'])} damaged, {len(r['missing'])} missing, "
+            f"{len(r['unreadable'])} unreadable ({', '.join(map(str, named[:5]))}"
+            f"{', ...' if len(named) > 5 else ''}); run the same `alexnet-pipe prepare` "
+            f"command again to repair")
 
 
 @main.command("bench-loader")

@@ -1,6 +1,6 @@
 """Using a checkpoint: `evaluate` on val shards, `predict` single image files. Both take the
 input's preprocessing (shard size, crop, normalisation) and the class names from the checkpoint
-alone; evaluate reads nothing from the data folder but its val shards."""
+alone; evaluate reads nothing from the data folder but its val shards (and the manifest)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet_base import resources
 from alexnet_base.config import AugmentConfig, EvalConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.pipeline import make_loader
-from preprocessing import resize
+from preprocessing import resize, verify
 from preprocessing.shards import load_split
 
 
@@ -28,6 +29,8 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     if config.compile:
         model = torch.compile(model, dynamic=False)
     info = load_split(config.loader.data, "val")
+    if config.loader.verify:
+        verify.check_inputs(config.loader.data, ("val",), workers=resources.usable_cores())
     if info.num_classes != about.num_classes:
         raise UserError(f"{config.checkpoint}: a checkpoint for {about.num_classes} classes; "
                         f"{config.loader.data} has {info.num_classes}")

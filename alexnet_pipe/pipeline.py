@@ -220,7 +220,9 @@ class Loader:
             if found is not None:
                 file, key, reason = found
                 return UserError(f"{file}: image {key} cannot be decoded ({reason}); the shard "
-                                 f"is damaged: prepare it again from the original images")
+                                 f"is damaged: `alexnet-pipe verify` lists every damaged file, "
+                                 f"and the same prepare command rewrites them; the last "
+                                 f"checkpoint is intact (--resume)")
         return error
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alexnet_base import resources
 from alexnet_base.config import TrainConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import __version__, augment, checkpoint, distributed
@@ -40,6 +41,7 @@ from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, inpu
 from alexnet_pipe.normalize import Normalization
 from alexnet_pipe.pipeline import make_loader
 from alexnet_pipe.reader import batches_per_epoch
+from preprocessing import verify
 from preprocessing.shards import SplitInfo, load_split, load_stats
 
 
@@ -143,6 +145,10 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     aug.validate(split.size)
     stats = load_stats(config.loader.data, split)
     distributed.init(env, device, config.dist_timeout)
+    if config.loader.verify:  # the ranks share the hashing and stop together
+        verify.check_inputs(config.loader.data, ("train", "val"), rank=env.rank,
+                            world=env.world, workers=max(1, resources.usable_cores() // env.local_world),
+                            agree=lambda n: distributed.max_over_ranks(n, device))
     if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cudnn.deterministic = config.deterministic
@@ -192,8 +198,9 @@ def _plain(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def restore(setup: Setup, path: Path) -> Progress:
-    state = checkpoint.load(path)
+def restore(setup: Setup) -> Progress:
+    """The run's newest intact checkpoint put back (a damaged newer one is named and kept)."""
+    path, state = checkpoint.load_latest(Path(setup.config.out), setup.log.line)
     checkpoint.check_compatible(state, path, arch=setup.config.arch,
                                 num_classes=setup.model.num_classes)
     progress = checkpoint.restore(state, weights=setup.core, optimizer=setup.optimizer,
@@ -422,7 +429,7 @@ def _warn_if_flat(log: Log, step: int, config: TrainConfig, n: int, loss: float)
 def run(config: TrainConfig) -> dict:
     setup, resume_from = set_up(config)
     try:
-        progress = restore(setup, resume_from) if resume_from is not None else Progress()
+        progress = restore(setup) if resume_from is not None else Progress()
         return _epochs(setup, progress)
     finally:
         distributed.shutdown()

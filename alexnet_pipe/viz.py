@@ -18,6 +18,10 @@ def preview_grid(config, out: Path) -> Path:
     from preprocessing.shards import load_split, load_stats
     n = config.batch_size
     info = load_split(config.data, "train")
+    if config.verify:
+        from alexnet_base.resources import usable_cores
+        from preprocessing.verify import check_inputs
+        check_inputs(config.data, ("train",), workers=usable_cores())
     norm = Normalization.from_stats(load_stats(config.data, info), config.augment)
     loader = make_loader(config, split="train", info=info, norm=norm)
     images = next(iter(loader)).images
@@ -63,9 +67,23 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {run_dir} a run directory of `alexnet-pipe train`?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, n = [], 0
+    try:
+        for n, line in enumerate(path.read_bytes().decode(errors="strict").splitlines(), 1):
+            if line.strip():
+                records.append(json.loads(line))
+                if not isinstance(records[-1], dict):
+                    raise ValueError("not a record")
+    except ValueError as e:  # not UTF-8 (then n is 0: the file as a whole), not JSON
+        raise UserError(f"{path}: {f'line {n}' if n else 'its text'} is damaged ({e}); train "
+                        f"writes one JSON record a line") from None
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
+    fields = {"step": ("step", "loss"), "epoch": ("epoch", "top1_err", "top5_err", "lr")}
+    for r in steps + epochs:
+        if not all(isinstance(r.get(k), (int, float)) for k in fields[r["kind"]]):
+            raise UserError(f"{path}: a {r['kind']} record without its numbers ({r}); the file "
+                            f"is damaged")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
     a.set(xlabel="step", ylabel="train loss", title="training loss")

@@ -28,8 +28,10 @@ from alexnet_base.config import PrepareConfig
 from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path, write_json
 from preprocessing.stats import PixelSums
+from preprocessing.verify import sha256_file
 
 PLAN_FILE = "plan.json"
+PLAN_INPUTS_FILE = "plan-inputs.json"  # {shard: sha256 of its planned inputs and labels}
 
 
 def output_options(config: PrepareConfig) -> dict:
@@ -63,14 +65,6 @@ def plan_shards(tree: layout.Tree, config: PrepareConfig) -> list[ShardJob]:
 
 def partial_path(out: Path, split: str, index: int) -> Path:
     return out / shards.PARTIAL_DIR / f"{split}-{index:05d}.npz"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Set in each worker by _init_worker: the image counter that the progress bar reads.
@@ -116,7 +110,7 @@ def write_one_shard(job: ShardJob, config: PrepareConfig, image_root: Path,
         shards.write_shard(final, images=images, labels=labels, keys=keys,
                            encoding=config.encoding, size=config.size, split=job.split)
         info = {"file": final.name, "split": job.split, "images": len(labels),
-                "sha256": _sha256(final), "labels": np.bincount(labels).tolist() if labels else [],
+                "sha256": sha256_file(final), "labels": np.bincount(labels).tolist() if labels else [],
                 "skipped": skipped}
         with atomic_path(partial_path(config.out, job.split, job.index)) as ptmp:
             with open(ptmp, "wb") as f:  # np.savez would append .npz to a temporary name
@@ -209,6 +203,46 @@ def _run_jobs(todo: list[ShardJob], config: PrepareConfig, tree: layout.Tree, to
     bar.close()
 
 
+def _job_digests(jobs: list[ShardJob]) -> dict[str, str]:
+    """{shard name: sha256 of the inputs and labels the plan puts in it}."""
+    return {shards.shard_name(j.split, j.index): hashlib.sha256(json.dumps(
+        [[s.key, s.label] for s in j.samples]).encode()).hexdigest() for j in jobs}
+
+
+def _check_plan(config: PrepareConfig, jobs: list[ShardJob]) -> None:
+    """The shards already in --out were planned from the same inputs, or prepare refuses: a
+    repair must not mix two trees. The first run records the plan."""
+    path = config.out / shards.PARTIAL_DIR / PLAN_INPUTS_FILE
+    ours = _job_digests(jobs)
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None  # unreadable: the partial records decide, as before it existed
+        if isinstance(previous, dict) and previous != ours:
+            differ = sum(previous.get(name) != digest for name, digest in ours.items())
+            raise UserError(f"--imagenet-root {config.imagenet_root}: not the images the shards in "
+                            f"{config.out} were made from ({differ} of {len(ours)} shards would "
+                            f"hold other images); give the original tree, or --overwrite to "
+                            f"prepare this one afresh")
+    write_json(path, ours)
+
+
+def _damaged(config: PrepareConfig, finished: list[tuple[ShardJob, dict]]) -> list[ShardJob]:
+    """The finished shards whose bytes no longer hash to the sha256 recorded when they were
+    written (hashed in threads, at disk speed); an unreadable one counts as damaged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def intact(item):
+        job, info = item
+        try:
+            return sha256_file(config.out / info["file"]) == info["sha256"]
+        except OSError:
+            return False
+    with ThreadPoolExecutor(max(1, config.workers)) as pool:
+        return [job for (job, _), ok in zip(finished, pool.map(intact, finished)) if not ok]
+
+
 def run(config: PrepareConfig) -> dict:
     """Write the shards that are missing, then statistics and manifest. Returns the manifest."""
     config.validate()
@@ -225,7 +259,15 @@ def run(config: PrepareConfig) -> dict:
                                config.limit_per_class)
     _prepare_out(config)
     jobs = plan_shards(tree, config)
-    todo = [j for j in jobs if _load_partial(config.out, j, sums=False) is None]
+    _check_plan(config, jobs)
+    records = [(j, _load_partial(config.out, j, sums=False)) for j in jobs]
+    todo = [j for j, r in records if r is None]
+    damaged = _damaged(config, [(j, r[0]) for j, r in records if r is not None])
+    if damaged:  # a repair: these alone are written again, to the very bytes planned
+        print(f"{len(damaged)} shard(s) differ from the sha256 recorded when they were written; "
+              f"writing them again: "
+              + ", ".join(shards.shard_name(j.split, j.index) for j in damaged), flush=True)
+        todo += damaged
     total = sum(len(j.samples) for j in jobs)
     done_images = total - sum(len(j.samples) for j in todo)
     t0 = time.perf_counter()
@@ -253,7 +295,8 @@ def _write_results(config, tree, jobs, records) -> dict:
         for label, n in enumerate(info["labels"]):
             counts[job.split][label] += n
         skipped += [{"path": key, "reason": reason} for key, reason in info["skipped"]]
-        shard_list.append({k: info[k] for k in ("file", "split", "images", "sha256")})
+        shard_list.append({**{k: info[k] for k in ("file", "split", "images", "sha256")},
+                           "bytes": (config.out / info["file"]).stat().st_size})
     stats_summary = None
     if "train" in config.splits:
         if sums.count == 0:
@@ -261,7 +304,9 @@ def _write_results(config, tree, jobs, records) -> dict:
                             f"statistics need at least one")
         stats = sums.finalize()
         shards.write_stats(config.out / shards.STATS_FILE, stats)
-        stats_summary = {"file": shards.STATS_FILE, "pixel_scale": shards.STATS_PIXEL_SCALE,
+        stats_summary = {"file": shards.STATS_FILE,
+                         "sha256": sha256_file(config.out / shards.STATS_FILE),
+                         "pixel_scale": shards.STATS_PIXEL_SCALE,
                          "channel_mean": stats.channel_mean.tolist(),
                          "channel_std": stats.channel_std.tolist(),
                          "eigval": stats.eigval.tolist(), "eigvec": stats.eigvec.tolist()}

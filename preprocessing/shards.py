@@ -22,6 +22,7 @@ How the training loader reads these bytes fast is alexnet_pipe/reading.py's busi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -90,8 +91,14 @@ def open_shard(path: Path) -> h5py.File:
             raise os_error(path, e, "open the shard") from None
         raise UserError(f"{path}: not a readable HDF5 shard ({e}); if its sha256 differs from "
                         f"the one in {MANIFEST_FILE}, it is damaged: prepare it again") from None
-    version = f.attrs.get("format_version")
-    if version != FORMAT_VERSION or f.attrs.get("encoding") not in ENCODINGS:
+    try:
+        version, encoding = f.attrs.get("format_version"), f.attrs.get("encoding")
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py: damaged metadata
+        f.close()
+        raise UserError(f"{path}: damaged shard (its HDF5 metadata cannot be read: {e}); "
+                        f"`alexnet-pipe verify` lists every damaged file, and the same prepare "
+                        f"command rewrites them") from None
+    if version != FORMAT_VERSION or encoding not in ENCODINGS:
         f.close()
         raise UserError(f"{path}: shard format version {version}, this alexnet-pipe reads version "
                         f"{FORMAT_VERSION}; prepare the data again with this version")
@@ -101,8 +108,12 @@ def open_shard(path: Path) -> h5py.File:
 def shard_info(path: Path) -> dict:
     """Number of images and attributes of one shard, without reading any image."""
     with open_shard(path) as f:
-        return {"images": int(f[LABELS].shape[0]), "encoding": str(f.attrs["encoding"]),
-                "size": int(f.attrs["size"]), "split": str(f.attrs["split"])}
+        try:
+            return {"images": int(f[LABELS].shape[0]), "encoding": str(f.attrs["encoding"]),
+                    "size": int(f.attrs["size"]), "split": str(f.attrs["split"])}
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"{path}: damaged shard ({e}); `alexnet-pipe verify` lists every "
+                            f"damaged file, and the same prepare command rewrites them") from None
 
 
 @dataclass(frozen=True)
@@ -141,9 +152,16 @@ def read_stats(path: Path) -> ImageStats:
                                 f"{f.attrs.get('format_version')}, expected {FORMAT_VERSION}")
             arrays = {name: np.asarray(f[name][...], np.float64) for name in _STATS_FIELDS}
             count = int(f.attrs["count"])
-    except (OSError, KeyError) as e:
-        raise UserError(f"{path}: not a valid statistics file ({e}); run prepare again")
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: not a valid statistics file ({e}); run the same prepare "
+                        f"command again to rewrite it") from None
     return ImageStats(count=count, **arrays)
+
+
+def manifest_digest(m: dict) -> str:
+    """sha256 of a manifest's content but its digest (keys sorted): every load checks it."""
+    rest = {k: v for k, v in m.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(out: Path) -> dict:
@@ -152,17 +170,25 @@ def read_manifest(out: Path) -> dict:
         raise UserError(f"{path}: no manifest; is {out} an output folder of `alexnet-pipe prepare`, "
                         f"and did prepare finish?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: unreadable manifest ({e}); run prepare again")
+        m = json.loads(path.read_bytes().decode())
+    except OSError as e:
+        raise os_error(path, e, "read the manifest") from None
+    except ValueError as e:  # not UTF-8, not JSON
+        raise UserError(f"{path}: damaged manifest ({e}); run the same prepare command again "
+                        f"to rewrite it") from None
+    if not isinstance(m, dict) or ("digest" in m and m["digest"] != manifest_digest(m)):
+        raise UserError(f"{path}: damaged manifest (its content does not match its digest); run "
+                        f"the same prepare command again to rewrite it")
+    return m
 
 
 def manifest(*, encoding: str, size: int, options: dict, val_layout: str | None,
              classes: list[str], names: dict[str, str], counts: dict[str, list[int]],
              shard_list: list[dict], stats: dict | None, skipped: list[dict],
              left_out: dict[str, int]) -> dict:
-    """The manifest.json schema: what `prepare` made, for `inspect`, the loaders and people."""
-    return {
+    """The manifest.json schema: what `prepare` made, for `inspect`, the loaders and people;
+    sealed with its own digest (manifest_digest)."""
+    m = {
         "format_version": FORMAT_VERSION,
         "encoding": encoding,
         "size": size,
@@ -171,11 +197,12 @@ def manifest(*, encoding: str, size: int, options: dict, val_layout: str | None,
         "classes": [{"index": i, "wnid": w, "name": names[w]} for i, w in enumerate(classes)],
         "counts": {split: sum(c) for split, c in counts.items()},
         "counts_per_class": counts,     # split -> images per class index
-        "shards": shard_list,           # {file, split, images, sha256}, in index order
-        "stats": stats,                 # summary of stats.h5, or None without train
+        "shards": shard_list,           # {file, split, images, sha256, bytes}, in index order
+        "stats": stats,                 # summary of stats.h5 and its sha256, or None without train
         "skipped": sorted(skipped, key=lambda s: s["path"]),  # {path, reason}
         "left_out_by_limit": left_out,  # split -> inputs over --limit-per-class (not listed)
     }
+    return {**m, "digest": manifest_digest(m)}
 
 
 # --- reading a prepared folder: what the loaders, evaluate and inspect check ----------------------
@@ -212,7 +239,14 @@ def load_split(data: Path, split: str) -> SplitInfo:
     if not entries or sum(e["images"] for e in entries) == 0:
         raise UserError(f"{data}: no {split} images; prepare with --splits including {split}")
     for e in entries:  # a missing or foreign shard is named now, not deep inside a DALI worker
-        info = shard_info(data / e["file"])
+        path = data / e["file"]
+        info = shard_info(path)
+        # a cut or extended copy, by its size alone (a stat; the manifest has had sizes since
+        # this version): `verify` hashes the bytes
+        if "bytes" in e and path.stat().st_size != e["bytes"]:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                            f"{e['bytes']}: damaged or cut short; run the same `alexnet-pipe "
+                            f"prepare` command again to rewrite it")
         if info["images"] != e["images"] or info["split"] != split:
             raise UserError(f"{data / e['file']}: {info['images']} {info['split']} images, the "
                             f"manifest says {e['images']} {split}; run prepare again")

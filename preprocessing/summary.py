@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alexnet_base.errors import UserError
 from preprocessing import shards
 
 
 def summarize(out: Path) -> dict:
-    """The manifest, plus a check that every listed shard is present with its image count."""
+    """The manifest, plus a quick check (no hashing: `verify` does that) that every listed shard
+    is present, of its size and image count, and that stats.h5 reads."""
     out = Path(out)
     manifest = shards.read_manifest(out)
     problems = []
@@ -16,9 +18,22 @@ def summarize(out: Path) -> dict:
         if not path.is_file():
             problems.append(f"{entry['file']}: missing")
             continue
-        info = shards.shard_info(path)
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['file']}: {path.stat().st_size} bytes, manifest says "
+                            f"{entry['bytes']}")
+            continue
+        try:
+            info = shards.shard_info(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
         if info["images"] != entry["images"]:
             problems.append(f"{entry['file']}: {info['images']} images, manifest says {entry['images']}")
+    if manifest.get("stats"):
+        try:
+            shards.read_stats(out / manifest["stats"]["file"])
+        except UserError as e:
+            problems.append(str(e))
     return {**manifest, "problems": problems}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections import Counter
 
@@ -18,8 +17,10 @@ import torch
 from conftest import ROOT, cli, run_group, train_args
 from test_scale import TWO, launch, records, weights
 
-from alexnet_pipe import ledger
-from alexnet_pipe.model import TowerAlexNet
+from alexnet_base.config import LoaderConfig, TrainConfig
+from alexnet_pipe import checkpoint, ledger
+from alexnet_pipe.model import TowerAlexNet, build_model
+from alexnet_pipe.train import param_groups
 
 WORKER = ROOT / "tests" / "hybrid_worker.py"
 
@@ -95,8 +96,8 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
                                                                               shards_small):
     """torchrun, 2 ranks, the real pipeline: a run interrupted by --max-steps and resumed
     ends with the straight run's weights, bit for bit (dropout on: its masks come from the
-    step); evaluate reads its checkpoint as it is; resuming as ddp, towers and hybrid again
-    reads and rewrites the same weights and optimiser state."""
+    step); evaluate reads its checkpoint as it is; the one-process model (ddp's layout) and the
+    towers read it and write back the same weights and optimiser state."""
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     hybrid = ["--epochs", "1", "--parallel", "hybrid"]
     proc = launch(TWO, train_args(shards_small, straight, *hybrid))
@@ -109,8 +110,6 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     interrupt = torch.load(cut / "checkpoints/interrupt.pt", weights_only=True)
     assert interrupt["step"] == 1 and interrupt["optimizer_layout"] == "grouped"
-    modes = tmp_path / "modes"
-    shutil.copytree(cut, modes)
     proc = launch(TWO, train_args(shards_small, cut, *hybrid, "--resume"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = weights(straight / "checkpoints/epoch-0001.pt"), weights(cut / "checkpoints/epoch-0001.pt")
@@ -122,23 +121,24 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
                        "--json").stdout)
     assert r["top1_err"] == epoch["top1_err"]
     assert r["val_loss"] == pytest.approx(epoch["val_loss"], rel=1e-5)
-    # the same checkpoint resumed (at its own step: nothing to train) by ddp, then towers: each
-    # reads it and writes it back unchanged, weights and momenta alike (hybrid read it above)
-    before = interrupt
-    for launcher, mode in ((TWO, ["--parallel", "ddp"]),
-                           (None, ["--parallel", "towers", "--tower-devices", "cpu,cpu"])):
-        args = train_args(shards_small, modes, "--epochs", "1", "--max-steps", "1", "--resume",
-                          *mode)
-        proc = launch(launcher, args) if launcher else cli(*args, check=False)
-        assert proc.returncode == 0, (mode, proc.stderr[-3000:])
-        after = torch.load(modes / "checkpoints/interrupt.pt", weights_only=True)
-        assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-        mine, theirs = before["optimizer"], after["optimizer"]
-        assert mine["param_groups"] == theirs["param_groups"], mode
+    # the one-model checkpoint read into the one-process model (ddp's too) and into the towers
+    # and written back: the same weights and optimiser state, number for number
+    config = TrainConfig(loader=LoaderConfig(data=shards_small), out=tmp_path)
+    for core in (build_model("alexnet", 4), TowerAlexNet(4)):
+        opt = torch.optim.SGD(param_groups(core, config), lr=config.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        progress = checkpoint.restore(interrupt, weights=core, optimizer=opt, scheduler=sched,
+                                      device=torch.device("cpu"))
+        again = checkpoint.build(model=checkpoint.model_of(interrupt), weights=core,
+                                 optimizer=opt, scheduler=sched, progress=progress, config={},
+                                 device=torch.device("cpu"))
+        assert all(torch.equal(interrupt["model"][k], again["model"][k]) for k in
+                   interrupt["model"])
+        mine, theirs = interrupt["optimizer"], again["optimizer"]
+        assert mine["param_groups"] == theirs["param_groups"]
         assert mine["state"].keys() == theirs["state"].keys()
         assert all(torch.equal(mine["state"][i]["momentum_buffer"],
                                theirs["state"][i]["momentum_buffer"]) for i in mine["state"])
-        before = after
 
 
 def test_hybrid_needs_torchrun_and_the_paper_model(tmp_path, shards_small):
