@@ -41,7 +41,7 @@ def test_k_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     r = worker(4, "grads,dropout,ledger", tmp_path / "out.json")
     g = r["grads"]
     assert g["splits"] == [4, 2]
-    assert g["moved"] > 1e-3  # the steps changed the weights: the comparison means something
+    assert g["moved"] > 1e-4  # the steps moved the trunk: the comparison means something
     assert g["grad_scale"] > 1e-2
     for what in ("loss", "grads", "weights", "momentum"):
         assert g[what] < 1e-12, (what, g[what])
