@@ -111,8 +111,9 @@ def inspect(out, as_json):
     s = summarize(out)
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
     if s["problems"]:
-        raise click.ClickException(f"{out}: {len(s['problems'])} problem(s) found ({s['problems'][0]}"
-                                   f"{'; ...' if len(s['problems']) > 1 else ''}); `alexnet-pipe "
+        first, more = s["problems"][0], "; ..." if len(s["problems"]) > 1 else ""
+        raise click.ClickException(f"{out}: {len(s['problems'])} problem(s) found ({first}"
+                                   f"{more}); `alexnet-pipe "
                                    f"verify {out}` checks every byte, and the same prepare "
                                    f"command rewrites what is damaged")
 

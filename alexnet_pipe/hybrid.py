@@ -177,7 +177,7 @@ class HybridAlexNet(nn.Module):
         """The parameters every rank holds whole (all-reduced): the same on every rank."""
         return [self._owned(n)[0] for n in self.grouped_names() if self._owned(n)[1] is None]
 
-    # --- training ----------------------------------------------------------------------------------
+    # --- training ---------------------------------------------------------------------------------
 
     def compile_trunk(self, mode: str) -> None:
         """torch.compile the convolutions only: the collectives stay outside the graph."""

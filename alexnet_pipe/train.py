@@ -147,7 +147,8 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     distributed.init(env, device, config.dist_timeout)
     if config.loader.verify:  # the ranks share the hashing and stop together
         verify.check_inputs(config.loader.data, ("train", "val"), rank=env.rank,
-                            world=env.world, workers=max(1, resources.usable_cores() // env.local_world),
+                            world=env.world,
+                            workers=max(1, resources.usable_cores() // env.local_world),
                             agree=lambda n: distributed.max_over_ranks(n, device))
     if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = not config.deterministic
