@@ -24,6 +24,7 @@ ARCHS = ("alexnet", "alexnet-owt")
 BIAS_INITS = ("paper", "caffe")
 BIAS_RULES = ("author", "uniform")
 PARALLEL = ("auto", "none", "ddp", "towers", "hybrid")
+MIN_CROP = 67  # the smallest crop to train on: both models' pool5 map is empty below it
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
@@ -229,6 +230,9 @@ class TrainConfig:
         _choose("bias-rule", self.bias_rule, BIAS_RULES)
         _choose("parallel", self.parallel, PARALLEL)
         _choose("compile-mode", self.compile_mode, COMPILE_MODES)
+        if self.loader.augment.crop < MIN_CROP:
+            raise UserError(f"--crop {self.loader.augment.crop}: the model needs at least "
+                            f"{MIN_CROP} px (smaller crops leave its pool5 map empty)")
         if self.parallel in ("towers", "hybrid") and self.arch != "alexnet":
             raise UserError(f"--parallel {self.parallel} needs --arch alexnet (the paper's "
                             f"network)")

@@ -8,13 +8,17 @@ of either loads into the other.
 
 Input: (B, 3, 224, 224) or (B, 3, 227, 227), NCHW float on the 0-255 scale minus the mean.
 With 224, conv1 pads 3 px of zeros on the right and bottom, as the author's cuda-convnet2 does,
-so its output is 55x55 as in the paper (227 needs no padding).
+so its output is 55x55 as in the paper (227 needs no padding). Other crops of at least
+MIN_CROP px work too, fc6 taking the pooled map they give (`pooled_side`): 6x6 only from 224
+and 227-234 px, the paper's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from alexnet_base.config import MIN_CROP
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # alpha divided by n, as torch and cuda-convnet2
 
@@ -134,6 +138,18 @@ def _conv1_pad(crop: int) -> nn.Module:
     return nn.ZeroPad2d((0, 3, 0, 3)) if crop == 224 else nn.Identity()
 
 
+def pooled_side(crop: int) -> int:
+    """The side of pool5's map for a `crop` px input: conv1 (11, stride 4, after the 224 px
+    crop's padding), then three 3x3 stride-2 max pools; the 3x3 and 5x5 convolutions keep the
+    size. 6 for the paper's crops."""
+    side = ((crop + 3 if crop == 224 else crop) - 11) // 4 + 1
+    for _ in range(3):
+        side = (side - 3) // 2 + 1
+    if crop < MIN_CROP:  # the options refuse it (AugmentConfig.validate)
+        raise ValueError(f"crop {crop}: pool5 is empty below {MIN_CROP} px")
+    return side
+
+
 class AlexNet(nn.Module):
     """The paper's network, two towers as groups=2. 60,965,224 parameters at 1000 classes."""
 
@@ -151,7 +167,8 @@ class AlexNet(nn.Module):
             nn.MaxPool2d(3, 2),                                                   # 256x6x6
         )
         self.classifier = nn.Sequential(
-            nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(256 * pooled_side(crop) ** 2, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(4096, num_classes),
         )
@@ -228,7 +245,7 @@ class _Tower(nn.Module):
         self.upper = nn.Sequential(   # conv4, conv5: own tower only
             nn.ReLU(inplace=True), nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(192, 128, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
-        self.fc6 = nn.Linear(9216, 2048)
+        self.fc6 = nn.Linear(256 * pooled_side(crop) ** 2, 2048)
         self.fc7 = nn.Linear(4096, 2048)
         self.fc8 = nn.Linear(4096, num_out)
         self.drop = nn.Dropout(dropout)

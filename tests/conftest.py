@@ -79,8 +79,13 @@ def shards_raw(tmp_path_factory, sample_tree) -> Path:
     return _prepare(tmp_path_factory, sample_tree, "shards_raw", shard_size=16, encoding="raw")
 
 
+# The training tests' images: 128 px shards and 112 px crops, a quarter of the paper's pixels
+# and a pool5 of 2x2 (fc6 9.2x smaller): every code path, at less than half the cost a step.
+SMALL_SIZE, SMALL_CROP = 128, 112
+
 # Small and quick: 16 train images in batches of 8, no flips or lighting noise in the way.
-FAST = ["--batch-size", "8", "--device", "cpu", "--threads", "1", "--readers", "1",
+FAST = ["--batch-size", "8", "--crop", str(SMALL_CROP), "--device", "cpu", "--threads", "1",
+        "--readers", "1",
         "--log-every", "1", "--bias-init", "caffe", "--lr", "0.005", "--mean", "channel"]
 
 
@@ -132,8 +137,16 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 @pytest.fixture(scope="session")
 def shards_small(tmp_path_factory, sample_tree) -> Path:
-    """16 train images (4 a class) and the 12 val images, raw: for training tests."""
+    """16 train images (4 a class) and the 12 val images, raw, SMALL_SIZE px: for training
+    tests (FAST crops them to SMALL_CROP)."""
     return _prepare(tmp_path_factory, sample_tree, "shards_small", shard_size=16, encoding="raw",
+                    limit_per_class=4, size=SMALL_SIZE)
+
+
+@pytest.fixture(scope="session")
+def shards_paper(tmp_path_factory, sample_tree) -> Path:
+    """shards_small's images at the paper's 256 px: for a test that needs the paper's model."""
+    return _prepare(tmp_path_factory, sample_tree, "shards_paper", shard_size=16, encoding="raw",
                     limit_per_class=4)
 
 

@@ -34,11 +34,12 @@ from alexnet_pipe.model import build_model  # noqa: E402
 from alexnet_pipe.train import param_groups  # noqa: E402
 
 CLASSES, GLOBAL_BATCH, STEPS = 10, 4, 2
+CROP = 112  # a quarter of the paper's pixels (fc6 takes pool5's 2x2): the same checks, cheaper
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(GLOBAL_BATCH, 3, 224, 224, generator=g, dtype=torch.float64)
+    x = torch.randn(GLOBAL_BATCH, 3, CROP, CROP, generator=g, dtype=torch.float64)
     return x, torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g)
 
 
@@ -50,7 +51,7 @@ def sgd(model) -> torch.optim.Optimizer:
 
 def grouped_model(dropout: float) -> torch.nn.Module:
     torch.manual_seed(1)
-    return build_model("alexnet", CLASSES, 224, "caffe", dropout).double()
+    return build_model("alexnet", CLASSES, CROP, "caffe", dropout).double()
 
 
 def hybrid_step(model, opt, x, y, rank, world) -> torch.Tensor:
@@ -171,14 +172,14 @@ def check_ledger(rank: int, world: int) -> dict:
     per_rank = GLOBAL_BATCH // world
     x, y = batch(0)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    hybrid = HybridAlexNet(build_model("alexnet", CLASSES, 224), rank=rank, world=world)
+    hybrid = HybridAlexNet(build_model("alexnet", CLASSES, CROP), rank=rank, world=world)
     hybrid_step(hybrid, sgd(hybrid), x.float(), y, rank, world)
     out = {"hybrid": dict(counted)}
     counted.clear()
     for name, real in originals.items():  # DDP's all-reduces are counted by its hook alone
         setattr(dist, name, real)
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    ddp = torch.nn.parallel.DistributedDataParallel(build_model("alexnet", CLASSES, 224))
+    ddp = torch.nn.parallel.DistributedDataParallel(build_model("alexnet", CLASSES, CROP))
 
     def hook(state, bucket):
         count("all_reduce", bucket.buffer())
@@ -187,7 +188,7 @@ def check_ledger(rank: int, world: int) -> dict:
     loss = F.cross_entropy(ddp(x[rows].float()), y[rows])
     loss.backward()
     out["ddp"] = dict(counted)
-    out["per_rank_batch"] = per_rank
+    out["per_rank_batch"], out["crop"] = per_rank, CROP
     return out
 
 

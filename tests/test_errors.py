@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli
+from conftest import ROOT, SMALL_CROP, cli
 
 CPU = ["--device", "cpu", "--threads", "1", "--readers", "1"]
 
@@ -39,7 +39,7 @@ def copy(src, dst):
 
 def train(data, out, *extra, env=None):
     return cli("train", "--data", data, "--out", out, "--batch-size", "8", *CPU, "--epochs", "1",
-               *extra, check=False, env=env)
+               "--crop", SMALL_CROP, *extra, check=False, env=env)
 
 
 def test_truncated_shard(tmp_path, shards_small):

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, cli, run_group, train_args
+from conftest import ROOT, SMALL_CROP, cli, run_group, train_args
 from test_scale import TWO, launch, records, weights
 
 from alexnet_base.config import LoaderConfig, TrainConfig
@@ -52,7 +52,7 @@ def test_k_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     for mode in ("hybrid", "ddp"):
         want = Counter()
         for c in ledger.collectives(mode, world=4, batch=counted["per_rank_batch"],
-                                    num_classes=10, act_bytes=4):
+                                    num_classes=10, crop=counted["crop"], act_bytes=4):
             want[c.kind] += c.payload
         assert counted[mode] == dict(want), mode
 
@@ -124,7 +124,7 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
     # the one-model checkpoint read into the one-process model (ddp's too) and into the towers
     # and written back: the same weights and optimiser state, number for number
     config = TrainConfig(loader=LoaderConfig(data=shards_small), out=tmp_path)
-    for core in (build_model("alexnet", 4), TowerAlexNet(4)):
+    for core in (build_model("alexnet", 4, SMALL_CROP), TowerAlexNet(4, SMALL_CROP)):
         opt = torch.optim.SGD(param_groups(core, config), lr=config.lr, momentum=0.9)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
         progress = checkpoint.restore(interrupt, weights=core, optimizer=opt, scheduler=sched,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, tool, train_args
+from conftest import SMALL_CROP, SMALL_SIZE, cli, tool, train_args
 
 
 def flip(path: Path, where: str, n: int = 200, seed: int = 0) -> None:
@@ -96,8 +96,8 @@ def test_a_damaged_shard_or_checkpoint_is_named_before_anything_reads_it(tmp_pat
     line, = proc.stderr.strip().splitlines()
     assert f"{data / 'train-00000.h5'}: damaged" in line and "verify" in line
     # --no-verify reads what is there, as the user asked
-    cli("preview", "--data", data, "--out", tmp_path / "p.png", "--device", "cpu", "--images",
-        "4", "--no-verify")
+    cli("preview", "--data", data, "--out", tmp_path / "p.png", "--device", "cpu", "--crop",
+        SMALL_CROP, "--images", "4", "--no-verify")
     # a checkpoint's weights: one flipped byte changes a number, and its digest says so
     run = tmp_path / "straight"
     shutil.copytree(straight_run, run)
@@ -125,6 +125,7 @@ def test_fuzzed_inputs_end_in_the_intact_result_or_one_line(tmp_path, shards_sma
     """A seeded sample of tools/fuzz_integrity.py's campaign, one case a target, each a file
     damaged at random (the whole campaign: BENCHMARKS.md)."""
     fuzz = tool("fuzz_integrity")
+    assert (fuzz.SIZE, fuzz.CROP) == (str(SMALL_SIZE), str(SMALL_CROP))  # its commands' crop
     rng = random.Random(25)
     # the commands that start fast (train's and resume's cases: the tests above)
     quick = [c for c in fuzz.all_cases(1) if c[2] not in ("train", "resume", "bench")]

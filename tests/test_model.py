@@ -22,6 +22,31 @@ def test_parameter_count_and_layer_shapes():
     assert build_model("alexnet-owt", 10)(torch.zeros(2, 3, 224, 224)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("crop, side", [(112, 2), (67, 1), (160, 3), (288, 7)])
+def test_other_crops_size_fc6_to_their_pool5_map(crop, side):
+    """Sides by hand: conv1 (crop - 11) // 4 + 1, then three pools (n - 3) // 2 + 1; e.g. 112 ->
+    26 -> 12 -> 5 -> 2 and 67 -> 15 -> 7 -> 3 -> 1. The towers take the same fc6."""
+    model = build_model("alexnet", 10, crop=crop)
+    x = torch.zeros(2, 3, crop, crop)
+    assert model.features(x).shape == (2, 256, side, side)
+    assert model(x).shape == TowerAlexNet(10, crop)(x).shape == (2, 10)
+    fc6 = 256 * side * side * 4096 + 4096
+    assert count_parameters(model) == 60_965_224 - (9216 * 4096 + 4096) + fc6 - 990 * 4097
+    assert count_parameters(TowerAlexNet(10, crop)) == count_parameters(model)
+
+
+def test_train_refuses_a_crop_below_the_smallest_pool5(tmp_path):
+    from alexnet_base.config import AugmentConfig, LoaderConfig, TrainConfig
+    from alexnet_base.errors import UserError
+
+    def config(crop):
+        return TrainConfig(loader=LoaderConfig(data=tmp_path, augment=AugmentConfig(crop=crop)),
+                           out=tmp_path / "run")
+    config(67).validate()
+    with pytest.raises(UserError, match="--crop 66: the model needs at least 67 px"):
+        config(66).validate()
+
+
 def _layers(model):
     return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 

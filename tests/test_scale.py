@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, cli, run_group, train_args
+from conftest import ROOT, SMALL_CROP, SMALL_SIZE, cli, run_group, train_args
 
 HARNESS = ROOT / "tests" / "harness.py"
 
@@ -142,21 +142,21 @@ def test_imagenet_shape_smoke_run_under_a_low_open_file_limit(tmp_path):
                 (tree / split / w).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).resize((224, 224)).save(tree / split / w / f"{w}_{i}.JPEG",
-                                                                quality=80)
+                Image.fromarray(pixels).resize((SMALL_SIZE, SMALL_SIZE)).save(
+                    tree / split / w / f"{w}_{i}.JPEG", quality=80)
     data = tmp_path / "shards"
     limit = {"preexec_fn": _limit_open_files(256)}
-    cli("prepare", "--imagenet-root", tree, "--out", data, "--size", "224", "--shard-size", "4",
-        "--workers", "2", **limit)
+    cli("prepare", "--imagenet-root", tree, "--out", data, "--size", SMALL_SIZE, "--shard-size",
+        "4", "--workers", "2", **limit)
     assert len(list(data.glob("*.h5"))) == 500 + 25 + 1 > 256  # train + val shards + stats
     assert "1000 classes" in cli("inspect", data, **limit).stdout
-    r = json.loads(cli("bench-loader", "--data", data, "--device", "cpu", "--batch-size", "32",
-                       "--batches", "8", "--repeats", "1", "--warmup", "1", "--json",
-                       **limit).stdout)
+    r = json.loads(cli("bench-loader", "--data", data, "--device", "cpu", "--crop", SMALL_CROP,
+                       "--batch-size", "32", "--batches", "8", "--repeats", "1", "--warmup", "1",
+                       "--json", **limit).stdout)
     assert r["images_per_s"] > 0
     run = tmp_path / "run"
-    cli("train", "--data", data, "--out", run, "--device", "cpu", "--batch-size", "8",
-        "--max-steps", "3", "--log-every", "1", "--mean", "channel", **limit)
+    cli("train", "--data", data, "--out", run, "--device", "cpu", "--batch-size", "8", "--crop",
+        SMALL_CROP, "--max-steps", "3", "--log-every", "1", "--mean", "channel", **limit)
     done, = records(run, "max_steps")
     assert done["step"] == 3 and done["images"] == 100
     ev = json.loads(cli("evaluate", "--checkpoint", run / "checkpoints/interrupt.pt", "--data",

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alexnet_pipe.model import build_model
-from conftest import ROOT, cli, run_group, small_tmpfs, train_args
+from conftest import ROOT, SMALL_CROP, SMALL_SIZE, cli, run_group, small_tmpfs, train_args
 
 HARNESS = ROOT / "tests" / "harness.py"
 
@@ -37,11 +37,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_learning_loss_falls(tmp_path, shards_small):
+def test_learning_loss_falls(tmp_path, shards_paper):
     run = tmp_path / "run"
-    # Overfitting two batches: no dropout, no flips or lighting, a constant learning rate.
-    cli(*train_args(shards_small, run, "--epochs", "12", "--no-flip", "--lighting-std", "0",
-                    "--max-lr-drops", "0", "--dropout", "0", "--lr", "0.008"))
+    # Overfitting two batches: no dropout, no flips or lighting, a constant learning rate. The
+    # paper's geometry: from the paper's N(0, 0.01) start, the small crop's model (a ninth of
+    # fc6's inputs) leaves its plateau too late and too erratically for this.
+    cli(*train_args(shards_paper, run, "--crop", "224", "--epochs", "12", "--no-flip",
+                    "--lighting-std", "0", "--max-lr-drops", "0", "--dropout", "0", "--lr",
+                    "0.008"))
     losses = [r["loss"] for r in records(run, "step")]
     assert len(losses) == 24
     start = sum(losses[:4]) / 4  # about ln(4) = 1.39
@@ -149,8 +152,9 @@ def test_keep_best_and_resume_across_a_learning_rate_drop(tmp_path, shards_small
 def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_small, straight_run):
     ckpt = straight_run / "checkpoints/epoch-0002.pt"
     state = torch.load(ckpt, weights_only=True)
-    model = build_model("alexnet", 4).double().eval()
+    model = build_model("alexnet", 4, SMALL_CROP).double().eval()
     model.load_state_dict({k: v.double() for k, v in state["model"].items()})
+    c, e = (SMALL_SIZE - SMALL_CROP) // 2, SMALL_SIZE - SMALL_CROP  # centre, far edge
     images, labels = [], []
     for path in sorted(shards_small.glob("val-*.h5")):
         with h5py.File(path, "r") as f:
@@ -161,7 +165,7 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
         mean = f["channel_mean"][...]  # the run used --mean channel
 
     def logits_at(x, y, flip):
-        crop = images[:, y:y + 224, x:x + 224]
+        crop = images[:, y:y + SMALL_CROP, x:x + SMALL_CROP]
         crop = crop[:, :, ::-1] if flip else crop
         batch = torch.from_numpy(np.ascontiguousarray((crop - mean).transpose(0, 3, 1, 2)))
         with torch.no_grad():
@@ -175,9 +179,9 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
     def loss(log_probs):  # the mean cross-entropy, from log-probabilities
         return -log_probs.gather(1, labels[:, None]).mean().item()
 
-    centre_logits = logits_at(16, 16, False)
+    centre_logits = logits_at(c, c, False)
     centre = (*errors(centre_logits), loss(torch.log_softmax(centre_logits, 1)))
-    crops = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # the corners and the centre
+    crops = [(0, 0), (e, 0), (0, e), (e, e), (c, c)]  # the corners and the centre
     probs = torch.stack([torch.softmax(logits_at(x, y, f), 1) for x, y in crops
                          for f in (False, True)]).mean(0)  # the ten softmax outputs averaged
     ten = (*errors(probs), loss(probs.log()))
@@ -198,7 +202,7 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
     for path in sorted(shards_small.glob("val-*.h5")):
         with h5py.File(path, "r") as f:
             keys += [k.decode() for k in f["keys"][...]]
-    want = torch.softmax(logits_at(16, 16, False), 1)
+    want = torch.softmax(logits_at(c, c, False), 1)
     tree = json.loads((shards_small / "manifest.json").read_text())["options"]["imagenet_root"]
     files = [Path(tree) / keys[i] for i in (0, 5)]
     out = json.loads(cli("predict", *files, "--checkpoint", ckpt, "--top", "4", "--json").stdout)
@@ -213,8 +217,8 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
 
     # a folder prepared with the val split alone: evaluate needs nothing else from it
     val_only = tmp_path / "val_only"
-    cli("prepare", "--imagenet-root", tree, "--out", val_only, "--splits", "val", "--encoding",
-        "raw", "--shard-size", "16", "--workers", "1")
+    cli("prepare", "--imagenet-root", tree, "--out", val_only, "--splits", "val", "--size",
+        SMALL_SIZE, "--encoding", "raw", "--shard-size", "16", "--workers", "1")
     assert not (val_only / "stats.h5").exists()
     r = json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", val_only, "--device", "cpu",
                        "--batch-size", "5", "--json").stdout)
@@ -255,7 +259,8 @@ def test_resume_with_another_arch_is_refused(tmp_path, shards_small, straight_ru
 
 @pytest.mark.gpu
 def test_gpu_training_bf16_and_towers_on_one_gpu(tmp_path, shards_small):
-    gpu = ["--device", "gpu", "--batch-size", "8", "--log-every", "1", "--bias-init", "caffe"]
+    gpu = ["--device", "gpu", "--batch-size", "8", "--crop", SMALL_CROP, "--log-every", "1",
+           "--bias-init", "caffe"]
     run = tmp_path / "gpu"
     cli("train", "--data", shards_small, "--out", run, "--epochs", "1", *gpu)
     assert records(run, "epoch")[0]["train_images"] == 16
@@ -346,9 +351,11 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
-    ckpt = eager / "checkpoints/interrupt.pt"  # evaluate --compile: eager's figures
+    # evaluate --compile: eager's figures. Batch 8, as the runs' evaluations: inductor's cache
+    # then holds its graph already
+    ckpt = eager / "checkpoints/interrupt.pt"
     got, want = (json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small,
-                                "--device", "cpu", "--batch-size", "6", "--json", *extra).stdout)
+                                "--device", "cpu", "--batch-size", "8", "--json", *extra).stdout)
                  for extra in (["--compile"], []))
     assert got["top1_err"] == want["top1_err"]
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)

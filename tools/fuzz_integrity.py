@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 KINDS = ("head", "middle", "tail", "cut")
 CPU = ["--device", "cpu", "--threads", "1", "--readers", "0"]
+# the fixture's images: small, so that every command reads and trains at a fraction of the cost
+SIZE, CROP = "128", "112"
 
 # target: (folder "data" or "run", file, commands reading it)
 TARGETS = {
@@ -63,17 +65,18 @@ def command(name: str, data: Path, run: Path, scratch: Path, image: Path) -> lis
         "inspect": ["inspect", str(data)],
         "verify": ["verify", str(data), "--json"],
         "train": ["train", "--data", str(data), "--out", str(scratch / "t"), *CPU,
-                  "--batch-size", "8", "--epochs", "1", "--max-steps", "1", "--mean", "channel"],
+                  "--batch-size", "8", "--crop", CROP, "--epochs", "1", "--max-steps", "1",
+                  "--mean", "channel"],
         "preview": ["preview", "--data", str(data), "--out", str(scratch / "p.png"), *CPU,
-                    "--images", "4"],
-        "bench": ["bench-loader", "--data", str(data), *CPU, "--batch-size", "4", "--batches",
-                  "2", "--repeats", "1", "--warmup", "0", "--json"],
+                    "--crop", CROP, "--images", "4"],
+        "bench": ["bench-loader", "--data", str(data), *CPU, "--crop", CROP, "--batch-size",
+                  "4", "--batches", "2", "--repeats", "1", "--warmup", "0", "--json"],
         "evaluate": ["evaluate", "--checkpoint", str(ckpt), "--data", str(data), *CPU,
                      "--batch-size", "6", "--json"],
         "predict": ["predict", str(image), "--checkpoint", str(ckpt)],
         "filters": ["filters", "--checkpoint", str(ckpt), "--out", str(scratch / "f.png")],
         "resume": ["train", "--data", str(data), "--out", str(run), *CPU, "--batch-size", "8",
-                   "--epochs", "2", "--resume", "--mean", "channel"],
+                   "--crop", CROP, "--epochs", "2", "--resume", "--mean", "channel"],
         "plot": ["plot", str(run), "--out", str(scratch / "c.png")],
     }[name]
 
@@ -149,11 +152,12 @@ def prepare_fixture(work: Path) -> tuple[Path, Path, Path]:
         shutil.rmtree(work, ignore_errors=True)
         make_sample(tree, 4, 8, 3, seed=0, quirks=False, large=0)
         subprocess.run([sys.executable, "-m", "alexnet_pipe", "prepare", "--imagenet-root",
-                        str(tree), "--out", str(data), "--shard-size", "16", "--encoding",
-                        "raw"], cwd=ROOT, check=True, capture_output=True)
+                        str(tree), "--out", str(data), "--size", SIZE, "--shard-size", "16",
+                        "--encoding", "raw"], cwd=ROOT, check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "alexnet_pipe", "train", "--data", str(data),
-                        "--out", str(run), *CPU, "--batch-size", "8", "--epochs", "2",
-                        "--mean", "channel"], cwd=ROOT, check=True, capture_output=True)
+                        "--out", str(run), *CPU, "--batch-size", "8", "--crop", CROP,
+                        "--epochs", "2", "--mean", "channel"], cwd=ROOT, check=True,
+                       capture_output=True)
     image = next(tree.glob("val/**/*.JPEG"), None) or next(tree.rglob("*.JPEG"))
     return data, run, image
 
@@ -161,7 +165,8 @@ def prepare_fixture(work: Path) -> tuple[Path, Path, Path]:
 def campaign(work: Path, cases: list[tuple[str, str, str, int]], timeout: float,
              report=print, fixture: tuple[Path, Path, Path] | None = None) -> Counter:
     """Run `cases` ((target, kind, command, seed)); Counter of verdicts (FAIL: lines in full).
-    fixture: (raw shard folder, a 2-epoch run on it with batch 8 and --mean channel, an image);
+    fixture: (raw shard folder of SIZE px, a 2-epoch run on it with batch 8, --crop CROP and
+    --mean channel, an image);
     default: made under `work`."""
     data, run, image = fixture or prepare_fixture(work / "fixture")
     # the intact outputs come from copies too: train --resume writes into its run
