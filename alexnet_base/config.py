@@ -24,6 +24,7 @@ ARCHS = ("alexnet", "alexnet-owt")
 BIAS_INITS = ("paper", "caffe")
 BIAS_RULES = ("author", "uniform")
 PARALLEL = ("auto", "none", "ddp", "towers", "hybrid")
+DALI_IMAGES = 128  # images per DALI iteration by default: where its per-iteration costs fade
 MIN_CROP = 67  # the smallest crop to train on: both models' pool5 map is empty below it
 COMPILE_MODES = ("default", "reduce-overhead")
 
@@ -144,7 +145,12 @@ class LoaderConfig:
                               "no copy), the layout the model then runs in.")
     seed: int = opt(0, "Seed of the data order and the augmentation draws (train also seeds "
                     "the weight initialisation with it).")
-    prefetch: int = opt(2, "Batches each pipeline prepares ahead.")
+    prefetch: int = opt(2, "DALI iterations each pipeline prepares ahead (--dali-batches "
+                        "batches each).")
+    dali_batches: int | None = opt(None, "Batches DALI prepares in one iteration, handed out "
+                                   "one at a time: DALI's cost per iteration (feeding it, "
+                                   "waking its threads) weighs on a small batch (default: as "
+                                   f"many as make {DALI_IMAGES} images, at least 1).")
     hw_decoder_load: float = opt(0.65, "On GPUs with JPEG decode engines (A100, H100, H200): "
                                  "the share of each batch's JPEGs nvJPEG sends to them, the rest "
                                  "to the CUDA cores (DALI's default); 1 keeps decoding off the "
@@ -161,9 +167,14 @@ class LoaderConfig:
         _at_least("threads", self.threads, 1)
         _at_least("readers", self.readers, 0)
         _at_least("prefetch", self.prefetch, 1)
+        _at_least("dali-batches", self.dali_batches, 1)
         _choose("dtype", self.dtype, DTYPES)
         if not 0 <= self.hw_decoder_load <= 1:
             raise UserError(f"--hw-decoder-load {self.hw_decoder_load}: must be between 0 and 1")
+
+    def dali_group(self, batch: int) -> int:
+        """Batches of `batch` images (this process's) per DALI iteration."""
+        return self.dali_batches or max(1, -(-DALI_IMAGES // batch))
 
     def reader_counts(self, gpu: bool, local_world: int = 1) -> tuple[int, int]:
         """(DALI threads, shard readers) of a pipeline feeding a GPU or not, defaults filled in."""

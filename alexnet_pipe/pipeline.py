@@ -27,7 +27,7 @@ from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.contract import META, SourceBatch, source_outputs
 from alexnet_pipe.normalize import MeanWindows, Normalization
-from alexnet_pipe.reader import BatchSource
+from alexnet_pipe.reader import BatchSource, batches_per_epoch
 from alexnet_pipe.reading import HeapTrim, ReadAhead, fit_shared_memory, queue_depth, reader_shm
 from preprocessing.shards import SplitInfo, load_split, load_stats
 
@@ -95,7 +95,7 @@ def build_pipeline(source: BatchSource, *, norm: Normalization, config: LoaderCo
                                         dtype=types.FLOAT, device=dev,
                                         output_layout="HWC" if placement.channels_last else "CHW")
 
-    @pipeline_def(batch_size=config.batch_size, num_threads=threads,
+    @pipeline_def(batch_size=source.batch_size * source.group, num_threads=threads,
                   device_id=placement.device_id, py_num_workers=processes,
                   py_start_method=placement.reader_start, prefetch_queue_depth=config.prefetch)
     def pipe():
@@ -149,7 +149,8 @@ class Batch(NamedTuple):
 class Loader:
     """Iterates `Batch`es, one epoch a `for` loop. The source streams `source.epochs` epochs
     through one DALI epoch: the loader hands out each epoch's batches by count, so the readers
-    run on into the next epoch while this one's last batches are trained on."""
+    run on into the next epoch while this one's last batches are trained on. Each DALI
+    iteration holds `source.group` batches (fewer at an epoch's end), handed out as views."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
                  readers: tuple[int, int], prefetch: int = 2, channels_last: bool = False,
@@ -167,8 +168,12 @@ class Loader:
         # reset by hand at the start of the next stream: nothing is read past the last one
         with warnings.catch_warnings():  # ten crops leave the crop draws unused, by design
             warnings.filterwarnings("ignore", message="The external source node .* not used")
-            self._iter = DALIGenericIterator([pipe], ["images", "meta"], auto_reset=False)
+            try:  # it runs the first iteration already
+                self._iter = DALIGenericIterator([pipe], ["images", "meta"], auto_reset=False)
+            except RuntimeError as e:
+                raise self._explain(e, 0) from None
         self._ended = False  # the stream's end was taken from DALI: reset before reading on
+        self._ready = []     # (images, meta) of the current DALI iteration's batches to come
         self._trim = HeapTrim()
 
     def __len__(self) -> int:
@@ -185,16 +190,14 @@ class Loader:
         done, total = 0, len(self)
         try:
             while done < total:
-                d = self._next()[0]
-                images, meta = d["images"], d["meta"]
-                if self._mean_windows is not None:
-                    self._mean_windows.subtract(images, meta[:, META.x:META.mirror + 1])
-                if self._channels_last:  # (..., H, W, C) -> an (..., C, H, W) view, no copy
-                    images = images.movedim(-1, -3)
-                images = images.to(cast) if cast is not None else images
+                if not self._ready:
+                    self._ready = self._split(self._next()[0], cast)
+                images, meta = self._ready.pop(0)
                 done += 1
                 yield Batch(images, meta[:, META.label], meta[:, META.valid].bool(),
                             meta[:, META.index])
+            if self._ready:
+                raise AssertionError("a DALI iteration ran past the end of its epoch")
             if last:  # the stream's end: DALI's StopIteration is due now
                 if next(self._iter, None) is not None:
                     raise AssertionError("the reader ran past the end of its stream")
@@ -203,6 +206,18 @@ class Loader:
             raise self._explain(e, done) from None
         self.epoch += 1
         self._trim.epoch_done(done)
+
+    def _split(self, outputs: dict, cast) -> list:
+        """One DALI iteration's (images, meta) finished (mean windows, layout, dtype) as a
+        whole, then cut into its batches: views, in order."""
+        images, meta = outputs["images"], outputs["meta"]
+        if self._mean_windows is not None:
+            self._mean_windows.subtract(images, meta[:, META.x:META.mirror + 1])
+        if self._channels_last:  # (..., H, W, C) -> an (..., C, H, W) view, no copy
+            images = images.movedim(-1, -3)
+        images = images.to(cast) if cast is not None else images
+        b = self.source.batch_size
+        return [(images[i:i + b], meta[i:i + b]) for i in range(0, len(meta), b)]
 
     def _next(self):
         try:
@@ -215,7 +230,8 @@ class Loader:
         were in flight, or `error` itself when none is found."""
         src = self.source
         first = src.skipped(self.epoch) + done
-        for batch in range(first, min(first + self._prefetch + 2, src.num_batches())):
+        in_flight = (self._prefetch + 2) * src.group
+        for batch in range(first, min(first + in_flight, src.num_batches())):
             found = src.undecodable(self.epoch, batch)
             if found is not None:
                 file, key, reason = found
@@ -253,12 +269,15 @@ def make_loader(config: LoaderConfig, *, split: str = "train", info: SplitInfo |
     env = distributed.from_environment()
     device = distributed.device(config.device, env) if device is None else device
     placement = placement or Placement.for_device(device, channels_last=config.channels_last)
+    batches = batches_per_epoch(info.total, config.batch_size, train=train, rank=rank,
+                                world=world)
     source = BatchSource(split=info, batch_size=config.batch_size, train=train, crop=aug.crop,
                          flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
                          lighting_basis=lighting if train else None, seed=config.seed,
                          start_epoch=start_epoch, start_batch=start_batch, epochs=epochs,
                          rank=rank, world=world, channel_mean=norm.channel_mean(),
-                         packed=placement.packed)
+                         packed=placement.packed,
+                         group=max(1, min(config.dali_group(config.batch_size), batches)))
     if source.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split} split ({source.share()} images); use a smaller batch")

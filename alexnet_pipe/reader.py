@@ -91,6 +91,8 @@ class BatchSource:
     channel_mean: np.ndarray = field(default_factory=lambda: np.zeros(3))  # 0 for the pixel mean
     max_open_files: int = 32  # shard files a reader process (or all reader threads) keeps open
     packed: bool = False   # JPEG batches as one padded array: for a GPU decoder (read_batch)
+    group: int = 1         # batches per call, one after another: one DALI iteration prepares
+    #                        them all (LoaderConfig.dali_batches); never across an epoch's end
 
     def __post_init__(self):
         self._parent = os.getpid()  # the process that owns the pipeline
@@ -217,16 +219,23 @@ class BatchSource:
     def skipped(self, epoch: int) -> int:
         return self.start_batch if epoch == self.start_epoch else 0
 
-    def position(self, epoch_idx: int, iteration: int) -> tuple[int, int] | None:
-        """(epoch, batch) of DALI's call `iteration` in its epoch `epoch_idx`, or None past the
-        stream's end. One DALI epoch streams `epochs` of ours back to back (every epoch has the
-        same number of batches), so DALI's prefetch runs on into the next epoch instead of
-        draining at each boundary; the first stream starts at (start_epoch, start_batch)."""
+    def position(self, epoch_idx: int, iteration: int) -> tuple[int, int, int] | None:
+        """(epoch, first batch, batches) of DALI's call `iteration` in its epoch `epoch_idx`, or
+        None past the stream's end. One DALI epoch streams `epochs` of ours back to back (every
+        epoch has the same number of batches), so DALI's prefetch runs on into the next epoch
+        instead of draining at each boundary; the first stream starts at (start_epoch,
+        start_batch). Each call takes `group` batches, fewer at an epoch's end."""
         per_epoch = self.num_batches()
-        done = iteration + (self.start_batch if epoch_idx == 0 else 0)
-        if done >= self.epochs * per_epoch:
+        epoch = self.start_epoch + epoch_idx * self.epochs
+        first = self.start_batch if epoch_idx == 0 else 0
+        head = -(-(per_epoch - first) // self.group)  # calls of the stream's first epoch
+        if iteration >= head:
+            later, iteration = divmod(iteration - head, -(-per_epoch // self.group))
+            epoch, first = epoch + 1 + later, 0
+        if epoch >= self.start_epoch + (epoch_idx + 1) * self.epochs:
             return None
-        return self.start_epoch + epoch_idx * self.epochs + done // per_epoch, done % per_epoch
+        batch = first + iteration * self.group
+        return epoch, batch, min(self.group, per_epoch - batch)
 
     def __call__(self, info):
         if not self._armed:
@@ -238,14 +247,18 @@ class BatchSource:
             raise StopIteration  # also for every prefetched call past the end
         return self.batch(*where)
 
-    def batch(self, epoch: int, batch: int) -> SourceBatch:
-        idx, valid = self.batch_indices(epoch, batch)
+    def batch(self, epoch: int, batch: int, count: int = 1) -> SourceBatch:
+        """Batches `batch` to `batch + count - 1` of `epoch`, one after another."""
+        batches = range(batch, batch + count)
+        idx, valid = (np.concatenate(part) for part in
+                      zip(*(self.batch_indices(epoch, b) for b in batches)))
         if self.packed or self.split.encoding == "raw":
             images, labels, lengths = self.read_batch(idx)
         else:
             images, labels = self.read(idx)
             lengths = np.array([len(data) for data in images], np.int64)
-        p = self.params(epoch, batch, len(idx))
+        drawn = [self.params(epoch, b, self.batch_size) for b in batches]
+        p = {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
         span = max(self.split.size - self.crop, 1)
         columns = {"label": labels, "valid": valid, "index": idx, "nbytes": lengths,
                    "x": p["x"], "y": p["y"], "mirror": p["flip"]}

@@ -304,13 +304,13 @@ def reader_shm(source, prefetch: int, readers: int) -> int:
     batch is one row per image as long as the batch's longest stream: taken at four times the
     split's mean file bytes per image, at most a raw image's bytes a row; a list of streams at
     twice the mean."""
-    split = source.split
+    split, images = source.split, source.batch_size * source.group  # a call's: a DALI batch
     if split.encoding == "raw":
-        batch = source.batch_size * split.size * split.size * 3
+        batch = images * split.size * split.size * 3
     else:
         per = min(4 * split.bytes_per_image, split.size ** 2 * 3) if source.packed else \
             2 * split.bytes_per_image
-        batch = source.batch_size * per
+        batch = images * per
     return int((prefetch + queue_depth(prefetch, readers)) * (batch + 2**20))
 
 
@@ -328,7 +328,8 @@ def fit_shared_memory(source, prefetch: int, readers: int, *, default: bool, loc
     procs = "1 reader process needs" if readers == 1 else f"{readers} reader processes need"
     ranks = f" ({each / 2**20:.0f} MiB x {local_world} local ranks)" if local_world > 1 else ""
     what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs} about "
-            f"{need / 2**20:.0f} MiB{ranks} for batches of {source.batch_size} images")
+            f"{need / 2**20:.0f} MiB{ranks} for DALI batches of "
+            f"{source.batch_size * source.group} images")
     room = f"give it more room (docker run --shm-size={-(-need // 2**30)}g)"
     if default:
         if note:
@@ -336,7 +337,7 @@ def fit_shared_memory(source, prefetch: int, readers: int, *, default: bool, loc
                   f"processes", file=sys.stderr, flush=True)
         return 0
     raise UserError(f"--readers {readers}: {what}; use --readers 0 (reads in this process, "
-                    f"no shared memory), a smaller --batch-size, or {room}")
+                    f"no shared memory), a smaller --batch-size or --dali-batches, or {room}")
 
 
 # --- the C heap ----------------------------------------------------------------------------------

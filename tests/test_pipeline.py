@@ -221,18 +221,20 @@ def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, readers):
 
 def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
     """Reader processes (JPEG shards) hand batches over in /dev/shm: DALI keeps 2 (prefetch) + 2
-    (queue) buffers of a batch, each taken at twice the split's file bytes per image for each
-    of its streams, + 1 MiB for DALI's growth. (The real /dev/shm: tests/test_errors.py.)"""
+    (queue) buffers of a DALI batch (here 2 batches of 8), each taken at twice the split's file
+    bytes per image for each of its streams, + 1 MiB for DALI's growth. (The real /dev/shm:
+    tests/test_errors.py.)"""
     from alexnet_base import resources
 
     def per_rank(split):
         files = list(shards_jpeg.glob(f"{split}-*.h5"))
         per_image = sum(f.stat().st_size for f in files) / load_split(shards_jpeg, split).total
-        return 4 * (8 * 2 * per_image + 2**20)
+        return 4 * (2 * 8 * 2 * per_image + 2**20)
     train_need, val_need = per_rank("train"), per_rank("val")
     monkeypatch.setattr(resources, "shm_free",
                         lambda path=resources.SHM_DIR: int(1.5 * train_need))
-    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
+    cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1,
+                       dali_batches=2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     mib = 2**20
     with pytest.raises(UserError, match=rf"{1.5 * train_need / mib:.0f} MiB free, but 1 reader "
@@ -255,7 +257,8 @@ def test_a_shard_cut_short_under_a_running_loader(tmp_path, shards_raw, shards_j
     from a map of the shard, a SIGBUS that would kill the process."""
     data = tmp_path / "d"
     shutil.copytree(shards_raw if encoding == "raw" else shards_jpeg, data)
-    loader = make_loader(replace(config(data), readers=readers), epochs=3)
+    # one batch a DALI iteration: the readers' lead (a few iterations) stays inside epoch 1
+    loader = make_loader(replace(config(data), readers=readers, dali_batches=1), epochs=3)
     batches = iter(loader)
     next(batches)  # running: every shard of the first batches read (JPEG: mapped)
     shard = load_split(data, "train").files[0]
@@ -377,3 +380,32 @@ def test_gpu_pipeline_matches_cpu(shards_jpeg, shards_raw):
             np.testing.assert_allclose(gpu, cpu, atol=1e-3)
         else:  # nvJPEG vs libjpeg-turbo: the IDCTs differ by a level or two
             assert np.abs(cpu - gpu).mean() < 1.0
+
+
+def test_dali_iterations_take_whole_batches_within_an_epoch():
+    """BatchSource.position with 6 batches an epoch, 4 a DALI iteration, two epochs a stream,
+    resumed at batch 3 of epoch 0: the table written out by hand."""
+    from alexnet_pipe.reader import BatchSource
+    split = type("Split", (), {"total": 48, "counts": [48], "files": []})()  # what it reads
+    source = BatchSource(split=split, batch_size=8, train=True, crop=224, start_batch=3, epochs=2,
+                         group=4)
+    stream0 = [source.position(0, i) for i in range(4)]
+    assert stream0 == [(0, 3, 3), (1, 0, 4), (1, 4, 2), None]
+    stream1 = [source.position(1, i) for i in range(5)]
+    assert stream1 == [(2, 0, 4), (2, 4, 2), (3, 0, 4), (3, 4, 2), None]
+
+
+@pytest.mark.parametrize("split, batch, group", [("train", 8, 4), ("val", 5, 2)])
+def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_raw, split, batch,
+                                                                       group):
+    """--dali-batches K hands out the very batches of K = 1, resumed mid-epoch and across an
+    epoch's end where K does not divide it (train: 6 batches an epoch, from batch 3; val: 12
+    images in 3 batches of 5, the last padded)."""
+    def batches(k):
+        cfg = replace(config(shards_raw, crop=112), batch_size=batch, dali_batches=k)
+        loader = make_loader(cfg, split=split, epochs=2, start_batch=3 if split == "train" else 0)
+        return [[t.clone() for t in b] for _ in range(2) for b in loader]
+    one, grouped = batches(1), batches(group)
+    assert len(one) == len(grouped) == (3 + 6 if split == "train" else 3 + 3)
+    for a, b in zip(one, grouped):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -20,6 +20,7 @@ With --step each batch also trains the paper model (the step `train` runs), so t
 
 Usage: bench_loader.py [--images 1024] [--batch-size 128] [--device cpu] [--seconds 3] [--rounds 5]
        [--mean channel|pixel] [--encodings jpeg raw] [--control] [--step] [--no-baseline]
+       [--dali-batches K]
        [--work DIR]
 """
 from __future__ import annotations
@@ -211,6 +212,8 @@ def main() -> int:
                     help="shard readers: processes (JPEG), threads (raw); default: the product's")
     ap.add_argument("--prefetch", type=int, default=LoaderConfig.prefetch,
                     help="batches our pipeline prepares ahead (the product's --prefetch)")
+    ap.add_argument("--dali-batches", type=int, default=None,
+                    help="batches per DALI iteration of our loader (the product's option)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--seconds", type=float, default=3.0, help="per round and pipeline")
     ap.add_argument("--rounds", type=int, default=5)
@@ -240,7 +243,7 @@ def main() -> int:
             extract(out, files, raw=enc == "raw")
         ref = "bare" if enc == "raw" else "native"
         cfg = LoaderConfig(data=out, batch_size=a.batch_size, device=a.device, threads=a.threads,
-                           readers=a.readers, prefetch=a.prefetch,
+                           readers=a.readers, prefetch=a.prefetch, dali_batches=a.dali_batches,
                            augment=AugmentConfig(mean=a.mean))
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg,
                     step=a.step)
