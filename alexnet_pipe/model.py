@@ -9,8 +9,8 @@ of either loads into the other.
 Input: (B, 3, 224, 224) or (B, 3, 227, 227), NCHW float on the 0-255 scale minus the mean.
 With 224, conv1 pads 3 px of zeros on the right and bottom, as the author's cuda-convnet2 does,
 so its output is 55x55 as in the paper (227 needs no padding). Other crops of at least
-MIN_CROP px work too, fc6 taking the pooled map they give (`pooled_side`): 6x6 only from 224
-and 227-234 px, the paper's.
+MIN_CROP px work too, fc6 taking the pooled map they give (`pooled_side`): the paper's 6x6
+from 224 and from 227 to 258 px.
 """
 from __future__ import annotations
 
@@ -142,11 +142,11 @@ def pooled_side(crop: int) -> int:
     """The side of pool5's map for a `crop` px input: conv1 (11, stride 4, after the 224 px
     crop's padding), then three 3x3 stride-2 max pools; the 3x3 and 5x5 convolutions keep the
     size. 6 for the paper's crops."""
+    if crop < MIN_CROP:  # train's options refuse it (TrainConfig.validate)
+        raise ValueError(f"crop {crop}: pool5 is empty below {MIN_CROP} px")
     side = ((crop + 3 if crop == 224 else crop) - 11) // 4 + 1
     for _ in range(3):
         side = (side - 3) // 2 + 1
-    if crop < MIN_CROP:  # the options refuse it (AugmentConfig.validate)
-        raise ValueError(f"crop {crop}: pool5 is empty below {MIN_CROP} px")
     return side
 
 

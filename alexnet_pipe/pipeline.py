@@ -27,7 +27,7 @@ from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.contract import META, SourceBatch, source_outputs
 from alexnet_pipe.normalize import MeanWindows, Normalization
-from alexnet_pipe.reader import BatchSource, batches_per_epoch
+from alexnet_pipe.reader import BatchSource
 from alexnet_pipe.reading import HeapTrim, ReadAhead, fit_shared_memory, queue_depth, reader_shm
 from preprocessing.shards import SplitInfo, load_split, load_stats
 
@@ -269,15 +269,13 @@ def make_loader(config: LoaderConfig, *, split: str = "train", info: SplitInfo |
     env = distributed.from_environment()
     device = distributed.device(config.device, env) if device is None else device
     placement = placement or Placement.for_device(device, channels_last=config.channels_last)
-    batches = batches_per_epoch(info.total, config.batch_size, train=train, rank=rank,
-                                world=world)
     source = BatchSource(split=info, batch_size=config.batch_size, train=train, crop=aug.crop,
                          flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
                          lighting_basis=lighting if train else None, seed=config.seed,
                          start_epoch=start_epoch, start_batch=start_batch, epochs=epochs,
                          rank=rank, world=world, channel_mean=norm.channel_mean(),
                          packed=placement.packed,
-                         group=max(1, min(config.dali_group(config.batch_size), batches)))
+                         group=config.dali_group(config.batch_size))
     if source.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split} split ({source.share()} images); use a smaller batch")

@@ -92,7 +92,8 @@ class BatchSource:
     max_open_files: int = 32  # shard files a reader process (or all reader threads) keeps open
     packed: bool = False   # JPEG batches as one padded array: for a GPU decoder (read_batch)
     group: int = 1         # batches per call, one after another: one DALI iteration prepares
-    #                        them all (LoaderConfig.dali_batches); never across an epoch's end
+    #                        them all (LoaderConfig.dali_batches); at most an epoch's, and never
+    #                        across an epoch's end
 
     def __post_init__(self):
         self._parent = os.getpid()  # the process that owns the pipeline
@@ -100,6 +101,7 @@ class BatchSource:
         self._shard_starts = np.concatenate([[0], np.cumsum(self.split.counts)])
         self._files = None      # reading.ShardFiles, opened lazily in each process
         self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
+        self.group = max(1, min(self.group, self.num_batches()))  # more would be memory idle
 
     def __getstate__(self):
         state = dict(self.__dict__)
