@@ -395,14 +395,18 @@ def test_dali_iterations_take_whole_batches_within_an_epoch():
     assert stream1 == [(2, 0, 4), (2, 4, 2), (3, 0, 4), (3, 4, 2), None]
 
 
-@pytest.mark.parametrize("split, batch, group", [("train", 8, 4), ("val", 5, 2)])
-def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_raw, split, batch,
-                                                                       group):
+@pytest.mark.parametrize("split, batch, group, encoding", [
+    ("train", 8, 4, "raw"), ("val", 5, 2, "raw"), ("train", 8, 4, "jpeg")])
+def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_raw, shards_jpeg,
+                                                                       split, batch, group,
+                                                                       encoding):
     """--dali-batches K hands out the very batches of K = 1, resumed mid-epoch and across an
-    epoch's end where K does not divide it (train: 6 batches an epoch, from batch 3; val: 12
-    images in 3 batches of 5, the last padded)."""
+    epoch's end where K does not divide it (train: 6 batches an epoch, from batch 3, so DALI
+    iterations of 3, 4 and 2 batches; val: 12 images in 3 batches of 5, the last padded); raw
+    shards read by a reader thread, JPEG shards by a reader process."""
     def batches(k):
-        cfg = replace(config(shards_raw, crop=112), batch_size=batch, dali_batches=k)
+        data = shards_raw if encoding == "raw" else shards_jpeg
+        cfg = replace(config(data, crop=112), batch_size=batch, dali_batches=k)
         loader = make_loader(cfg, split=split, epochs=2, start_batch=3 if split == "train" else 0)
         return [[t.clone() for t in b] for _ in range(2) for b in loader]
     one, grouped = batches(1), batches(group)
