@@ -288,9 +288,9 @@ class ReadAhead:
 
 
 def queue_depth(prefetch: int, readers: int) -> int:
-    """Batches the readers keep in flight: two per reader, so each has its next read queued
-    when it ends one (DALI hands a reader process its next read only when the pipeline takes a
-    batch; with one per reader a reader idles until then)."""
+    """DALI iterations the readers keep in flight: two per reader, so each has its next read
+    queued when it ends one (DALI hands a reader process its next read only when the pipeline
+    takes an iteration's batch; with one per reader a reader idles until then)."""
     return max(prefetch, 2 * readers)
 
 
@@ -299,11 +299,11 @@ def queue_depth(prefetch: int, readers: int) -> int:
 
 def reader_shm(source, prefetch: int, readers: int) -> int:
     """Bytes of /dev/shm the reader processes of one pipeline hold: DALI keeps prefetch +
-    queue-depth batch buffers (shared by its processes), each the size of the largest batch so
-    far plus 1 MiB, doubled when a batch does not fit. Raw batches are exact. A packed JPEG
-    batch is one row per image as long as the batch's longest stream: taken at four times the
-    split's mean file bytes per image, at most a raw image's bytes a row; a list of streams at
-    twice the mean."""
+    queue-depth buffers (shared by its processes) of one iteration's batch (`source.group` of
+    ours), each the size of the largest so far plus 1 MiB, doubled when one does not fit. Raw
+    batches are exact. A packed JPEG batch is one row per image as long as the batch's longest
+    stream: taken at four times the split's mean file bytes per image, at most a raw image's
+    bytes a row; a list of streams at twice the mean."""
     split, images = source.split, source.batch_size * source.group  # a call's: a DALI batch
     if split.encoding == "raw":
         batch = images * split.size * split.size * 3
