@@ -85,8 +85,8 @@ SMALL_SIZE, SMALL_CROP = 128, 112
 
 # Small and quick: 16 train images in batches of 8, no flips or lighting noise in the way.
 FAST = ["--batch-size", "8", "--crop", str(SMALL_CROP), "--device", "cpu", "--threads", "1",
-        "--readers", "1",
-        "--log-every", "1", "--bias-init", "caffe", "--lr", "0.005", "--mean", "channel"]
+        "--readers", "1", "--log-every", "1", "--bias-init", "caffe", "--lr", "0.005", "--mean",
+        "channel"]
 
 
 def train_args(data, out, *extra):
