@@ -511,7 +511,7 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
                   "seconds": out.seconds, **metrics}
         if out.gpu_wait is not None:  # CUDA: the GPU's own view of the same epoch
             result.update(gpu_wait=out.gpu_wait, gpu_step_ms=out.gpu_step_ms)
-        log.record(**result)
+        log.record(**result, **_compiled_graphs(cfg))
         log.line(f"epoch {progress.epoch + 1}/{cfg.epochs} step {progress.step}: train loss "
                  f"{result['train_loss']:.4f} centre-crop top-1 err {metrics['top1_err']:.4f} "
                  f"top-5 err {metrics['top5_err']:.4f} val loss {metrics['val_loss']:.4f} "
@@ -539,11 +539,22 @@ def _stop_at_max_steps(setup: Setup, progress: Progress, model, val_loader) -> d
     """--max-steps reached inside an epoch: evaluate, save a resumable interrupt.pt, end."""
     metrics = evaluate(model, val_loader, device=setup.device, amp=setup.config.amp)
     _save(setup, progress, "interrupt.pt")
-    setup.log.record(kind="max_steps", epoch=progress.epoch + 1, step=progress.step, **metrics)
+    setup.log.record(kind="max_steps", epoch=progress.epoch + 1, step=progress.step, **metrics,
+                     **_compiled_graphs(setup.config))
     setup.log.line(f"--max-steps {setup.config.max_steps} reached at epoch {progress.epoch + 1}, "
                    f"batch {progress.batch}: centre-crop top-1 err {metrics['top1_err']:.4f}; "
                    f"saved interrupt.pt (continue with --resume)")
     return {"kind": "max_steps", "step": progress.step, **metrics}
+
+
+def _compiled_graphs(config: TrainConfig) -> dict:
+    """With --compile, the graphs torch.compile has made in this process so far (training and
+    evaluation each have theirs): a count that grows after the first epoch means a recompile
+    per epoch, and past dynamo's cache limit a silent fall back to eager."""
+    if not config.compile:
+        return {}
+    from torch._dynamo.utils import counters
+    return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
 
 
 def _save(setup: Setup, progress: Progress, name: str) -> Path:

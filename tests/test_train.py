@@ -337,7 +337,8 @@ def test_towers_on_gpus_resume_exactly(tmp_path, shards_small, devices):
 def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small):
     """train --compile (inductor on the CPU): the same losses and weights as eager training over
     a few steps, to float32's reordering of sums (dropout off: inductor draws its own masks),
-    and it goes on through evaluation (a second graph) to a resumable checkpoint; evaluate
+    and it goes on through evaluation (a second graph) to a resumable checkpoint, compiling
+    nothing again in its second epoch; evaluate
     --compile gives eager's figures."""
     args = ["--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
@@ -348,6 +349,10 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
     assert records(compiled, "max_steps")[0]["top1_err"] == records(eager, "max_steps")[0]["top1_err"]
+    # epoch 2's step and evaluation ran epoch 1's graphs: nothing compiled again
+    graphs = [records(compiled, kind)[0]["compiled_graphs"] for kind in ("epoch", "max_steps")]
+    assert graphs[0] == graphs[1] >= 2, graphs  # training's graph and evaluation's
+    assert "compiled_graphs" not in records(eager, "epoch")[0]
     wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
