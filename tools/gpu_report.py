@@ -13,6 +13,8 @@ cut off by the time limit is one line; the table is on disk after each):
 - our loader / DALI's own GPU pipeline (fn.readers.file + nvJPEG + crop_mirror_normalize on the
   same JPEGs, channel mean, fresh processes alternating) at batch 256, 128, 64 and 32; the
   same with each batch training the model (train fed by ours / by DALI's) at 256 and 128;
+- `train --compile` with the real pipeline against eager `train` (the compile in the first
+  epoch, left out), and the graphs made by the end of each epoch (a recompile shows there);
 - reader-only img/s with one reader and with all; which stage limits.
 Writes WORK/report.json, WORK/report.md and WORK/dmon.log.
 
@@ -58,7 +60,8 @@ ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_com
         *(f"{k}_{b}" for b in PEER_BATCHES for k in ("peer_ours", "peer_dali", "ours_over_dali")),
         *(f"{k}_{b}" for b in TRAIN_PEER_BATCHES
           for k in ("train_peer_ours", "train_peer_dali", "train_ours_over_dali")),
-        "reader_1", "reader_all", "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw",
+        "train_real_compiled", "compiled_real_over_eager_real", "gpu_wait_compiled",
+        "gpu_step_ms_compiled", "compiled_graphs_compiled", "reader_1", "reader_all", "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw",
         "gpu_step_ms_hw", "limiting_stage")
 
 
@@ -120,6 +123,8 @@ def train_rate(a, r: dict, enc: str = "jpeg", tag: str = "", *extra: str) -> flo
     for key in ("gpu_wait", "gpu_step_ms"):
         if all(key in e for e in steady):
             r[key + tag] = sum(e[key] for e in steady) / len(steady)
+    if all("compiled_graphs" in e for e in epochs):  # --compile: the same after each epoch
+        r["compiled_graphs" + tag] = " / ".join(str(e["compiled_graphs"]) for e in epochs)
     return sum(e["images_per_s"] for e in steady) / len(steady)
 
 
@@ -128,6 +133,7 @@ RATIOS = (  # (ratio, figure, the figure it is measured against)
     ("real_over_synthetic", "train_real", "model_synthetic"),
     ("real_raw_over_synthetic", "train_real_raw", "model_synthetic"),
     ("real_hw_over_synthetic", "train_real_hw", "model_synthetic"),
+    ("compiled_real_over_eager_real", "train_real_compiled", "train_real"),
     ("real_128_over_synthetic", "train_real_128", "model_synthetic_128"),
     ("real_raw_128_over_synthetic", "train_real_raw_128", "model_synthetic_128"),
     ("compiled_over_eager", "model_compiled", "model_synthetic"),
@@ -276,6 +282,8 @@ def main() -> int:
         *((f"train_peer_ours_{b}", lambda b=b: peers(b, step=True))
           for b in TRAIN_PEER_BATCHES),
         ("model_compiled_128", lambda: step(half, "default")),
+        # --compile with the real pipeline, its compile in the first epoch (left out)
+        ("train_real_compiled", lambda: train_rate(a, r, "jpeg", "_compiled", "--compile")),
         ("reader_1", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds, None)),
         ("reader_all", lambda: reader_rate(a.work / "jpeg", readers, a.batch_size, a.seconds,
                                            None)),
