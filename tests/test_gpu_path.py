@@ -194,7 +194,9 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
             in table)
     assert "| loader over model | 2.500 |" in table and "| limiting stage | model |" in table
     assert "| synthetic step ms | 128.000 |" in table  # 256 images at 2000 img/s
-    assert json.loads((tmp_path / "report.json").read_text())["loader_jpeg"] == 5000
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["loader_jpeg"] == 5000
+    assert sorted(report["seconds"]) == ["loader_jpeg", "model_synthetic", "reader_all"]
 
 
 def _mapped_files(path) -> int:

@@ -80,13 +80,20 @@ class SplitGroups(torch.nn.Module):
 
 
 def measure(r: dict, name: str, fn) -> None:
-    """r[name] = fn(), or the error in one line: one failed figure leaves the others standing."""
+    """r[name] = fn(), or the error in one line: one failed figure leaves the others standing.
+    r["seconds"][name]: what the figure cost, compiles and process starts included (the next
+    check's plan: the table is cut where the time limit falls)."""
+    t0 = time.perf_counter()
     try:
         r[name] = float(fn())
     except Exception as e:  # noqa: BLE001 - any failure is a result to report
         first = (str(e).strip().splitlines() or [""])[0]
         r[name] = f"failed: {type(e).__name__}: {first[:200]}"
         print(f"{name}: {r[name]}", file=sys.stderr, flush=True)
+    seconds = r.setdefault("seconds", {})
+    seconds[name] = round(time.perf_counter() - t0, 1)
+    print(f"{name}: {seconds[name]} s, {sum(seconds.values()):.0f} s so far", file=sys.stderr,
+          flush=True)
 
 
 def ratio(r: dict, name: str, top: str, bottom: str) -> None:
