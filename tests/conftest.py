@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,39 @@ FAST = ["--batch-size", "8", "--crop", str(SMALL_CROP), "--device", "cpu", "--th
 
 def train_args(data, out, *extra):
     return ["train", "--data", data, "--out", out, *FAST, *extra]
+
+
+# a few steps with and without --compile: dropout off (inductor draws its own masks), across
+# an epoch's end (2 batches an epoch) and its evaluation
+COMPILE_CHECK = ["--epochs", "2", "--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def weights(path: Path) -> dict:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_compiled_like_eager(eager: Path, compiled: Path) -> None:
+    """Runs of COMPILE_CHECK without and with --compile: the same losses and weights to
+    float32's reordering of sums, the same evaluation, and nothing compiled again in the
+    second epoch (its step and evaluation reuse the first epoch's graphs)."""
+    import torch
+    a, b = records(eager, "step"), records(compiled, "step")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
+    assert records(compiled, "max_steps")[0]["top1_err"] == records(eager, "max_steps")[0]["top1_err"]
+    graphs = [records(compiled, kind)[0]["compiled_graphs"] for kind in ("epoch", "max_steps")]
+    assert graphs[0] == graphs[1] >= 2, graphs  # training's graph and evaluation's
+    assert "compiled_graphs" not in records(eager, "epoch")[0]
+    wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
 
 
 @pytest.fixture(scope="session")

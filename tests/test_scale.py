@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SMALL_CROP, SMALL_SIZE, cli, run_group, train_args
+from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, assert_compiled_like_eager, cli,
+                      records, run_group, train_args, weights)
 
 HARNESS = ROOT / "tests" / "harness.py"
 
@@ -30,15 +31,6 @@ def launch(launcher: list, args, env=None, timeout=300) -> subprocess.CompletedP
 
 
 TWO = ["--standalone", "--nproc_per_node", "2"]
-
-
-def records(run: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == kind]
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -95,23 +87,13 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, shards_smal
 @pytest.mark.timeout(500)
 def test_compiled_ddp_equals_eager_ddp_within_tolerance(tmp_path, shards_small):
     """torchrun, 2 gloo ranks, --compile (dynamo splits the DDP model's graph at its gradient
-    buckets): the losses and weights of eager DDP over a few steps, to float32's reordering of
-    sums (dropout off: inductor draws its own masks), through an evaluation into the next
-    epoch without compiling again."""
-    args = ["--epochs", "2", "--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
+    buckets): eager DDP's losses and weights over a few steps, through an evaluation into the
+    next epoch without compiling again (conftest.assert_compiled_like_eager)."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     for run, extra in ((eager, []), (compiled, ["--compile"])):
-        proc = launch(TWO, train_args(shards_small, run, *args, *extra), timeout=420)
+        proc = launch(TWO, train_args(shards_small, run, *COMPILE_CHECK, *extra), timeout=420)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = records(eager, "step"), records(compiled, "step")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
-    wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
-    graphs = [records(compiled, kind)[0]["compiled_graphs"] for kind in ("epoch", "max_steps")]
-    assert graphs[0] == graphs[1] >= 2, graphs
+    assert_compiled_like_eager(eager, compiled)
 
 
 def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_stays(tmp_path, shards_small):

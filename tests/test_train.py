@@ -16,18 +16,10 @@ import pytest
 import torch
 
 from alexnet_pipe.model import build_model
-from conftest import ROOT, SMALL_CROP, SMALL_SIZE, cli, run_group, small_tmpfs, train_args
+from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, assert_compiled_like_eager, cli,
+                      records, run_group, small_tmpfs, train_args, weights)
 
 HARNESS = ROOT / "tests" / "harness.py"
-
-
-def records(run: Path, kind: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -336,26 +328,13 @@ def test_towers_on_gpus_resume_exactly(tmp_path, shards_small, devices):
 @pytest.mark.timeout(400)
 def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small):
     """train --compile (inductor on the CPU): the same losses and weights as eager training over
-    a few steps, to float32's reordering of sums (dropout off: inductor draws its own masks),
-    and it goes on through evaluation (a second graph) to a resumable checkpoint, compiling
-    nothing again in its second epoch; evaluate
-    --compile gives eager's figures."""
-    args = ["--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
+    a few steps, through an evaluation (a second graph) to a resumable checkpoint, compiling
+    nothing again in its second epoch (conftest.assert_compiled_like_eager); evaluate --compile
+    gives eager's figures."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    cli(*train_args(shards_small, eager, "--epochs", "2", *args))
-    cli(*train_args(shards_small, compiled, "--epochs", "2", "--compile", *args), timeout=380)
-    a, b = records(eager, "step"), records(compiled, "step")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3)
-    assert records(compiled, "max_steps")[0]["top1_err"] == records(eager, "max_steps")[0]["top1_err"]
-    # epoch 2's step and evaluation ran epoch 1's graphs: nothing compiled again
-    graphs = [records(compiled, kind)[0]["compiled_graphs"] for kind in ("epoch", "max_steps")]
-    assert graphs[0] == graphs[1] >= 2, graphs  # training's graph and evaluation's
-    assert "compiled_graphs" not in records(eager, "epoch")[0]
-    wa, wb = (weights(run / "checkpoints/interrupt.pt") for run in (eager, compiled))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+    cli(*train_args(shards_small, eager, *COMPILE_CHECK))
+    cli(*train_args(shards_small, compiled, *COMPILE_CHECK, "--compile"), timeout=380)
+    assert_compiled_like_eager(eager, compiled)
     # evaluate --compile: eager's figures. Batch 8, as the runs' evaluations: inductor's cache
     # then holds its graph already
     ckpt = eager / "checkpoints/interrupt.pt"
