@@ -188,15 +188,19 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
         raise RuntimeError("Worker data receiving interrupted\ntraceback lines")
     gpu_report.measure(r, "reader_all", dies)
     gpu_report.measure(r, "model_synthetic", lambda: 2000)
+    gpu_report.measure(r, "train_real", lambda: 32000)
     gpu_report.publish(a, r)
     table = (tmp_path / "report.md").read_text()
     assert ("| reader all | failed: RuntimeError: Worker data receiving interrupted |"
             in table)
     assert "| loader over model | 2.500 |" in table and "| limiting stage | model |" in table
     assert "| synthetic step ms | 128.000 |" in table  # 256 images at 2000 img/s
+    # 1,281,167 images x 90 = 115,305,030 at 32,000 img/s: 3,603.3 s
+    assert "| projected 90 epochs h | 1.001 |" in table
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["loader_jpeg"] == 5000
-    assert sorted(report["seconds"]) == ["loader_jpeg", "model_synthetic", "reader_all"]
+    assert sorted(report["seconds"]) == ["loader_jpeg", "model_synthetic", "reader_all",
+                                         "train_real"]
 
 
 def _mapped_files(path) -> int:

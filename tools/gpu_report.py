@@ -9,7 +9,8 @@ cut off by the time limit is one line; the table is on disk after each):
 - loader img/s (JPEG and raw shards, pixel mean), nvidia-smi dmon beside the JPEG run (is the
   hardware JPEG decoder used?); loader / step;
 - `train` with the real pipeline / synthetic step, JPEG and raw, at 256 and 128, with data-wait
-  and the GPU's idle share and time per step (train.StepTimer) of each run;
+  and the GPU's idle share and time per step (train.StepTimer) of each run; the hours 90
+  epochs of ImageNet's training images take at the JPEG runs' rates;
 - our loader / DALI's own GPU pipeline (fn.readers.file + nvJPEG + crop_mirror_normalize on the
   same JPEGs, channel mean, fresh processes alternating) at batch 256, 128, 64 and 32; the
   same with each batch training the model (train fed by ours / by DALI's) at 256 and 128;
@@ -45,24 +46,29 @@ from preprocessing.sample import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
 
 
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set: the 90-epoch projection
+
 # the table's rows after card and cores, in this order
 PEER_BATCHES = (256, 128, 64, 32)
 TRAIN_PEER_BATCHES = (256, 128)  # the same, each batch training the paper model
 ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_compiled",
         "compiled_over_eager", "model_compiled_128", "model_graphed_128",
         "graphed_128_over_eager", "model_torch_lrn", "eager_over_torch_lrn", "model_one_tower",
-        "paper_over_one_tower", "model_bf16_input", "bf16_input_over_fp32", "model_split_groups",
-        "split_groups_over_grouped", "model_4_channels", "four_channels_over_three", "synthetic_step_ms", "loader_jpeg", "loader_raw",
+        "paper_over_one_tower", "model_bf16_input", "bf16_input_over_fp32",
+        "model_split_groups", "split_groups_over_grouped", "model_4_channels",
+        "four_channels_over_three", "synthetic_step_ms", "loader_jpeg", "loader_raw",
         "loader_over_model", "train_real", "real_over_synthetic", "data_wait", "gpu_wait",
-        "gpu_step_ms", "train_seconds", "train_real_raw", "real_raw_over_synthetic",
-        "gpu_wait_raw", "gpu_step_ms_raw", "train_real_128", "real_128_over_synthetic",
-        "gpu_wait_128", "gpu_step_ms_128", "train_real_raw_128", "real_raw_128_over_synthetic",
+        "gpu_step_ms", "projected_90_epochs_h", "train_seconds", "train_real_raw",
+        "real_raw_over_synthetic", "gpu_wait_raw", "gpu_step_ms_raw", "train_real_128",
+        "real_128_over_synthetic", "gpu_wait_128", "gpu_step_ms_128",
+        "projected_90_epochs_h_128", "train_real_raw_128", "real_raw_128_over_synthetic",
         *(f"{k}_{b}" for b in PEER_BATCHES for k in ("peer_ours", "peer_dali", "ours_over_dali")),
         *(f"{k}_{b}" for b in TRAIN_PEER_BATCHES
           for k in ("train_peer_ours", "train_peer_dali", "train_ours_over_dali")),
         "train_real_compiled", "compiled_real_over_eager_real", "gpu_wait_compiled",
-        "gpu_step_ms_compiled", "compiled_graphs_compiled", "reader_1", "reader_all", "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw",
-        "gpu_step_ms_hw", "limiting_stage")
+        "gpu_step_ms_compiled", "compiled_graphs_compiled", "reader_1", "reader_all",
+        "train_real_hw", "real_hw_over_synthetic", "gpu_wait_hw", "gpu_step_ms_hw",
+        "limiting_stage")
 
 
 class SplitGroups(torch.nn.Module):
@@ -162,6 +168,10 @@ def publish(a, r: dict) -> None:
         ratio(r, f"ours_over_dali_{b}", f"peer_ours_{b}", f"peer_dali_{b}")
     for b in TRAIN_PEER_BATCHES:
         ratio(r, f"train_ours_over_dali_{b}", f"train_peer_ours_{b}", f"train_peer_dali_{b}")
+    for key, rate in (("projected_90_epochs_h", "train_real"),
+                      ("projected_90_epochs_h_128", "train_real_128")):
+        if isinstance(r.get(rate), float) and r[rate] > 0:  # training images only
+            r[key] = IMAGENET_TRAIN_IMAGES * 90 / r[rate] / 3600
     if isinstance(r.get("model_synthetic"), float) and r["model_synthetic"] > 0:
         r["synthetic_step_ms"] = 1000 * a.batch_size / r["model_synthetic"]
     stages = {k: r.get(v) for k, v in (("reader", "reader_all"),
