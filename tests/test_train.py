@@ -329,8 +329,9 @@ def test_towers_on_gpus_resume_exactly(tmp_path, shards_small, devices):
 def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small):
     """train --compile (inductor on the CPU): the same losses and weights as eager training over
     a few steps, through an evaluation (a second graph) to a resumable checkpoint, compiling
-    nothing again in its second epoch (conftest.assert_compiled_like_eager); evaluate --compile
-    gives eager's figures."""
+    nothing again in its second epoch (conftest.assert_compiled_like_eager); evaluate
+    --compile gives eager's figures; resumed with --compile, it ends where the eager run
+    resumed ends."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     cli(*train_args(shards_small, eager, *COMPILE_CHECK))
     cli(*train_args(shards_small, compiled, *COMPILE_CHECK, "--compile"), timeout=380)
@@ -343,3 +344,13 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
                  for extra in (["--compile"], []))
     assert got["top1_err"] == want["top1_err"]
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+    # the rest of epoch 2 and its evaluation, each run resumed as it was trained
+    cut = COMPILE_CHECK.index("--max-steps")
+    rest = [*COMPILE_CHECK[:cut], *COMPILE_CHECK[cut + 2:], "--resume"]
+    cli(*train_args(shards_small, eager, *rest))
+    cli(*train_args(shards_small, compiled, *rest, "--compile"), timeout=380)
+    end = [records(run, "epoch")[-1] for run in (eager, compiled)]
+    assert [e["epoch"] for e in end] == [2, 2] and end[1]["compiled_graphs"] == 2
+    wa, wb = (weights(run / "checkpoints/epoch-0002.pt") for run in (eager, compiled))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
