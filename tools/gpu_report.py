@@ -52,13 +52,13 @@ IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set: the 90-epoch pr
 PEER_BATCHES = (256, 128, 64, 32)
 TRAIN_PEER_BATCHES = (256, 128)  # the same, each batch training the paper model
 ROWS = ("dev_shm_free_mib", "model_synthetic", "model_synthetic_128", "model_compiled",
-        "compiled_over_eager", "model_compiled_128", "model_graphed_128",
-        "graphed_128_over_eager", "model_torch_lrn", "eager_over_torch_lrn", "model_one_tower",
-        "paper_over_one_tower", "model_bf16_input", "bf16_input_over_fp32",
-        "model_split_groups", "split_groups_over_grouped", "model_4_channels",
-        "four_channels_over_three", "synthetic_step_ms", "loader_jpeg", "loader_raw",
-        "loader_over_model", "train_real", "real_over_synthetic", "data_wait", "gpu_wait",
-        "gpu_step_ms", "projected_90_epochs_h", "train_seconds", "train_real_raw",
+        "compiled_over_eager", "model_compiled_128", "model_graphed", "graphed_over_eager",
+        "model_graphed_128", "graphed_128_over_eager", "model_torch_lrn",
+        "eager_over_torch_lrn", "model_one_tower", "paper_over_one_tower", "model_bf16_input",
+        "bf16_input_over_fp32", "model_split_groups", "split_groups_over_grouped",
+        "model_4_channels", "four_channels_over_three", "synthetic_step_ms", "loader_jpeg",
+        "loader_raw", "loader_over_model", "train_real", "real_over_synthetic", "data_wait",
+        "gpu_wait", "gpu_step_ms", "projected_90_epochs_h", "train_seconds", "train_real_raw",
         "real_raw_over_synthetic", "gpu_wait_raw", "gpu_step_ms_raw", "train_real_128",
         "real_128_over_synthetic", "gpu_wait_128", "gpu_step_ms_128",
         "projected_90_epochs_h_128", "train_real_raw_128", "real_raw_128_over_synthetic",
@@ -150,6 +150,7 @@ RATIOS = (  # (ratio, figure, the figure it is measured against)
     ("real_128_over_synthetic", "train_real_128", "model_synthetic_128"),
     ("real_raw_128_over_synthetic", "train_real_raw_128", "model_synthetic_128"),
     ("compiled_over_eager", "model_compiled", "model_synthetic"),
+    ("graphed_over_eager", "model_graphed", "model_synthetic"),
     ("graphed_128_over_eager", "model_graphed_128", "model_synthetic_128"),
     ("eager_over_torch_lrn", "model_synthetic", "model_torch_lrn"),
     ("paper_over_one_tower", "model_synthetic", "model_one_tower"),
@@ -302,6 +303,7 @@ def main() -> int:
         *((f"train_peer_ours_{b}", lambda b=b: peers(b, step=True))
           for b in TRAIN_PEER_BATCHES),
         ("model_compiled_128", lambda: step(half, "default")),
+        ("model_graphed", lambda: step(a.batch_size, "reduce-overhead")),
         # --compile with the real pipeline, its compile in the first epoch (left out)
         ("train_real_compiled", lambda: train_rate(a, r, "jpeg", "_compiled", "--compile")),
         ("reader_1", lambda: reader_rate(a.work / "jpeg", 1, a.batch_size, a.seconds, None)),
