@@ -27,7 +27,7 @@ from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.contract import META, SourceBatch, source_outputs
 from alexnet_pipe.normalize import MeanWindows, Normalization
-from alexnet_pipe.reader import BatchSource
+from alexnet_pipe.reader import BatchSource, damaged_image
 from alexnet_pipe.reading import HeapTrim, ReadAhead, fit_shared_memory, queue_depth, reader_shm
 from preprocessing.shards import SplitInfo, load_split, load_stats
 
@@ -170,7 +170,9 @@ class Loader:
             warnings.filterwarnings("ignore", message="The external source node .* not used")
             try:  # it runs the first iteration already
                 self._iter = DALIGenericIterator([pipe], ["images", "meta"], auto_reset=False)
-            except RuntimeError as e:
+            except UserError:  # the reader's own, in this process
+                raise
+            except Exception as e:  # noqa: BLE001 - DALI's, whichever class: see _explain
                 raise self._explain(e, 0) from None
         self._ended = False  # the stream's end was taken from DALI: reset before reading on
         self._ready = []     # (images, meta) of the current DALI iteration's batches to come
@@ -202,7 +204,10 @@ class Loader:
                 if next(self._iter, None) is not None:
                     raise AssertionError("the reader ran past the end of its stream")
                 self._ended = True
-        except RuntimeError as e:  # DALI's errors name no file: find the image that failed
+        except (UserError, AssertionError):  # the reader's own, in this process; invariants
+            raise
+        except Exception as e:  # noqa: BLE001 - DALI's errors name no file (a RuntimeError, or
+            # an Exception carrying a reader process's traceback): find the image that failed
             raise self._explain(e, done) from None
         self.epoch += 1
         self._trim.epoch_done(done)
@@ -225,7 +230,7 @@ class Loader:
         except StopIteration:  # never inside a stream: every epoch has num_batches()
             raise AssertionError(f"the reader ended early in epoch {self.epoch}") from None
 
-    def _explain(self, error: RuntimeError, done: int) -> Exception:
+    def _explain(self, error: Exception, done: int) -> Exception:
         """A UserError naming the shard and key of an undecodable image in the batches that
         were in flight, or `error` itself when none is found."""
         src = self.source
@@ -234,11 +239,7 @@ class Loader:
         for batch in range(first, min(first + in_flight, src.num_batches())):
             found = src.undecodable(self.epoch, batch)
             if found is not None:
-                file, key, reason = found
-                return UserError(f"{file}: image {key} cannot be decoded ({reason}); the shard "
-                                 f"is damaged: `alexnet-pipe verify` lists every damaged file, "
-                                 f"and the same prepare command rewrites them; the last "
-                                 f"checkpoint is intact (--resume)")
+                return damaged_image(*found)
         return error
 
 
@@ -275,7 +276,8 @@ def make_loader(config: LoaderConfig, *, split: str = "train", info: SplitInfo |
                          start_epoch=start_epoch, start_batch=start_batch, epochs=epochs,
                          rank=rank, world=world, channel_mean=norm.channel_mean(),
                          packed=placement.packed,
-                         group=config.dali_group(config.batch_size))
+                         group=config.dali_group(config.batch_size),
+                         check_jpeg=not config.verify)
     if source.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split} split ({source.share()} images); use a smaller batch")

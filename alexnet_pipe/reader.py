@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.contract import META, SourceBatch
 from alexnet_pipe.reading import ShardFiles
@@ -53,6 +54,52 @@ def batches_per_epoch(total: int, batch_size: int, *, train: bool, rank: int, wo
     """The same every epoch: train drops the remainder of a share, val pads its last batch."""
     n = share(total, train=train, rank=rank, world=world)
     return n // batch_size if train else -(-n // batch_size)
+
+
+def damaged_image(file: str, key: str, reason: str) -> UserError:
+    """What the loader says of an image it cannot decode: the file, the key, and the repair."""
+    return UserError(f"{file}: image {key} cannot be decoded ({reason}); the shard is damaged: "
+                     f"`alexnet-pipe verify` lists every damaged file, and the same prepare "
+                     f"command rewrites them; the last checkpoint is intact (--resume)")
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+
+
+def jpeg_header_problem(stream) -> str | None:
+    """Why the markers of a JPEG stream (bytes-like) do not parse up to its scan data, or None.
+
+    The chain of ISO/IEC 10918-1 (Annex B): start of image, then marker segments (0xFF, fill
+    0xFFs, a code; a big-endian length that counts itself, except for standalone codes), a frame
+    header, and the start of scan. The scan's entropy-coded bytes are not looked at. This is
+    what the reader checks where the shards were not verified: DALI 2.4's decoder crashes the
+    process (a use after free in its thread pool) when its JPEG parser rejects a stream while
+    other streams of the batch are still queued, so such a stream must never reach it."""
+    data = memoryview(stream).cast("B")
+    n, pos, frame = len(data), 2, False
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return "no JPEG start-of-image marker"
+    while True:
+        if pos >= n or data[pos] != 0xFF:
+            return f"invalid marker at byte {pos}" if pos < n else "it ends inside its headers"
+        while pos < n and data[pos] == 0xFF:  # fill bytes before the code
+            pos += 1
+        if pos >= n:
+            return "it ends inside its headers"
+        code, pos = data[pos], pos + 1
+        if code == 0x01 or 0xD0 <= code <= 0xD7:  # standalone: TEM, RSTn
+            continue
+        if code in (0x00, 0xD8, 0xD9):
+            return f"invalid marker at byte {pos - 2}"
+        if pos + 2 > n:
+            return "it ends inside its headers"
+        length = data[pos] << 8 | data[pos + 1]
+        if length < 2 or pos + length > n:
+            return f"the segment at byte {pos - 2} runs past the end of the stream"
+        if code == 0xDA:
+            return None if frame else "no frame header before the scan"
+        frame |= code in _SOF
+        pos += length
 
 
 def _die_with_parent(parent: int) -> None:
@@ -94,6 +141,8 @@ class BatchSource:
     group: int = 1         # batches per call, one after another: one DALI iteration prepares
     #                        them all (LoaderConfig.dali_batches); at most an epoch's, and never
     #                        across an epoch's end
+    check_jpeg: bool = False  # each JPEG stream's markers checked before DALI sees it
+    #                           (jpeg_header_problem): where the shards were not verified
 
     def __post_init__(self):
         self._parent = os.getpid()  # the process that owns the pipeline
@@ -198,6 +247,14 @@ class BatchSource:
             labels[rows] = self._files.index(s).labels[local]
         return images, labels, lengths
 
+    def _check_streams(self, indices: np.ndarray, images, lengths: np.ndarray) -> None:
+        """Raises the damaged-image error for the first stream whose markers do not parse."""
+        for i, index in enumerate(indices):
+            row = images[i] if isinstance(images, list) else images[i, :lengths[i]]
+            problem = jpeg_header_problem(row)
+            if problem is not None:
+                raise damaged_image(*self.locate(int(index)), problem)
+
     def locate(self, index: int) -> tuple[str, str]:
         """(shard file, key) of global sample `index`."""
         s = int(np.searchsorted(self._shard_starts, index, side="right") - 1)
@@ -212,10 +269,14 @@ class BatchSource:
         idx, _ = self.batch_indices(epoch, batch)
         images, _ = self.read(idx)
         for i, data in zip(idx, images):
-            try:
-                decode_jpeg(data.tobytes())
-            except Exception as e:  # PIL raises several types for damaged bytes
-                return (*self.locate(int(i)), str(e))
+            problem = jpeg_header_problem(data)
+            if problem is None:
+                try:
+                    decode_jpeg(data.tobytes())
+                except Exception as e:  # PIL raises several types for damaged bytes
+                    problem = str(e)
+            if problem is not None:
+                return (*self.locate(int(i)), problem)
         return None
 
     def skipped(self, epoch: int) -> int:
@@ -259,6 +320,8 @@ class BatchSource:
         else:
             images, labels = self.read(idx)
             lengths = np.array([len(data) for data in images], np.int64)
+        if self.check_jpeg and self.split.encoding == "jpeg":
+            self._check_streams(idx, images, lengths)
         drawn = [self.params(epoch, b, self.batch_size) for b in batches]
         p = {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
         span = max(self.split.size - self.crop, 1)
