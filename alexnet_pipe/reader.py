@@ -94,7 +94,9 @@ def jpeg_header_problem(stream) -> str | None:
         if pos + 2 > n:
             return "it ends inside its headers"
         length = data[pos] << 8 | data[pos + 1]
-        if length < 2 or pos + length > n:
+        if length < 2:  # it counts its own two bytes
+            return f"the segment at byte {pos - 2} has length {length}"
+        if pos + length > n:
             return f"the segment at byte {pos - 2} runs past the end of the stream"
         if code == 0xDA:
             return None if frame else "no frame header before the scan"

@@ -177,6 +177,26 @@ def test_jpeg_marker_check_by_hand_and_against_dali():
     assert not [d for d in refused if dali_decodes(d)]
 
 
+def test_the_marker_check_reads_packed_batches_too(tmp_path, shards_jpeg):
+    """What a GPU decoder is fed (one zero-padded row an image): the damaged row is named, and
+    an intact batch passes."""
+    from alexnet_base.errors import UserError
+    from alexnet_pipe.reader import BatchSource
+    from preprocessing.shards import load_split
+    data = copy(shards_jpeg, tmp_path / "d")
+    key = _overwrite(data / "train-00001.h5", 3, lambda s: b"\xff\xd8\xff\xe1" + bytes(len(s) - 4))
+    source = BatchSource(split=load_split(data, "train"), batch_size=4, train=False, crop=200,
+                         packed=True, check_jpeg=True)
+    errors = []
+    for b in range(source.num_batches()):
+        try:
+            source.batch(0, b)
+        except UserError as e:
+            errors.append(str(e))
+    assert len(errors) == 1 and key in errors[0] and "train-00001.h5" in errors[0], errors
+    assert "(the segment at byte 2 has length 0)" in errors[0]  # APP1's: 2 at the least
+
+
 @pytest.mark.parametrize("readers", ["0", "1"])  # in this process, a reader process
 def test_corrupt_jpeg_inside_a_shard(tmp_path, shards_jpeg, readers):
     """Read as it is (--no-verify), a damaged JPEG is named by shard and key, the run ending
