@@ -71,7 +71,9 @@ def jpeg_header_problem(stream) -> str | None:
 
     The chain of ISO/IEC 10918-1 (Annex B): start of image, then marker segments (0xFF, fill
     0xFFs, a code; a big-endian length that counts itself, except for standalone codes), a frame
-    header, and the start of scan. The scan's entropy-coded bytes are not looked at. This is
+    header, and the start of scan, the last two holding the 1-4 components they count. Tables
+    and the scan's entropy-coded bytes are not looked at: libjpeg's errors there reach DALI's
+    decoder and come back as its ordinary error. This is
     what the reader checks where the shards were not verified: DALI 2.4's decoder crashes the
     process (a use after free in its thread pool) when its JPEG parser rejects a stream while
     other streams of the batch are still queued, so such a stream must never reach it."""
@@ -98,6 +100,14 @@ def jpeg_header_problem(stream) -> str | None:
             return f"the segment at byte {pos - 2} has length {length}"
         if pos + length > n:
             return f"the segment at byte {pos - 2} runs past the end of the stream"
+        if code in _SOF or code == 0xDA:  # what the parser reads inside: the components
+            # (frame: precision, height, width, count, 3 bytes each; scan: count, 2 bytes each,
+            # then 3 bytes of spectral selection and approximation)
+            count_at, size, fixed = (pos + 7, 3, 8) if code in _SOF else (pos + 2, 2, 6)
+            count = data[count_at] if count_at < n else 0
+            if not 1 <= count <= 4 or length != fixed + size * count:
+                return (f"the {'frame' if code in _SOF else 'scan'} header at byte {pos - 2} "
+                        f"does not hold its {count} components")
         if code == 0xDA:
             return None if frame else "no frame header before the scan"
         frame |= code in _SOF

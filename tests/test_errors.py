@@ -130,8 +130,10 @@ def test_jpeg_marker_check_by_hand_and_against_dali():
     from PIL import Image
 
     from alexnet_pipe.reader import jpeg_header_problem as check
-    sof = b"\xff\xc0\x00\x11" + bytes(15)  # a frame header: length 17 counts itself
-    sos = b"\xff\xda\x00\x0c" + bytes(10)
+    # a frame header: length 17 (counting itself), precision 8, 16 x 16, 3 components of 3
+    # bytes; a scan header: length 12, 3 components of 2 bytes, then 3 bytes
+    sof = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03" + bytes(9)
+    sos = b"\xff\xda\x00\x0c\x03" + bytes(6) + b"\x00\x3f\x00"
     assert check(b"\xff\xd8" + sof + sos) is None
     assert check(b"\xff\xd8\xff\xff" + sof[1:] + sos) is None  # fill bytes before a code
     assert check(b"\xff\xd8\xff\xd0" + sof + sos) is None  # RST0 stands alone
@@ -141,6 +143,10 @@ def test_jpeg_marker_check_by_hand_and_against_dali():
     assert check(b"\xff\xd8" + sof + b"\x00" + sos) == "invalid marker at byte 21"
     assert check(b"\xff\xd8" + sof + b"\xff\xd9") == "invalid marker at byte 21"  # EOI first
     assert check(b"\xff\xd8" + sof) == "it ends inside its headers"
+    assert check(b"\xff\xd8" + sof[:9] + b"\x47" + sof[10:] + sos) == (
+        "the frame header at byte 2 does not hold its 71 components")  # 8 + 3 x 71 != 17
+    assert check(b"\xff\xd8" + sof + sos[:4] + b"\x00" + sos[5:]) == (
+        "the scan header at byte 21 does not hold its 0 components")
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
     written = []
