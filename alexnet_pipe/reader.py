@@ -73,10 +73,12 @@ def jpeg_header_problem(stream) -> str | None:
     0xFFs, a code; a big-endian length that counts itself, except for standalone codes), a frame
     header, and the start of scan, the last two holding the 1-4 components they count. Tables
     and the scan's entropy-coded bytes are not looked at: libjpeg's errors there reach DALI's
-    decoder and come back as its ordinary error. This is
-    what the reader checks where the shards were not verified: DALI 2.4's decoder crashes the
+    decoder and come back as its ordinary error.
+
+    The reader checks this where the shards were not verified: DALI 2.4's decoder crashes the
     process (a use after free in its thread pool) when its JPEG parser rejects a stream while
-    other streams of the batch are still queued, so such a stream must never reach it."""
+    other streams of the batch are still queued, so such a stream must never reach it
+    (tools/fuzz_jpeg_check.py looks for streams that pass and still crash it)."""
     data = memoryview(stream).cast("B")
     n, pos, frame = len(data), 2, False
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
