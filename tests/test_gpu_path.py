@@ -203,6 +203,37 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
                                          "train_real"]
 
 
+def test_gpu_report_lists_what_a_time_limit_cut_and_measures_it_later(tmp_path):
+    """A table cut by the check's time limit names the figures it did not reach; a later check
+    given them (--only) measures them and, in the same run, the figures their ratios are
+    measured against: train --compile against eager train (whose own baseline is not asked
+    for), the paper model's step against the one-tower model and torch's LRN."""
+    import argparse
+    gpu_report = tool("gpu_report")
+    assert gpu_report.plan(["train_real_compiled"]) == ["train_real", "train_real_compiled"]
+    assert gpu_report.plan(["model_synthetic"]) == ["model_synthetic", "model_one_tower",
+                                                    "model_torch_lrn"]
+    # in the table's order, whatever the order asked; a peer figure needs nothing else
+    assert gpu_report.plan(["peer_ours_64", "model_graphed_128"]) == [
+        "model_synthetic_128", "model_graphed_128", "peer_ours_64"]
+    everything = gpu_report.plan()  # 7 eager steps, 2 compiled, 2 graphed, 2 loaders, 4
+    # trains, 4 + 2 peers, train --compile, 2 readers, the hardware decoder
+    assert len(everything) == len(set(everything)) == 27 and everything[0] == "model_synthetic"
+    a = argparse.Namespace(work=tmp_path, out=None, batch_size=256)
+    r = {"card": "X", "cores": 16, "threads": 8, "readers": 8, "model_synthetic": 2000.0}
+    gpu_report.publish(a, r, ["model_graphed", "reader_all"])  # what a kill leaves on disk
+    assert ("| not reached (--only these next) | model_graphed reader_all |"
+            in (tmp_path / "report.md").read_text())
+    assert json.loads((tmp_path / "report.json").read_text())["not_reached"] == [
+        "model_graphed", "reader_all"]
+    gpu_report.publish(a, r)
+    assert "not reached" not in (tmp_path / "report.md").read_text()
+    proc = run_group([sys.executable, str(ROOT / "tools" / "gpu_report.py"), "--work",
+                      str(tmp_path / "w"), "--only", "model_grafed"], cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'model_grafed'" in proc.stderr
+    assert not (tmp_path / "w").exists()  # refused before anything was made
+
+
 def _mapped_files(path) -> int:
     """How many regions of this process's memory map `path`."""
     return sum(line.rstrip().endswith(" " + str(path)) for line in open("/proc/self/maps"))

@@ -17,9 +17,12 @@ cut off by the time limit is one line; the table is on disk after each):
 - `train --compile` with the real pipeline against eager `train` (the compile in the first
   epoch, left out), and the graphs made by the end of each epoch (a recompile shows there);
 - reader-only img/s with one reader and with all; which stage limits.
-Writes WORK/report.json, WORK/report.md and WORK/dmon.log.
+Writes WORK/report.json, WORK/report.md and WORK/dmon.log. Figures the time limit cut off are
+listed in the table as not reached; `--only` those, in a later check, measures them with the
+figures their ratios are measured against.
 
 Usage: gpu_report.py --work DIR [--device gpu|cpu] [--images 4096] [--batch-size 256]
+                     [--only FIGURE ...]
 """
 from __future__ import annotations
 
@@ -103,6 +106,11 @@ def measure(r: dict, name: str, fn) -> None:
 
 
 def ratio(r: dict, name: str, top: str, bottom: str) -> None:
+    """r[name] = top / bottom; "n/a" where one of them failed or is missing; no row before
+    `top` is measured (not reached, or not asked for: --only)."""
+    if top not in r:
+        r.pop(name, None)
+        return
     t, b = r.get(top), r.get(bottom)
     r[name] = t / b if isinstance(t, float) and isinstance(b, float) and b > 0 else "n/a"
 
@@ -160,9 +168,30 @@ RATIOS = (  # (ratio, figure, the figure it is measured against)
 )
 
 
-def publish(a, r: dict) -> None:
+# the figures in the order they are measured (the most wanted first; main() builds each)
+FIGURES = ("model_synthetic", "model_synthetic_128", "model_one_tower", "model_torch_lrn",
+           "model_bf16_input", "model_split_groups", "model_4_channels", "model_compiled",
+           "loader_jpeg", "loader_raw", "train_real", "train_real_raw", "train_real_128",
+           "train_real_raw_128", *(f"peer_ours_{b}" for b in PEER_BATCHES[:2]),
+           "model_graphed_128", *(f"peer_ours_{b}" for b in PEER_BATCHES[2:]),
+           *(f"train_peer_ours_{b}" for b in TRAIN_PEER_BATCHES), "model_compiled_128",
+           "model_graphed", "train_real_compiled", "reader_1", "reader_all", "train_real_hw")
+
+
+def plan(only=None) -> list[str]:
+    """The figures to measure, in FIGURES' order: all, or `only` with the figures their ratios
+    are measured against (RATIOS: a figure over its baseline), so that each ratio of theirs is
+    of one run."""
+    if not only:
+        return list(FIGURES)
+    want = set(only) | {bottom for _, top, bottom in RATIOS if top in only}
+    return [f for f in FIGURES if f in want]
+
+
+def publish(a, r: dict, pending=()) -> None:
     """The ratios and the limiting stage of what is measured so far, into WORK/report.json and
-    WORK/report.md (printed by the caller at the end)."""
+    WORK/report.md (printed by the caller at the end); `pending`: the figures still to come,
+    listed as not reached (what a time limit leaves of the table)."""
     for name, top, bottom in RATIOS:
         ratio(r, name, top, bottom)
     for b in PEER_BATCHES:
@@ -179,11 +208,14 @@ def publish(a, r: dict) -> None:
                                        ("loader", "loader_jpeg"), ("model", "model_synthetic"))}
     stages = {k: v for k, v in stages.items() if isinstance(v, float)}
     r["limiting_stage"] = min(stages, key=stages.get) if stages else "unknown"
+    r["not_reached"] = list(pending)
     (a.out or a.work / "report.json").write_text(json.dumps(r, indent=2))
     rows = [("card", r["card"]), ("cores / DALI threads / shard readers",
                                   f"{r['cores']} / {r['threads']} / {r['readers']}")]
     rows += [(k.replace("_", " "), f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
              for k in ROWS if k in r]
+    if pending:  # the next check's arguments: --only these
+        rows.append(("not reached (--only these next)", " ".join(pending)))
     md = "| what | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
     (a.work / "report.md").write_text(md)
 
@@ -196,6 +228,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--only", nargs="+", choices=FIGURES, metavar="FIGURE",
+                    help="measure these figures and those their ratios are measured against "
+                         "(a later check of what an earlier one did not reach)")
     a = ap.parse_args()
     gpu = a.device == "gpu"
     free = resources.shm_free()
@@ -311,9 +346,14 @@ def main() -> int:
                                            None)),
         ("train_real_hw", lambda: train_rate(a, r, "jpeg", "_hw", "--hw-decoder-load", "1")),
     ]
-    for name, fn in figures:  # the table is rewritten after each: a timeout leaves the rest
+    assert [name for name, _ in figures] == list(FIGURES)
+    todo = plan(a.only)
+    for i, (name, fn) in enumerate(f for f in figures if f[0] in todo):
+        # the table is rewritten after each: a timeout leaves what was measured, and the rest
+        # listed as not reached
+        publish(a, r, todo[i:])
         measure(r, name, fn)
-        publish(a, r)
+    publish(a, r)
     print((a.work / "report.md").read_text())
     return 0
 
