@@ -2,6 +2,8 @@
 """The loader goals in one run, on one machine, on the same 256x256 images:
 
   native   DALI's own file reader on the 256x256 JPEGs (decode, random crop, flip): the reference
+  source   the same pipeline fed by a bare external source of the same JPEG bytes held in memory
+           (--source): what any loader that feeds DALI its own bytes can reach at best
   jpeg     bench-loader on JPEG shards, full augmentation (crop, flip, lighting, pixel mean)
   bare     DALI's numpy reader on the raw uint8 images (crop and normalise): the raw reference
   raw      bench-loader on raw shards, full augmentation
@@ -19,7 +21,7 @@ With --step each batch also trains the paper model (the step `train` runs), so t
 `train` fed by our loader / `train` fed by DALI's own pipeline.
 
 Usage: bench_loader.py [--images 1024] [--batch-size 128] [--device cpu] [--seconds 3] [--rounds 5]
-       [--mean channel|pixel] [--encodings jpeg raw] [--control] [--step] [--no-baseline]
+       [--mean channel|pixel] [--encodings jpeg raw] [--control] [--source] [--step] [--no-baseline]
        [--dali-batches K]
        [--work DIR]
 """
@@ -66,15 +68,33 @@ def extract(shard_dir: Path, out: Path, raw: bool) -> None:
         files.close()
 
 
-def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
+def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool,
+                  source: bool = False):
     """DALI's own reader over one file per image, with the same crop, flip and channel mean: an
-    endless iterator."""
+    endless iterator. source: the JPEG files' bytes read into memory first and fed by an
+    external source (random order, labels from the folders) instead of DALI's reader, the
+    rest the same: the plain form of what our loader does, without shards or draws of its own."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    feed = None
+    if source:
+        paths = sorted(files.rglob("*.jpg"))
+        streams = [np.frombuffer(p.read_bytes(), np.uint8) for p in paths]
+        labels_of = np.array([int(p.parent.name) for p in paths], np.int32)
+        rng = np.random.default_rng(0)
+
+        def feed():
+            pick = rng.integers(0, len(streams), batch)
+            return [streams[i] for i in pick], [labels_of[i:i + 1] for i in pick]
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if gpu else None, seed=0)
     def pipe():
-        if raw:
+        if feed is not None:
+            jpegs, labels = fn.external_source(source=feed, num_outputs=2, batch=True,
+                                               dtype=[types.UINT8, types.INT32])
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
+                                       output_type=types.RGB)
+        elif raw:
             images = fn.readers.numpy(files=sorted(map(str, files.rglob("*.npy"))),
                                       random_shuffle=True, name="r")
             labels = fn.constant(idata=[0], shape=[1])
@@ -93,6 +113,8 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool):
                                        mean=[123.0, 117.0, 104.0], output_layout="CHW")
         return out, labels
 
+    if feed is not None:  # no reader, no epochs: the source never ends
+        return endless(DALIGenericIterator([pipe()], ["images", "labels"]))
     return endless(DALIGenericIterator([pipe()], ["images", "labels"], reader_name="r",
                                        auto_reset=True))
 
@@ -139,8 +161,9 @@ def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
     back on `conn`."""
     gpu = spec["gpu"]
     device = torch.device("cuda" if gpu else "cpu")
-    if kind in ("native", "bare"):
-        it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu)
+    if kind in ("native", "bare", "source"):
+        it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu,
+                           source=kind == "source")
         pairs = ((b[0]["images"], b[0]["labels"].reshape(-1)) for b in it)
     else:
         it = endless(make_loader(spec["config"], device=device, epochs=STREAM))
@@ -226,6 +249,9 @@ def main() -> int:
                     help="each batch also trains the paper model: train fed by each pipeline")
     ap.add_argument("--control", action="store_true",
                     help="also time each reference against itself (A/A): the harness's noise")
+    ap.add_argument("--source", action="store_true",
+                    help="also time DALI's pipeline fed by a bare external source of the same "
+                         "JPEG bytes in memory: the best a loader feeding DALI can do (JPEG)")
     a = ap.parse_args()
     gpu = a.device == "gpu"
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_loader_"))
@@ -247,13 +273,18 @@ def main() -> int:
                            augment=AugmentConfig(mean=a.mean))
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg,
                     step=a.step)
-        pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
+        pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {}) | \
+            ({"source": "source"} if a.source and enc == "jpeg" else {})
         rates, cpu = alternate(pipelines, spec, a.rounds, a.seconds)
         print(json.dumps({"rates": {k: [round(v) for v in r] for k, r in rates.items()}}),
               flush=True)
         cpu_lines.update({k: cpu_line(r) for k, r in cpu.items()})
         rows[ref], rows[enc] = (statistics.median(rates[k]) for k in (ref, enc))
         ratios[enc] = ratio(rates, enc, ref)
+        if "source" in rates:
+            rows["source"] = statistics.median(rates["source"])
+            ratios["source"] = ratio(rates, "source", ref)
+            ratios["jpeg over source"] = ratio(rates, enc, "source")
         if a.control:
             ratios[f"{ref} A/A"] = ratio(rates, f"{ref} A/A", ref)
             # against both instances of the reference in each round: half its instance noise
@@ -283,6 +314,10 @@ def main() -> int:
         print(f"| {what} ({ref}) | {rows[ref]:.0f} | 1.00 |")
         print(f"| bench-loader, {enc} shards, full aug | {rows[enc]:.0f} | "
               f"{_fmt(ratios[enc])} {ref} |")
+        if enc == "jpeg" and "source" in rows:
+            print(f"| the same DALI pipeline fed by an external source of the JPEG bytes in "
+                  f"memory (source) | {rows['source']:.0f} | {_fmt(ratios['source'])} {ref}; "
+                  f"jpeg = {_fmt(ratios['jpeg over source'])} source |")
         if a.control:
             print(f"| {what}, another instance (A/A) | | {_fmt(ratios[ref + ' A/A'])} {ref} |")
             print(f"| bench-loader, {enc} shards, vs both instances | | "
