@@ -250,14 +250,52 @@ def latest(run_dir: Path) -> Path | None:
     return max(candidates, key=os.path.getmtime) if candidates else None
 
 
+class _NotTorch(Exception):
+    """A file refused before torch.load: its message is the reason."""
+
+
+def _unreadable(e: Exception) -> str:
+    """torch.load's error as what it says of the file, in one line. Its advice to load the file
+    with weights_only=False (running whatever code it holds) is left out: a checkpoint of ours
+    holds tensors and plain values only, so a file refused for its contents is not one."""
+    text = str(e)
+    if isinstance(e, _NotTorch):
+        return text
+    if isinstance(e, OSError):  # errno and path as they are
+        return f"{type(e).__name__}: {text}"
+    if isinstance(e, EOFError):
+        return "the file is empty or ends early"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds an object of class {found.group(1)}, which a checkpoint of "
+                f"alexnet-pipe never does: a whole model or another tool's file?")
+    found = re.search(r"WeightsUnpickler error: ([^.\n]+)", text)
+    if found:
+        return f"not a file torch.save wrote, or a damaged one: {found.group(1)}"
+    found = re.search(r"PytorchStreamReader (failed [^.\n]+)", text)
+    if found:
+        return f"damaged or cut short: {found.group(1)}"
+    first = (text.strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def load(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--checkpoint {path}: a folder; give a checkpoint file (a run's "
+                        f"checkpoints/best.pt or epoch-NNNN.pt)")
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: file not found")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04":  # torch.save writes zip archives (since torch 1.6)
+            raise _NotTorch("the file is empty" if not head else
+                            "not a file torch.save wrote: it does not begin as a zip archive")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, never a traceback
-        raise UserError(f"{path}: not a readable alexnet-pipe checkpoint ({e})") from None
+        raise UserError(f"{path}: not a readable alexnet-pipe checkpoint ({_unreadable(e)})") \
+            from None
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise UserError(f"{path}: not an alexnet-pipe checkpoint")
     if "digest" in state and content_digest(state) != state["digest"]:  # older ones have none

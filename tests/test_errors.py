@@ -80,6 +80,38 @@ def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, s
     assert_one_line_error(proc, "4 classes", "3")
 
 
+class NotOurs:
+    """An object no checkpoint of alexnet-pipe holds."""
+
+
+def test_unreadable_checkpoints_say_why_in_one_line(tmp_path):
+    """Each kind of file that is not a checkpoint gets its own reason, on one line, and never
+    torch's advice to load it with weights_only=False (which would run the code it holds)."""
+    import torch
+    from alexnet_base.errors import UserError
+    from alexnet_pipe import checkpoint
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(1000)}, good)
+    torch.save({"model": NotOurs()}, tmp_path / "object.pt")
+    files = {"empty.pt": b"", "text.pt": b"hello world\n", "bytes.pt": bytes(range(256)) * 4,
+             "cut.pt": good.read_bytes()[:2000]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "run.pt").mkdir()
+    want = {"empty.pt": "(the file is empty)",
+            "text.pt": "(not a file torch.save wrote: it does not begin as a zip archive)",
+            "bytes.pt": "(not a file torch.save wrote: it does not begin as a zip archive)",
+            "cut.pt": "(damaged or cut short: failed reading zip archive",
+            "object.pt": "(it holds an object of class test_errors.NotOurs, which a checkpoint",
+            "run.pt": ": a folder; give a checkpoint file"}
+    for name, reason in want.items():
+        with pytest.raises(UserError) as e:
+            checkpoint.load(tmp_path / name)
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and reason in msg, msg
+        assert "\n" not in msg and "weights_only" not in msg, msg
+
+
 @pytest.mark.parametrize("extra, env, needles", [
     (["--device", "gpu"], None, ["--device gpu", "no CUDA GPU"]),
     (["--batch-size", "7"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
