@@ -300,7 +300,11 @@ def _write_results(config, tree, jobs, records) -> dict:
     stats_summary = None
     if "train" in config.splits:
         if sums.count == 0:
-            raise UserError(f"{tree.image_root / 'train'}: no readable training image; "
+            bad = [pair for job, (info, _) in zip(jobs, records) if job.split == "train"
+                   for pair in info["skipped"]]
+            why = (f": none of its {len(bad)} could be read (the first, {bad[0][0]}: "
+                   f"{bad[0][1]})" if bad else "")
+            raise UserError(f"{tree.image_root / 'train'}: no readable training image{why}; "
                             f"statistics need at least one")
         stats = sums.finalize()
         shards.write_stats(config.out / shards.STATS_FILE, stats)

@@ -80,6 +80,20 @@ def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, s
     assert_one_line_error(proc, "4 classes", "3")
 
 
+def test_a_train_split_of_unreadable_files_names_them(tmp_path):
+    """Every training file undecodable (say, another format under .JPEG names): no statistics
+    can be made, and the error says how many files were tried and why the first failed."""
+    folder = tmp_path / "tree" / "train" / "n01440764"
+    folder.mkdir(parents=True)
+    for name in ("a.JPEG", "b.JPEG"):
+        (folder / name).write_text("not a picture\n")
+    proc = cli("prepare", "--imagenet-root", tmp_path / "tree", "--out", tmp_path / "out",
+               "--splits", "train", "--workers", "1", check=False)
+    assert_one_line_error(proc, str(tmp_path / "tree" / "train"), "no readable training image",
+                          "none of its 2 could be read", "train/n01440764/a.JPEG",
+                          "not an image")
+
+
 class NotOurs:
     """An object no checkpoint of alexnet-pipe holds."""
 
