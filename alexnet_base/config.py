@@ -49,6 +49,12 @@ def _at_least(option: str, value, low) -> None:
         raise UserError(f"--{option} {value}: must be at least {low}")
 
 
+def _fraction(option: str, value: float) -> None:
+    """0 <= value < 1: a probability that must leave something (dropout), a momentum."""
+    if not 0 <= value < 1:
+        raise UserError(f"--{option} {value}: must be at least 0 and below 1")
+
+
 # --- prepare ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class PrepareConfig:
         _at_least("shard-size", self.shard_size, 1)
         _at_least("workers", self.workers, 1)
         _at_least("limit-per-class", self.limit_per_class, 1)
+        _at_least("seed", self.seed, 0)
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise UserError(f"--splits {','.join(self.splits)}: choose from {','.join(SPLITS)}")
         if self.val_labels is not None and not Path(self.val_labels).is_file():
@@ -163,6 +170,7 @@ class LoaderConfig:
 
     def validate(self) -> None:
         _at_least("batch-size", self.batch_size, 1)
+        _at_least("seed", self.seed, 0)
         _choose("device", self.device, DEVICES)
         _at_least("threads", self.threads, 1)
         _at_least("readers", self.readers, 0)
@@ -236,6 +244,13 @@ class TrainConfig:
         _at_least("epochs", self.epochs, 1)
         if self.lr <= 0:
             raise UserError(f"--lr {self.lr}: must be positive")
+        _fraction("momentum", self.momentum)
+        _at_least("weight-decay", self.weight_decay, 0)
+        _fraction("dropout", self.dropout)
+        if not 0 < self.lr_factor <= 1:
+            raise UserError(f"--lr-factor {self.lr_factor}: must be above 0 and at most 1 "
+                            f"(each drop multiplies the learning rate by it)")
+        _at_least("flat-check-steps", self.flat_check_steps, 1)
         _choose("arch", self.arch, ARCHS)
         _choose("bias-init", self.bias_init, BIAS_INITS)
         _choose("bias-rule", self.bias_rule, BIAS_RULES)

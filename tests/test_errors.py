@@ -133,6 +133,12 @@ def test_unreadable_checkpoints_say_why_in_one_line(tmp_path):
     (["--parallel", "ddp"], None, ["--parallel ddp", "torchrun"]),
     (["--divide-std"], None, ["--divide-std", "--mean channel"]),
     (["--hw-decoder-load", "1.5"], None, ["--hw-decoder-load 1.5", "between 0 and 1"]),
+    # each used to start training (and diverge, or end in torch's or numpy's traceback)
+    (["--dropout", "1.5"], None, ["--dropout 1.5", "at least 0 and below 1"]),
+    (["--momentum", "1"], None, ["--momentum 1.0", "at least 0 and below 1"]),
+    (["--weight-decay", "-0.1"], None, ["--weight-decay -0.1", "at least 0"]),
+    (["--lr-factor", "2"], None, ["--lr-factor 2.0", "at most 1"]),
+    (["--seed", "-1"], None, ["--seed -1", "at least 0"]),
 ])
 def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
     proc = train(shards_small, tmp_path / "run", *extra,
