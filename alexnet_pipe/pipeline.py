@@ -15,6 +15,7 @@ once, in `Placement`; what the source hands the graph is contract.py's.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,8 +36,10 @@ from preprocessing.shards import SplitInfo, load_split, load_stats
 def _dali_modules():
     try:
         from nvidia.dali import fn, pipeline_def, types
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         raise UserError(f"NVIDIA DALI is not installed ({e}); pip install nvidia-dali-cuda130")
+    except ImportError as e:  # installed, but its libraries do not load (memory, a broken copy)
+        raise UserError(f"NVIDIA DALI is installed but could not be loaded ({e})")
     return fn, pipeline_def, types
 
 
@@ -240,7 +243,24 @@ class Loader:
             found = src.undecodable(self.epoch, batch)
             if found is not None:
                 return damaged_image(*found)
-        return error
+        return _resource_error(error, src, self._prefetch) or error
+
+
+def _resource_error(error: Exception, source: BatchSource, prefetch: int) -> UserError | None:
+    """DALI's error as the OS limit it met (memory, threads), in one line, or None."""
+    text = str(error)
+    found = re.search(r"operator `([\w.]+)`", text)
+    where = f" in {found.group(1)}" if found else ""
+    if any(m in text for m in ("std::bad_alloc", "out of memory", "Out of memory")):
+        return UserError(f"the data pipeline ran out of memory{where} with batches of "
+                         f"{source.batch_size} images, {source.group} at a time and {prefetch} "
+                         f"ahead; use a smaller --batch-size, --dali-batches or --prefetch")
+    if "Resource temporarily unavailable" in text:  # EAGAIN: pthread_create, fork
+        return UserError(f"the data pipeline could not start its threads{where} (EAGAIN, "
+                         f"Resource temporarily unavailable: a limit on processes or memory, "
+                         f"`ulimit -u` and `ulimit -v`); raise the limit or use fewer --threads "
+                         f"and --readers")
+    return None
 
 
 def make_loader(config: LoaderConfig, *, split: str = "train", info: SplitInfo | None = None,

@@ -164,6 +164,8 @@ class BatchSource:
         self._shard_starts = np.concatenate([[0], np.cumsum(self.split.counts)])
         self._files = None      # reading.ShardFiles, opened lazily in each process
         self._epoch = (None, None)  # (epoch, samples): one permutation per epoch, not per batch
+        if not self.train:  # val pads its one batch: beyond the share, padding is all it adds
+            self.batch_size = max(1, min(self.batch_size, self.share()))
         self.group = max(1, min(self.group, self.num_batches()))  # more would be memory idle
 
     def __getstate__(self):

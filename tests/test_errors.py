@@ -94,6 +94,31 @@ def test_a_train_split_of_unreadable_files_names_them(tmp_path):
                           "not an image")
 
 
+def test_a_batch_larger_than_memory_allows_is_one_line_and_a_smaller_one_runs(tmp_path):
+    """Under a 2 GB address-space limit (ulimit -v), a batch of 512 cannot be held by DALI
+    (3 x 512 x 224 x 224 x 3 float32 outputs alone are 924 MB, besides the images): one line
+    naming the batch and what to lower, no traceback; the advice works (batch 16 runs)."""
+    import resource
+    from preprocessing.prepare import run as prepare_run
+    from preprocessing.sample import make_sample
+    from alexnet_base.config import PrepareConfig
+    make_sample(tmp_path / "tree", 4, 128, 1, seed=0, quirks=False, large=0)
+    prepare_run(PrepareConfig(imagenet_root=tmp_path / "tree", out=tmp_path / "raw",
+                              encoding="raw", workers=1, progress=False))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 10**9, 2 * 10**9))
+
+    def bench(batch):
+        return cli("bench-loader", "--data", tmp_path / "raw", "--batch-size", batch,
+                   "--seconds", "0.5", "--threads", "1", check=False, preexec_fn=limit,
+                   timeout=120)
+    assert_one_line_error(bench(512), "ran out of memory", "batches of 512 images",
+                          "--batch-size")
+    ok = bench(16)
+    assert ok.returncode == 0 and "images/s" in ok.stdout, ok.stderr[-2000:]
+
+
 class NotOurs:
     """An object no checkpoint of alexnet-pipe holds."""
 
