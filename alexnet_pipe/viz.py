@@ -7,7 +7,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from alexnet_base.errors import UserError, os_error
+from alexnet_base.files import atomic_path
 from alexnet_pipe import augment
+
+PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+PLOT_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".pdf": "pdf", ".svg": "svg"}
+
+
+def save_picture(out: Path, formats: dict, write) -> Path:
+    """write(temporary path, format) under `out`'s final name only when complete. A suffix
+    outside `formats` ({suffix: format}) or an OS error is one line naming --out."""
+    out = Path(out)
+    fmt = formats.get(out.suffix.lower())
+    if fmt is None:
+        raise UserError(f"--out {out}: a picture is written as {', '.join(sorted(formats))}; "
+                        f"end the name with one of them")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.filename: the folder that could not be made (a file there?)
+        raise UserError(f"--out {out}: "
+                        f"{os_error(e.filename or out.parent, e, 'make the folder')}") from None
+    try:
+        with atomic_path(out) as tmp:
+            write(tmp, fmt)
+    except OSError as e:
+        raise UserError(f"--out {os_error(out, e, 'write the picture')}") from None
+    return out
 
 
 def preview_grid(config, out: Path) -> Path:
@@ -49,10 +75,7 @@ def preview_grid(config, out: Path) -> Path:
         canvas.paste(Image.fromarray(seen), (left + size + pad, top + (size - crop) // 2))
         ImageDraw.Draw(canvas).rectangle((left + x, top + y, left + x + crop, top + y + crop),
                                          outline=(255, 0, 0))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
-    return out
+    return save_picture(out, PIL_FORMATS, lambda tmp, fmt: canvas.save(tmp, format=fmt))
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -63,7 +86,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alexnet_base.errors import UserError
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found; is {run_dir} a run directory of `alexnet-pipe train`?")
@@ -99,9 +121,11 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         lr.set_ylabel("learning rate")
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    try:
+        return save_picture(out, PLOT_FORMATS,
+                            lambda tmp, fmt: fig.savefig(tmp, format=fmt, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def draw_checkpoint_filters(checkpoint_path: Path, out: Path) -> Path:
@@ -131,7 +155,4 @@ def conv1_filters(weight: np.ndarray, out: Path, scale: int = 4) -> Path:
         w = (w - w.min()) / max(float(np.ptp(w)), 1e-12) * 255  # each kernel on its own range
         tile = Image.fromarray(w.astype(np.uint8)).resize((k, k), Image.Resampling.NEAREST)
         canvas.paste(tile, (gap + c * (k + gap), t * (rows * (k + gap) + 3 * gap) + gap + r * (k + gap)))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
-    return out
+    return save_picture(out, PIL_FORMATS, lambda tmp, fmt: canvas.save(tmp, format=fmt))

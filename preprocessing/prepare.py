@@ -169,7 +169,7 @@ def _prepare_out(config: PrepareConfig) -> None:
             stale.unlink()
         write_json(plan_path, output_options(config))
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        raise UserError(f"--out {os_error(out, e, 'write there')}") from None
 
 
 def _run_jobs(todo: list[ShardJob], config: PrepareConfig, tree: layout.Tree, total: int,

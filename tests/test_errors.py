@@ -119,6 +119,26 @@ def test_a_batch_larger_than_memory_allows_is_one_line_and_a_smaller_one_runs(tm
     assert ok.returncode == 0 and "images/s" in ok.stdout, ok.stderr[-2000:]
 
 
+def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, straight_run):
+    """plot and filters: --out under a regular file (its folder cannot be made, whoever runs
+    the test), in a folder that cannot be written, or with a suffix no picture format has: one
+    line naming --out; nothing is left behind."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    ckpt = straight_run / "checkpoints/epoch-0002.pt"
+    for cmd in (["plot", straight_run], ["filters", "--checkpoint", ckpt]):
+        proc = cli(*cmd, "--out", blocker / "x.png", check=False)
+        assert_one_line_error(proc, f"--out {blocker / 'x.png'}: {blocker}: cannot make the "
+                              f"folder (EEXIST")
+        proc = cli(*cmd, "--out", "/proc/x.png", check=False)  # no file can be made in /proc
+        assert_one_line_error(proc, "--out /proc/x.png: cannot write the picture (E")
+        proc = cli(*cmd, "--out", tmp_path / "x.gif", check=False)
+        assert_one_line_error(proc, f"--out {tmp_path / 'x.gif'}", ".png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    cli("plot", straight_run, "--out", tmp_path / "curves.pdf")  # a format by its suffix
+    assert (tmp_path / "curves.pdf").read_bytes()[:5] == b"%PDF-"
+
+
 class NotOurs:
     """An object no checkpoint of alexnet-pipe holds."""
 
