@@ -47,10 +47,15 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
 def predict(images: list[Path], path: Path, top: int = 5) -> list[dict]:
     """Each image as `prepare` stored the run's data (its size), the centre crop, the run's
     normalisation."""
+    if top < 1:
+        raise UserError(f"--top {top}: must be at least 1")
     model, about = checkpoint.load_model(path, torch.device("cpu"))
     size, crop, norm = about.size, about.crop, about.norm
     results = []
     for image_path in images:
+        if Path(image_path).is_dir():
+            raise UserError(f"{image_path}: a folder; give image files (in a shell: "
+                            f"{Path(image_path) / '*'})")
         try:
             pixels = resize.load_image(Path(image_path), size)
         except (resize.SkipImage, FileNotFoundError) as e:

@@ -139,6 +139,16 @@ def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, straight_run):
     assert (tmp_path / "curves.pdf").read_bytes()[:5] == b"%PDF-"
 
 
+def test_predict_refuses_a_folder_and_no_classes(tmp_path, straight_run):
+    ckpt = straight_run / "checkpoints/epoch-0002.pt"
+    assert_one_line_error(cli("predict", tmp_path, "--checkpoint", ckpt, check=False),
+                          f"{tmp_path}: a folder; give image files", str(tmp_path / "*"))
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")  # refused before it is read
+    assert_one_line_error(cli("predict", image, "--checkpoint", ckpt, "--top", "0",
+                              check=False), "--top 0: must be at least 1")
+
+
 class NotOurs:
     """An object no checkpoint of alexnet-pipe holds."""
 
