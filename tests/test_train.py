@@ -220,17 +220,24 @@ def test_evaluate_and_ten_crop_against_an_independent_loop(tmp_path, shards_smal
         (12, *centre), rel=1e-4, abs=1e-9)
 
 
-def test_towers_on_the_cpu(tmp_path, shards_small, straight_run):
-    run = tmp_path / "towers"
-    cli(*train_args(shards_small, run, "--epochs", "1", "--parallel", "towers",
-                    "--tower-devices", "cpu,cpu"))
-    ckpt = run / "checkpoints/epoch-0001.pt"
+@pytest.mark.timeout(300)
+def test_towers_on_the_cpu_eager_and_compiled(tmp_path, shards_small):
+    """--parallel towers: evaluate reads its checkpoint (the one-model layout) and gives the
+    figures the run logged. With --compile (dynamo traces both towers and their crossings as
+    one graph): eager towers' losses and weights over a few steps, through an evaluation into
+    the next epoch without compiling again (conftest.assert_compiled_like_eager)."""
+    towers = ["--parallel", "towers", "--tower-devices", "cpu,cpu"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    cli(*train_args(shards_small, eager, *COMPILE_CHECK, *towers))
+    ckpt = eager / "checkpoints/epoch-0001.pt"
     r = json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small, "--device", "cpu",
                        "--batch-size", "6", "--json").stdout)
-    assert r["top1_err"] == records(run, "epoch")[0]["top1_err"]
+    assert r["top1_err"] == records(eager, "epoch")[0]["top1_err"]
     image = next(Path(ROOT).glob("tests/*.py"))  # not an image: a clear error
     bad = cli("predict", image, "--checkpoint", ckpt, check=False)
     assert bad.returncode == 1 and "not an image" in bad.stderr
+    cli(*train_args(shards_small, compiled, *COMPILE_CHECK, *towers, "--compile"), timeout=280)
+    assert_compiled_like_eager(eager, compiled)
 
 
 def test_plot_filters(tmp_path, straight_run):
@@ -332,7 +339,7 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     """train --compile (inductor on the CPU): the same losses and weights as eager training over
     a few steps, through an evaluation (a second graph) to a resumable checkpoint, compiling
     nothing again in its second epoch (conftest.assert_compiled_like_eager); evaluate
-    --compile gives eager's figures; resumed with --compile, it ends where the eager run
+    --compile gives eager's figures, centre crop and ten crops; resumed with --compile, it ends where the eager run
     resumed ends."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     cli(*train_args(shards_small, eager, *COMPILE_CHECK))
@@ -341,11 +348,13 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     # evaluate --compile: eager's figures. Batch 8, as the runs' evaluations: inductor's cache
     # then holds its graph already
     ckpt = eager / "checkpoints/interrupt.pt"
-    got, want = (json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small,
-                                "--device", "cpu", "--batch-size", "8", "--json", *extra).stdout)
-                 for extra in (["--compile"], []))
-    assert got["top1_err"] == want["top1_err"]
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+    for crops in ([], ["--ten-crop"]):  # ten crops: one graph of 10x the batch
+        got, want = (json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small,
+                                    "--device", "cpu", "--batch-size", "8", "--json", *crops,
+                                    *extra).stdout)
+                     for extra in (["--compile"], []))
+        assert got["top1_err"] == want["top1_err"], crops
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4), crops
     # the rest of epoch 2 and its evaluation, each run resumed as it was trained
     cut = COMPILE_CHECK.index("--max-steps")
     rest = [*COMPILE_CHECK[:cut], *COMPILE_CHECK[cut + 2:], "--resume"]
