@@ -1,11 +1,15 @@
 """The model: the paper's layer shapes and parameter count; towers equal to the grouped net."""
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from alexnet_pipe.model import AlexNet, TowerAlexNet, build_model, count_parameters
+from conftest import ROOT, run_group, tool
 
 
 def test_parameter_count_and_layer_shapes():
@@ -276,3 +280,42 @@ def test_an_lrn_that_cannot_compile_runs_eager_and_says_so(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: the fused LRN could not be compiled") == 2  # forward, backward
     assert "triton" in err
+
+
+def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
+    """tools/profile_step.py's split of a CPU step. The paper model's only average pooling is
+    its LRN's window sum (forward and backward), so both must count as LRN; dropout multiplies
+    too, and its work (forward, and the backward of the nodes it made) must not. The one-tower
+    model has neither LRN nor grouped convolutions: none of its time may land there, nor may
+    the categories add up to more than the step (each operator's own time counted once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from alexnet_pipe.train import train_step
+    ps = tool("profile_step")
+    torch.manual_seed(0)
+    model = build_model("alexnet", 10)
+    ps.mark_lrn(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(2, 3, 224, 224) * 50, torch.tensor([3, 7])
+    train_step(model, opt, x, y, amp=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(model, opt, x, y, amp=False)
+    events = prof.events()
+    lrn = ps.lrn_nodes(events)
+    pools = [e for e in events if "avg_pool2d" in e.name]
+    assert {e.name for e in pools} >= {"aten::avg_pool2d", "aten::avg_pool2d_backward"}
+    assert all(ps.category(e, lrn) == "lrn" for e in pools)
+    dropout = [e for e in events if any(c.name == "aten::dropout" for c in ps._chain(e))]
+    made = {e.sequence_nr for e in dropout} - {-1}
+    backward = [e for e in events if any(c.name.startswith(ps._BACKWARD)
+                                         and c.sequence_nr in made for c in ps._chain(e))]
+    assert dropout and backward
+    assert not any(ps.category(e, lrn) == "lrn" for e in dropout + backward)
+    out = tmp_path / "profile.jsonl"
+    proc = run_group([sys.executable, str(ROOT / "tools/profile_step.py"), "--arch",
+                      "alexnet-owt", "--batch-size", "2", "--classes", "10", "--steps", "1",
+                      "--warmup", "1", "--json", str(out)], cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    owt, = map(json.loads, out.read_text().splitlines())
+    assert owt["lrn"] == owt["conv_grouped"] == 0 and owt["conv_dense"] > 0 and owt["fc"] > 0
+    assert sum(owt[k] for k in ps.CATEGORIES) <= owt["step_ms"]

@@ -8,8 +8,10 @@ GPU) the GPU's idle time, for the eager and the compiled model.
 
 Each kernel (GPU) or operator's own time (CPU) is counted once, under the innermost operator
 that ran it; an operator inside the optimizer's step is the optimizer's; a convolution is grouped
-when its input has more channels than its weight. Inductor's fused kernels are classed by the
-operators their names list. The GPU's idle time is the step's wall time (CUDA events) less the
+when its input has more channels than its weight. The eager model's LRN is what its LRN modules
+run, forward (a profiler range around each) and backward (the autograd nodes those ranges made,
+matched by sequence number): not a guess from operator names, which dropout's multiply and
+adaptive pooling share. Inductor's fused kernels are classed by the operators their names list. The GPU's idle time is the step's wall time (CUDA events) less the
 time its kernels ran. Prints one JSON line per variant: milliseconds per step by category.
 """
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexnet_pipe.model import build_model, input_dtype  # noqa: E402
+from alexnet_pipe.model import GroupLRN, build_model, input_dtype  # noqa: E402
 from alexnet_pipe.train import train_step  # noqa: E402
 
 CATEGORIES = ("lrn", "conv_grouped", "conv_dense", "fc", "optimizer", "cast_pad", "other")
-_LRN = ("avg_pool2d", "pow", "aten::mul", "aten::add", "aten::div")  # GroupLRN's operators
+LRN_RANGE = "profile_step::lrn"  # the profiler range around each LRN module's forward
+_BACKWARD = "autograd::engine::evaluate_function: "  # an autograd node's backward, run
 _FC = ("addmm", "aten::mm", "aten::linear", "gemm")
 _CAST = ("aten::to", "_to_copy", "aten::copy_", "constant_pad", "aten::pad")
 
@@ -45,16 +48,56 @@ def _groups(event) -> int | None:
     return None
 
 
-def category(event) -> str:
-    """The category of an event's own time, from it and its ancestors."""
-    chain, e = [], event
-    while e is not None:
-        chain.append(e)
-        e = e.cpu_parent
+def mark_lrn(model: torch.nn.Module) -> None:
+    """A profiler range (LRN_RANGE) around the forward of each of the model's LRN modules
+    (eager only: a compiled graph has no modules left to mark)."""
+    for m in model.modules():
+        if isinstance(m, GroupLRN):
+            m.register_forward_pre_hook(_enter_lrn)
+            m.register_forward_hook(_exit_lrn)
+
+
+def _enter_lrn(module, args):
+    module._profile_range = torch.autograd.profiler.record_function(LRN_RANGE)
+    module._profile_range.__enter__()
+
+
+def _exit_lrn(module, args, output):
+    module._profile_range.__exit__(None, None, None)
+
+
+def _chain(event) -> list:
+    chain = []
+    while event is not None:
+        chain.append(event)
+        event = event.cpu_parent
+    return chain
+
+
+def lrn_nodes(events) -> set[int]:
+    """The sequence numbers of the autograd nodes made inside LRN_RANGE: those no forward
+    operator outside it shares (an operator that makes no node carries the next node's number,
+    which may be made after the range)."""
+    inside, outside = set(), set()
+    for e in events:
+        if e.sequence_nr < 0 or e.name.startswith(_BACKWARD) or e.name == LRN_RANGE:
+            continue
+        if any(c.name.startswith(_BACKWARD) for c in _chain(e)):
+            continue  # the backward pass's own operators
+        (inside if any(c.name == LRN_RANGE for c in _chain(e)) else outside).add(e.sequence_nr)
+    return inside - outside
+
+
+def category(event, lrn: set[int] = frozenset()) -> str:
+    """The category of an event's own time, from it and its ancestors; `lrn`: lrn_nodes()."""
+    chain = _chain(event)
     names = [c.name for c in chain]
     if any(n.startswith("Optimizer.step") or "_foreach_" in n or "sgd" in n.lower()
            for n in names):
         return "optimizer"
+    if any(c.name == LRN_RANGE or (c.name.startswith(_BACKWARD) and c.sequence_nr in lrn)
+           for c in chain):
+        return "lrn"
     for c in chain:  # the innermost convolution around it decides grouped or dense
         if "convolution" in c.name:
             g = _groups(c)
@@ -69,8 +112,6 @@ def category(event) -> str:
         return "other"
     if any(k in names[0] for k in _FC):
         return "fc"
-    if any(names[0].startswith(k) or k in names[0] for k in _LRN):
-        return "lrn"
     if any(k in names[0] for k in _CAST):
         return "cast_pad"
     return "other"
@@ -80,10 +121,12 @@ def split(prof, gpu: bool) -> dict:
     """Milliseconds by category over the profiled steps: kernels' time on a GPU, operators'
     own CPU time otherwise."""
     out = dict.fromkeys(CATEGORIES, 0.0)
-    for e in prof.events():
+    events = prof.events()
+    lrn = lrn_nodes(events)
+    for e in events:
         own = e.self_device_time_total if gpu else e.self_cpu_time_total
         if own > 0:
-            out[category(e)] += own / 1000
+            out[category(e, lrn)] += own / 1000
     return out
 
 
@@ -108,6 +151,25 @@ def profile(model, opt, x, y, *, gpu: bool, amp: bool, steps: int, warmup: int) 
     return result
 
 
+def variant(arch: str, classes: int, batch: int, *, gpu: bool, compiled: bool, steps: int,
+            warmup: int) -> dict:
+    """One profiled model: {"step_ms": wall time a step, category: ms a step, ...}."""
+    device = torch.device("cuda" if gpu else "cpu")
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, device=device) * 50
+    y = torch.randint(0, classes, (batch,), device=device)
+    model = build_model(arch, classes).to(device)
+    if gpu:  # as the loader delivers it
+        x = x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if not compiled:
+        mark_lrn(model)
+    run = torch.compile(model) if compiled else model
+    return profile(run, opt, input_dtype(x, gpu), y, gpu=gpu, amp=gpu, steps=steps,
+                   warmup=warmup + (2 if compiled else 0))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -120,22 +182,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="append the JSON lines to this file")
     a = ap.parse_args()
     gpu = a.device == "gpu"
-    device = torch.device("cuda" if gpu else "cpu")
     if gpu:
         torch.backends.cudnn.benchmark = True
-    x = torch.randn(a.batch_size, 3, 224, 224, device=device) * 50
-    y = torch.randint(0, a.classes, (a.batch_size,), device=device)
-    if gpu:  # as the loader delivers it
-        x = x.contiguous(memory_format=torch.channels_last)
     for compiled in ([False, True] if a.compile else [False]):
-        torch.manual_seed(0)
-        model = build_model(a.arch, a.classes).to(device)
-        if gpu:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        run = torch.compile(model) if compiled else model
-        r = profile(run, opt, input_dtype(x, gpu), y, gpu=gpu, amp=gpu, steps=a.steps,
-                    warmup=a.warmup + (2 if compiled else 0))
+        r = variant(a.arch, a.classes, a.batch_size, gpu=gpu, compiled=compiled,
+                    steps=a.steps, warmup=a.warmup)
         line = json.dumps({"arch": a.arch, "device": a.device, "batch": a.batch_size,
                            "compiled": compiled, **r})
         print(line, flush=True)
@@ -143,7 +194,6 @@ def main() -> int:
             with open(a.json, "a") as f:
                 f.write(line + "\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
