@@ -364,6 +364,11 @@ def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shard
     rates, cpu = bench_loader.alternate({"native": "native"}, {**spec, "step": True}, 1, 0.5)
     assert all(r[0] > 0 for r in rates.values())
     assert all(sum(c[0].values()) > 5000 for c in cpu.values())
+    # a pipeline that cannot run says why (the GPU report's row of that figure is this line)
+    big = replace(cfg, batch_size=10 * info.total)
+    with pytest.raises(RuntimeError, match=rf"the jpeg pipeline failed: UserError: "
+                                           rf"--batch-size {10 * info.total}: larger than"):
+        bench_loader.alternate({"jpeg": "jpeg"}, {**spec, "config": big}, 1, 0.5)
 
 
 @pytest.mark.gpu

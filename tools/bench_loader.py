@@ -156,9 +156,19 @@ def cpu_seconds(pid: int) -> dict:
 
 
 def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
-    """In a fresh process: build one pipeline (`kind`: a reference or ours), 5 untimed batches,
-    then img/s over `seconds` and the CPU time per image ({group: us}, see cpu_seconds), sent
-    back on `conn`."""
+    """In a fresh process: (img/s, CPU us per image by group) of one pipeline, sent back on
+    `conn`; or (None, the error in one line), the traceback on stderr."""
+    try:
+        conn.send(_rate_and_cpu(kind, spec, seconds))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        conn.send((None, f"{type(e).__name__}: {first[:300]}"))
+        raise
+
+
+def _rate_and_cpu(kind: str, spec: dict, seconds: float) -> tuple[float, dict]:
+    """Build one pipeline (`kind`: a reference or ours), 5 untimed batches, then img/s over
+    `seconds` and the CPU time per image ({group: us}, see cpu_seconds)."""
     gpu = spec["gpu"]
     device = torch.device("cuda" if gpu else "cpu")
     if kind in ("native", "bare", "source"):
@@ -176,7 +186,7 @@ def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
     rate = timed_rate(it, None, seconds, 0, spec["batch"], sync)
     images = rate * (time.perf_counter() - t0)
     after = cpu_seconds(os.getpid())
-    conn.send((rate, {g: (after[g] - before.get(g, 0.0)) / images * 1e6 for g in after}))
+    return rate, {g: (after[g] - before.get(g, 0.0)) / images * 1e6 for g in after}
 
 
 def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> tuple[dict, dict]:
@@ -198,11 +208,13 @@ def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> tuple
             theirs.close()
             try:
                 rate, per_image = ours.recv()
-            except EOFError:  # it died: its traceback is on stderr already
+            except EOFError:  # it died (a signal): what it printed is on stderr
                 proc.join()
                 raise RuntimeError(f"the {label} pipeline's process ended with exit code "
                                    f"{proc.exitcode} and no rate") from None
             proc.join()
+            if rate is None:  # it failed: per_image is its error
+                raise RuntimeError(f"the {label} pipeline failed: {per_image}")
             rates[label].append(rate)
             cpu[label].append(per_image)
     return rates, cpu
