@@ -339,8 +339,8 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     """train --compile (inductor on the CPU): the same losses and weights as eager training over
     a few steps, through an evaluation (a second graph) to a resumable checkpoint, compiling
     nothing again in its second epoch (conftest.assert_compiled_like_eager); evaluate
-    --compile gives eager's figures, centre crop and ten crops; resumed with --compile, it ends where the eager run
-    resumed ends."""
+    --compile gives eager's figures, centre crop and ten crops; resumed with --compile, it
+    ends where the eager run resumed ends."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     cli(*train_args(shards_small, eager, *COMPILE_CHECK))
     cli(*train_args(shards_small, compiled, *COMPILE_CHECK, "--compile"), timeout=380)

@@ -11,8 +11,9 @@ that ran it; an operator inside the optimizer's step is the optimizer's; a convo
 when its input has more channels than its weight. The eager model's LRN is what its LRN modules
 run, forward (a profiler range around each) and backward (the autograd nodes those ranges made,
 matched by sequence number): not a guess from operator names, which dropout's multiply and
-adaptive pooling share. Inductor's fused kernels are classed by the operators their names list. The GPU's idle time is the step's wall time (CUDA events) less the
-time its kernels ran. Prints one JSON line per variant: milliseconds per step by category.
+adaptive pooling share. Inductor's fused kernels are classed by the operators their names list.
+The GPU's idle time is the step's wall time (CUDA events) less the time its kernels ran.
+Prints one JSON line per variant: milliseconds per step by category.
 """
 from __future__ import annotations
 
@@ -80,11 +81,12 @@ def lrn_nodes(events) -> set[int]:
     which may be made after the range)."""
     inside, outside = set(), set()
     for e in events:
-        if e.sequence_nr < 0 or e.name.startswith(_BACKWARD) or e.name == LRN_RANGE:
+        if e.sequence_nr < 0 or e.name == LRN_RANGE:
             continue
-        if any(c.name.startswith(_BACKWARD) for c in _chain(e)):
+        names = [c.name for c in _chain(e)]
+        if any(n.startswith(_BACKWARD) for n in names):
             continue  # the backward pass's own operators
-        (inside if any(c.name == LRN_RANGE for c in _chain(e)) else outside).add(e.sequence_nr)
+        (inside if LRN_RANGE in names else outside).add(e.sequence_nr)
     return inside - outside
 
 
@@ -194,6 +196,7 @@ def main() -> int:
             with open(a.json, "a") as f:
                 f.write(line + "\n")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
