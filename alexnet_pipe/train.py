@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from alexnet_base import resources
 from alexnet_base.config import TrainConfig
-from alexnet_base.errors import UserError
+from alexnet_base.errors import UserError, os_error
+from alexnet_base.files import write_json
 from alexnet_pipe import __version__, augment, checkpoint, distributed
 from alexnet_pipe.checkpoint import Progress
 from alexnet_pipe.evaluate import evaluate
@@ -153,11 +154,9 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cudnn.deterministic = config.deterministic
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(  # resolved: parallel is never "auto"
-            {**_plain(config), "version": __version__, "parallel": mode,
-             "world_size": env.world}, indent=2) + "\n")
+    if env.is_main:  # resolved: parallel is never "auto"
+        _start_run_dir(run_dir, {**_plain(config), "version": __version__, "parallel": mode,
+                                 "world_size": env.world})
     distributed.barrier()
     torch.manual_seed(config.loader.seed)  # the weight initialisation
     core, in_device = _build_model(config, split.num_classes, mode, device, env)
@@ -177,6 +176,19 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
                    f"at 1000 classes), {split.num_classes} classes, parallel={mode}, "
                    f"world={env.world}, device={device.type}")
     return setup, resume_from
+
+
+def _start_run_dir(run_dir: Path, resolved: dict) -> None:
+    """The run folder and its config.json (replaced whole or not at all); an OS error as one
+    line naming the path and the errno."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {os_error(run_dir, e, 'make the run folder')}") from None
+    try:
+        write_json(run_dir / "config.json", resolved)
+    except OSError as e:
+        raise UserError(f"--out {os_error(run_dir / 'config.json', e, 'write')}") from None
 
 
 def _scheduler(optimizer, config: TrainConfig):
@@ -226,19 +238,34 @@ class Log:
 
     def __init__(self, run_dir: Path, main: bool):
         self.main = main
-        self.text = open(run_dir / "train.log", "a") if main else None
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if main else None
+        self.text = self._open(run_dir / "train.log") if main else None
+        self.jsonl = self._open(run_dir / "metrics.jsonl") if main else None
+
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return open(path, "a")
+        except OSError as e:
+            raise os_error(path, e, "open the log") from None
+
+    @staticmethod
+    def _append(f, text: str) -> None:
+        """A full disk or a failing one as one line naming the log: the run stops there."""
+        try:
+            f.write(text)
+            f.flush()
+        except OSError as e:
+            raise UserError(f"{os_error(f.name, e, 'write the log')}; the run's checkpoints are "
+                            f"intact (continue with --resume)") from None
 
     def line(self, msg: str) -> None:
         if self.main:
             print(msg, flush=True)
-            self.text.write(msg + "\n")
-            self.text.flush()
+            self._append(self.text, msg + "\n")
 
     def record(self, **rec) -> None:
         if self.main:
-            self.jsonl.write(json.dumps(rec) + "\n")
-            self.jsonl.flush()
+            self._append(self.jsonl, json.dumps(rec) + "\n")
 
 
 class StopRequest:

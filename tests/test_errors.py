@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_CROP, cli
+from conftest import ROOT, SMALL_CROP, cli, small_tmpfs
 
 CPU = ["--device", "cpu", "--threads", "1", "--readers", "1"]
 
@@ -200,6 +200,28 @@ def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
                  env={**os.environ, **env} if env else None)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_run_folder_that_cannot_be_made_or_a_full_log_is_one_line(tmp_path, shards_small):
+    """train --out under a regular file (whoever runs the test): one line with the errno,
+    before anything is written. A log write on a really full file system (a 64 KB tmpfs, root
+    only): one line naming the log and ENOSPC, and how to go on."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = train(shards_small, blocker / "run")
+    assert_one_line_error(proc, f"--out {blocker / 'run'}: cannot make the run folder (ENOTDIR")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    from alexnet_base.errors import UserError
+    from alexnet_pipe.train import Log
+    with small_tmpfs(tmp_path / "small", "64k") as mnt:
+        log = Log(mnt, True)
+        log.record(kind="step", loss=1.0)
+        (mnt / "filler").write_bytes(b"\0" * 40_000)
+        with pytest.raises(UserError) as e:
+            log.record(kind="step", text="x" * 40_000)
+        msg = str(e.value)
+        assert f"{mnt / 'metrics.jsonl'}: cannot write the log (ENOSPC" in msg, msg
+        assert "--resume" in msg and "\n" not in msg, msg
 
 
 def test_malformed_val_labels(tmp_path, sample_tree):
