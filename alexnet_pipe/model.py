@@ -67,18 +67,25 @@ class GroupLRN(nn.Module):
         return (a * scale).to(x.dtype)
 
 
+def _lrn_scale(a, groups: int):
+    """s = k + alpha * the window mean of a^2 (a in float32 or wider): the denominator's base."""
+    return _window_mean(a * a, groups) * LRN["alpha"] + LRN["k"]
+
+
 def _lrn_forward(x, groups: int):
-    """(b in x's dtype, s = k + alpha * window mean of a^2 in float32 or wider)."""
+    """b in x's dtype; the arithmetic in float32 or wider."""
     a = x.to(torch.promote_types(x.dtype, torch.float32))
-    s = _window_mean(a * a, groups) * LRN["alpha"] + LRN["k"]
-    return (a * s.pow(-LRN["beta"])).to(x.dtype), s
+    return (a * _lrn_scale(a, groups).pow(-LRN["beta"])).to(x.dtype)
 
 
-def _lrn_backward(x, s, grad, groups: int):
+def _lrn_backward(x, grad, groups: int):
     """dL/da_j = g_j s_j^-beta - 2 alpha beta a_j * window mean of (g_c a_c s_c^(-beta-1)):
-    the window is symmetric, so the channels c whose window holds j are j's own window."""
-    a = x.to(s.dtype)
-    g = grad.to(s.dtype)
+    the window is symmetric, so the channels c whose window holds j are j's own window. s is
+    recomputed from x, which this pass reads anyway: keeping it from the forward would cost a
+    float32 tensor twice the size of a bf16 input, written and read once each a step."""
+    a = x.to(torch.promote_types(x.dtype, torch.float32))
+    g = grad.to(a.dtype)
+    s = _lrn_scale(a, groups)
     scale = s.pow(-LRN["beta"])
     t = g * a * scale / s
     out = g * scale - (2 * LRN["alpha"] * LRN["beta"]) * a * _window_mean(t, groups)
@@ -115,23 +122,22 @@ def _compiled(fn):
 
 class LRNFunction(torch.autograd.Function):
     """GroupLRN's formula with its gradient written out: forward and backward each one fused
-    pass, keeping only the input and s for the backward (bf16 in and out, float32 arithmetic
-    under autocast). `compile`: torch.compile the two passes (GPUs); off, the same math eager
-    (the CPU's tests compare it with the formula in float64)."""
+    pass, keeping only the input for the backward (bf16 in and out, float32 arithmetic under
+    autocast). `compile`: torch.compile the two passes (GPUs); off, the same math eager (the
+    CPU's tests compare it with the formula in float64)."""
 
     @staticmethod
     def forward(ctx, x, groups: int, compile: bool = True):
         fwd = _compiled(_lrn_forward) if compile else _lrn_forward
-        out, s = fwd(x, groups)
-        ctx.save_for_backward(x, s)
+        ctx.save_for_backward(x)
         ctx.groups, ctx.compile = groups, compile
-        return out
+        return fwd(x, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, s = ctx.saved_tensors
+        x, = ctx.saved_tensors
         bwd = _compiled(_lrn_backward) if ctx.compile else _lrn_backward
-        return bwd(x, s, grad, ctx.groups), None, None
+        return bwd(x, grad, ctx.groups), None, None
 
 
 def _conv1_pad(crop: int) -> nn.Module:
