@@ -65,9 +65,14 @@ def devices_of(weights: torch.nn.Module, device: torch.device) -> list[torch.dev
 
 
 def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progress: Progress,
-          config: dict, device: torch.device) -> dict:
+          config: dict, device: torch.device, keep: bool = True) -> dict | None:
     """The checkpoint dict of a run: `weights` is the trained module (grouped or towers),
-    `device` its input device."""
+    `device` its input device. keep=False (hybrid, a rank that writes nothing): only its part
+    of the gathers (collectives), nothing copied to its host; returns None."""
+    if not keep:
+        weights.grouped_state_dict(keep=False)
+        grouped_optimizer_state(optimizer, weights, keep=False)
+        return None
     rng = {"torch": torch.get_rng_state()}
     cuda = {str(d): torch.cuda.get_rng_state(d) for d in devices_of(weights, device)
             if d.type == "cuda"}
@@ -158,17 +163,22 @@ def _grouped_index(optimizer, weights) -> dict:
     return index
 
 
-def grouped_optimizer_state(optimizer, weights: torch.nn.Module) -> dict:
+def grouped_optimizer_state(optimizer, weights: torch.nn.Module, *, keep: bool = True) -> dict:
     """The optimiser's state dict as the one (grouped) model's optimiser would hold it, whatever
-    the parts: a run resumes in any parallel mode. For hybrid a collective (every rank)."""
-    state = optimizer.state_dict()
+    the parts: a run resumes in any parallel mode. For hybrid a collective (every rank);
+    keep=False: this rank's part of it only (see build)."""
     if not _split(weights):
-        return state
+        return optimizer.state_dict()
+    momenta = {p: s["momentum_buffer"] for p, s in optimizer.state.items()
+               if s.get("momentum_buffer") is not None}
+    if not keep:
+        weights.gather_grouped(momenta, keep=False)
+        return {}
+    state = optimizer.state_dict()
     index, name_of = _grouped_index(optimizer, weights), weights.grouped_layout()
     groups = [{**saved, "params": sorted({index[name_of[p]] for p in group["params"]})}
               for group, saved in zip(optimizer.param_groups, state["param_groups"])]
-    buffers = weights.gather_grouped({p: s["momentum_buffer"] for p, s in optimizer.state.items()
-                                      if s.get("momentum_buffer") is not None})
+    buffers = weights.gather_grouped(momenta)
     return {"state": {index[n]: {"momentum_buffer": b} for n, b in buffers.items()},
             "param_groups": groups}
 

@@ -13,8 +13,9 @@ One training step's collectives, in this order on every rank:
               reduce-scatter of fc7's partial sums   (K*B, 4096) -> own (B, 4096)
     backward  all-gather of fc7's output gradients   (B, 4096) -> (K*B, 4096)
               reduce-scatter of the feature gradients (K*B, 9216) -> own (B, 9216)
-    then      one all-reduce of the replicated gradients (about 6.4 M values at 1000 classes)
-against DDP's all-reduce of all 61 M. The checkpoint holds the one-model (grouped) layout.
+    during    all-reduces of the replicated gradients (about 6.4 M values at 1000 classes), in
+              buckets started as their gradients are ready (overlapping the backward)
+against DDP's all-reduce of all 61 M. Half-precision partial sums are reduced in float32. The checkpoint holds the one-model (grouped) layout.
 
 Dropout masks are drawn for the whole K*B batch from a generator seeded by (seed, step, layer),
 the same on every rank, and each rank uses its part: the result does not depend on K.
@@ -38,10 +39,15 @@ def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
     gather(out, x, group=group)
 
 
-def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    """Rows k*n:(k+1)*n of x summed over ranks into rank k's out (n, ...)."""
+def _reduce_scatter(x: torch.Tensor, world: int, group) -> torch.Tensor:
+    """Rows k*n:(k+1)*n of x (K*n, ...) summed over ranks: rank k's (n, ...), in x's dtype.
+    Half-precision values (autocast) are summed in float32, rounded once at the end as one
+    process's GEMM rounds its sum once, not once per rank."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+    out = wide.new_empty((x.shape[0] // world, *x.shape[1:]))
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(out, x, group=group)
+    scatter(out, wide, group=group)
+    return out.to(x.dtype)
 
 
 class _GatherBatch(torch.autograd.Function):
@@ -57,9 +63,7 @@ class _GatherBatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
-        _reduce_scatter(out, grad.contiguous(), ctx.group)
-        return out, None, None
+        return _reduce_scatter(grad, ctx.world, ctx.group), None, None
 
 
 class _ScatterBatch(torch.autograd.Function):
@@ -69,9 +73,7 @@ class _ScatterBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, world):
         ctx.group, ctx.world = group, world
-        out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
-        _reduce_scatter(out, x.contiguous(), group)
-        return out
+        return _reduce_scatter(x, world, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -90,6 +92,64 @@ def slices(width: int, world: int) -> list[slice]:
 _FC = {"classifier.0.weight": ("fc6.weight", 0), "classifier.0.bias": ("fc6.bias", 0),
        "classifier.3.weight": ("fc7.weight", 1), "classifier.3.bias": ("fc7_bias", None),
        "classifier.6.weight": ("fc8.weight", None), "classifier.6.bias": ("fc8.bias", None)}
+
+
+BUCKET_VALUES = 1 << 20  # gradient values a bucket holds (4 MB in float32): fc8's bucket is
+# sent while the backward goes on through fc7, fc6 and the trunk; conv5, conv4 and conv3 each
+# while the layers below them run (DDP's buckets hold 25 MB: its first bucket is all of fc8)
+
+
+class _Buckets:
+    """The replicated parameters' gradients averaged over ranks while the backward goes on, as
+    DDP's buckets are: each bucket's all-reduce starts, asynchronously, once the last of its
+    gradients is accumulated (a hook), in the order the backward produces them, which is the
+    same on every rank; `finish()` waits for each and writes the averages back. The values
+    are those of one all-reduce of all of them: each is the sum of the ranks' gradients."""
+
+    def __init__(self, params: list, world: int, group):
+        self.params, self.world, self.group = params, world, group
+        self.buckets, size = [[]], 0
+        for p in reversed(params):  # the backward's order: the last layer's gradients first
+            if self.buckets[-1] and size + p.numel() > BUCKET_VALUES:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel()
+        self.bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._sent: list = [None] * len(self.buckets)    # (work, flat gradients) once started
+        self._waiting = [len(b) for b in self.buckets]  # gradients not accumulated yet
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._accumulated)
+
+    def _accumulated(self, p) -> None:
+        i = self.bucket_of[p]
+        self._waiting[i] -= 1
+        if self._waiting[i] == 0:
+            self._send(i)
+
+    def _send(self, i: int) -> None:
+        grads = [p.grad.reshape(-1) for p in self.buckets[i] if p.grad is not None]
+        flat = torch.cat(grads) if grads else None
+        work = dist.all_reduce(flat, group=self.group, async_op=True) if grads else None
+        self._sent[i] = (work, flat)
+
+    def finish(self) -> None:
+        for i, bucket in enumerate(self.buckets):
+            if self._sent[i] is None:  # a gradient set outside a backward: sent now, in order
+                self._send(i)
+            work, flat = self._sent[i]
+            if work is None:
+                continue
+            work.wait()
+            flat /= self.world
+            offset = 0
+            for p in bucket:
+                if p.grad is not None:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                    offset += n
+        self._sent = [None] * len(self.buckets)
+        self._waiting = [len(b) for b in self.buckets]
 
 
 class HybridAlexNet(nn.Module):
@@ -116,6 +176,7 @@ class HybridAlexNet(nn.Module):
         self.grouped_count = sum(p.numel() for p in grouped.parameters())
         self._trunk = None   # a compiled trunk (compile_trunk), kept out of the state dict
         self._eval = None    # the whole classifier's weights, gathered for evaluation
+        self._buckets = _Buckets(self.replicated_parameters(), world, group)
 
     # --- layout: the one-model (grouped) state dict on disk ------------------------------------
 
@@ -147,16 +208,22 @@ class HybridAlexNet(nn.Module):
         """{grouped name: whole tensor} -> {this rank's parameter: its part} (no communication)."""
         return {self._owned(n)[0]: self._cut(t, self._owned(n)[1]) for n, t in full.items()}
 
-    def gather_grouped(self, values: dict) -> dict:
+    def gather_grouped(self, values: dict, *, keep: bool = True) -> dict:
         """{this rank's parameter: tensor shaped like it} -> {grouped name: whole tensor, on the
-        CPU}: a collective for every cut parameter, entered by every rank in the same order."""
+        CPU}: a collective for every cut parameter, entered by every rank in the same order.
+        keep=False: this rank only sends its slices (what a rank that writes nothing does) and
+        gets {}: nothing is copied to its host."""
+        whole = self._gather_on_device(values)
+        return {name: t.cpu() for name, t in whole.items()} if keep else {}
+
+    def _gather_on_device(self, values: dict) -> dict:
         out = {}
         for name in self.grouped_names():
             own, dim = self._owned(name)
             if own not in values:
                 continue
             value = values[own].detach()
-            out[name] = (value if dim is None else self._gather_cut(value, dim)).cpu()
+            out[name] = value if dim is None else self._gather_cut(value, dim)
         return out
 
     def _gather_cut(self, value: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,8 +237,8 @@ class HybridAlexNet(nn.Module):
         rows = [everyone[k * most:k * most + p.stop - p.start] for k, p in enumerate(parts)]
         return torch.cat(rows).movedim(0, dim)
 
-    def grouped_state_dict(self) -> dict:
-        return self.gather_grouped(dict((p, p) for p in self.parameters()))
+    def grouped_state_dict(self, *, keep: bool = True) -> dict:
+        return self.gather_grouped(dict((p, p) for p in self.parameters()), keep=keep)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """The parameters every rank holds whole (all-reduced): the same on every rank."""
@@ -214,18 +281,11 @@ class HybridAlexNet(nn.Module):
 
     def reduce_gradients(self) -> None:
         """After backward, before the optimiser: every gradient becomes that of the mean loss over
-        all K*B examples, as DDP's are. The replicated ones are averaged over ranks in one
-        all-reduce; each rank's own slices already hold the sum over all ranks' losses."""
-        reps = [p for p in self.replicated_parameters() if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in reps])
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.world
-        offset = 0
-        for p in reps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
-        owned = set(map(id, reps))
+        all K*B examples, as DDP's are. The replicated ones are averaged over ranks by the
+        buckets' all-reduces, started during the backward (_Buckets); each rank's own slices
+        already hold the sum over all ranks' losses."""
+        self._buckets.finish()
+        owned = set(map(id, self._buckets.params))
         for p in self.parameters():
             if p.grad is not None and id(p) not in owned:
                 p.grad /= self.world
@@ -239,11 +299,11 @@ class HybridAlexNet(nn.Module):
         if mode:
             self._eval = None
         else:
-            with torch.no_grad():
+            with torch.no_grad():  # kept on the device: no trip through the host
                 trunk = set(self.features.parameters())
-                whole = self.gather_grouped({p: p for p in self.parameters() if p not in trunk})
-            device = self.fc8.weight.device
-            self._eval = [whole[n].to(device) for n in _FC]
+                whole = self._gather_on_device({p: p for p in self.parameters()
+                                                if p not in trunk})
+            self._eval = [whole[n] for n in _FC]
         return self
 
     def _evaluate(self, h):

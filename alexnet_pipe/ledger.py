@@ -48,11 +48,12 @@ def collectives(mode: str, *, world: int, batch: int, num_classes: int = 1000, c
         return [Collective("all_reduce", s["all"] * grad_bytes, "every gradient")]
     if mode == "hybrid":
         b, k = batch, world
+        sums = max(act_bytes, 4)  # partial sums are reduced in float32 (hybrid._reduce_scatter)
         return [
             Collective("all_gather", b * s["pooled"] * act_bytes, "pooled features, forward"),
-            Collective("reduce_scatter", k * b * WIDTH * act_bytes, "fc7 partial sums, forward"),
+            Collective("reduce_scatter", k * b * WIDTH * sums, "fc7 partial sums, forward"),
             Collective("all_gather", b * WIDTH * act_bytes, "fc7 output gradients, backward"),
-            Collective("reduce_scatter", k * b * s["pooled"] * act_bytes,
+            Collective("reduce_scatter", k * b * s["pooled"] * sums,
                        "pooled feature gradients, backward"),
             Collective("all_reduce", (s["trunk"] + WIDTH + s["fc8"]) * grad_bytes,
                        "convolution, fc7 bias and fc8 gradients"),

@@ -225,10 +225,10 @@ def restore(setup: Setup) -> Progress:
     return progress
 
 
-def snapshot(setup: Setup, progress: Progress) -> dict:
+def snapshot(setup: Setup, progress: Progress, keep: bool = True) -> dict | None:
     return checkpoint.build(model=setup.model, weights=setup.core, optimizer=setup.optimizer,
                             scheduler=setup.scheduler, progress=progress,
-                            config=_plain(setup.config), device=setup.device)
+                            config=_plain(setup.config), device=setup.device, keep=keep)
 
 
 # --- one epoch ---------------------------------------------------------------------------------------
@@ -588,8 +588,11 @@ def _save(setup: Setup, progress: Progress, name: str) -> Path:
     """Rank 0 writes the checkpoint; the ranks agree on whether it worked (a full disk on rank 0
     must not leave the others waiting in the next collective)."""
     path, error = None, None
-    # hybrid: every rank sends its slices of the classifier (a collective)
-    state = snapshot(setup, progress) if setup.env.is_main or setup.mode == "hybrid" else None
+    # hybrid: every rank sends its slices of the classifier (a collective); only rank 0 copies
+    # the whole to its host
+    state = None
+    if setup.env.is_main or setup.mode == "hybrid":
+        state = snapshot(setup, progress, keep=setup.env.is_main)
     if setup.env.is_main:
         try:
             path = checkpoint.save(Path(setup.config.out), state, name=name,

@@ -10,7 +10,9 @@ grads    HybridAlexNet (dropout 0) on all K ranks and on the first two, each ran
 dropout  the same network with dropout 0.5: K ranks against one rank alone on the same global
          batch: the loss and gradients do not depend on K.
 ledger   the bytes every collective of one hybrid step and one DDP step carries, counted by
-         wrappers around torch.distributed's collectives and DDP's communication hook.
+         wrappers around torch.distributed's collectives and DDP's communication hook; the
+         order the hybrid step calls them in (its gradients' all-reduces inside the backward:
+         overlapping it); the dtypes a hybrid step under bf16 autocast reduces and gathers in.
 Rank 0 writes {"world": K, CHECK: {what: value}, ...} to OUT.json (differences: the largest on
 any rank).
 """
@@ -145,9 +147,12 @@ def check_dropout(rank: int, world: int) -> dict:
 def check_ledger(rank: int, world: int) -> dict:
     """Bytes per collective kind in one step, counted where they are sent."""
     counted: dict[str, int] = {}
+    order, dtypes = [], set()
 
     def count(kind, tensor):
         counted[kind] = counted.get(kind, 0) + tensor.numel() * tensor.element_size()
+        order.append(kind)
+        dtypes.add((kind, str(tensor.dtype).removeprefix("torch.")))
 
     originals = {}
 
@@ -173,8 +178,21 @@ def check_ledger(rank: int, world: int) -> dict:
     x, y = batch(0)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     hybrid = HybridAlexNet(build_model("alexnet", CLASSES, CROP), rank=rank, world=world)
-    hybrid_step(hybrid, sgd(hybrid), x.float(), y, rank, world)
-    out = {"hybrid": dict(counted)}
+    opt = sgd(hybrid)
+    loss = F.cross_entropy(hybrid(x[rows].float()), y[rows])
+    opt.zero_grad()
+    loss.backward()
+    order.append("backward returned")
+    hybrid.reduce_gradients()
+    opt.step()
+    out = {"hybrid": dict(counted), "order": list(order)}
+    counted.clear()
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(hybrid(x[rows].float()), y[rows])
+    loss.backward()
+    hybrid.reduce_gradients()
+    out["autocast_dtypes"] = sorted(map(list, dtypes))
     counted.clear()
     for name, real in originals.items():  # DDP's all-reduces are counted by its hook alone
         setattr(dist, name, real)

@@ -49,6 +49,15 @@ def test_k_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     assert d["loss_without_dropout_diff"] > 1e-3  # the masks drop something
     assert d["loss"] < 1e-12 and d["grads"] < 1e-12, d
     counted = r["ledger"]  # fp32 activations on the CPU
+    # the replicated gradients' all-reduces start inside the backward, as their buckets fill
+    # (overlapping it), none after it; the forward's gather and reduce-scatter come first
+    order = counted["order"]
+    assert order[:2] == ["all_gather", "reduce_scatter"] and order[-1] == "backward returned"
+    assert order.count("all_reduce") >= 2, order
+    # under bf16 autocast the features travel in bf16, the sums are reduced in float32 (one
+    # process's GEMM rounds its sum once: K roundings of bf16 partial sums would not)
+    assert counted["autocast_dtypes"] == [["all_gather", "bfloat16"], ["all_reduce", "float32"],
+                                          ["reduce_scatter", "float32"]]
     for mode in ("hybrid", "ddp"):
         want = Counter()
         for c in ledger.collectives(mode, world=4, batch=counted["per_rank_batch"],
@@ -78,14 +87,15 @@ def test_towers_ledger_is_what_crosses_between_the_towers(monkeypatch):
 def test_ledger_orders_the_modes_as_the_paper_says():
     """From first principles at batch 128 per rank, bf16 activations: DDP all-reduces all 61 M
     fp32 gradients (2 (K-1)/K x 244 MB a rank); hybrid's feature traffic grows with K, its
-    gradients' is 6.4 M values."""
+    gradients' is 6.4 M values; what it reduce-scatters (sums) travels in float32, 4 bytes."""
     ddp = ledger.sent_per_step("ddp", world=2, batch=128)
     assert ddp == pytest.approx(2 * 0.5 * 60_965_224 * 4)
     hybrid = ledger.sent_per_step("hybrid", world=2, batch=128)
     # pooled features: gathered forward (K-1 = 1 copy of 128 x 9216), reduce-scattered backward
-    # (half of 256 x 9216); fc7's outputs: reduce-scattered forward, gathered backward
-    features = 128 * 9216 * 2 + 0.5 * 256 * 9216 * 2
-    fc7 = 0.5 * 256 * 4096 * 2 + 128 * 4096 * 2
+    # (half of 256 x 9216, float32); fc7's outputs: reduce-scattered forward (float32), gathered
+    # backward
+    features = 128 * 9216 * 2 + 0.5 * 256 * 9216 * 4
+    fc7 = 0.5 * 256 * 4096 * 4 + 128 * 4096 * 2
     reduce = 2 * 0.5 * (2_334_080 + 4096 + 4096 * 1000 + 1000) * 4
     assert hybrid == pytest.approx(features + fc7 + reduce)
     assert hybrid < ddp / 5

@@ -96,9 +96,10 @@ def main() -> int:
     for name in names:
         got[name] = run(name, shards, work)
         print(name, json.dumps(got[name]), flush=True)
+        if a.action == "record":  # after each run: a later failure keeps what was recorded
+            old = json.loads(a.file.read_text()) if a.file.exists() else {}
+            a.file.write_text(json.dumps({**old, name: got[name]}, indent=1) + "\n")
     if a.action == "record":
-        old = json.loads(a.file.read_text()) if a.file.exists() else {}
-        a.file.write_text(json.dumps({**old, **got}, indent=1) + "\n")
         return 0
     want = json.loads(a.file.read_text())
     changed = [n for n in names if want.get(n) != got[n]]
