@@ -3,7 +3,11 @@ environment, the device each process uses, the process group (NCCL on GPUs, gloo
 and the few collectives training needs."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +110,93 @@ def max_over_ranks(value: int, dev) -> int:
     return int(t.item())
 
 
+def gather_objects(value) -> list:
+    """Every rank's `value` (picklable), in rank order (a sync point; [value] without a group)."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# --- one rank's error, told to the others --------------------------------------------------------
+
+WAIT_FOR_CAUSE_S = 5.0  # how long a rank whose collective failed waits for another's reason
+
+
+def _failure_key() -> str:
+    """The store key of the first rank's error in this launch (torchrun restarts keep the store)."""
+    return f"alexnet-pipe/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):  # no group, or a torch without it
+        return None
+
+
+def describe(e: BaseException) -> str:
+    """An error in one line: a UserError's message (it names the file or option), else its type,
+    its first line and the innermost place of ours it was raised from (file:line in function)."""
+    if isinstance(e, UserError):
+        return " ".join(str(e).split())
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "/alexnet_pipe/" in f.filename or "/preprocessing/" in f.filename
+            or "/alexnet_base/" in f.filename] or frames
+    place = f" (at {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name})" \
+        if ours else ""
+    return f"{type(e).__name__}: {first}{place}"
+
+
+@contextlib.contextmanager
+def failures_shared():
+    """Around a distributed run: a rank that stops with an error of its own puts it in the
+    rendezvous store (the first such rank only) before its connections close; a rank whose
+    collective then fails (gloo: "Connection closed by peer", NCCL: an error of its own) waits
+    up to WAIT_FOR_CAUSE_S for that line and stops with one line naming the rank, its host and
+    its error, instead of the backend's traceback. A rank that died without a word (SIGKILL)
+    leaves nothing to read: the collective's own error then stands."""
+    try:
+        yield
+    except Exception as e:
+        store = _store() if dist.is_initialized() else None
+        if store is None or dist.get_world_size() == 1:
+            raise
+        me, key = dist.get_rank(), _failure_key()
+        line = f"rank {me} on {socket.gethostname()}: {describe(e)}"
+        if isinstance(e, UserError):  # its own: say it first, then stop
+            _post(store, key, line)
+            raise
+        cause = _wait_for(store, key, WAIT_FOR_CAUSE_S)
+        if cause is not None and not cause.startswith(f"rank {me} on "):
+            raise UserError(f"stopped because {cause}") from None
+        _post(store, key, line)  # nobody said why: this may be the cause (a bug, out of memory)
+        raise
+
+
+def _post(store, key: str, line: str) -> None:
+    """The first poster's line stays; the round trip of compare_set returns once it is stored."""
+    try:
+        store.compare_set(key, "", line)
+    except Exception:  # noqa: BLE001 - the store gone too: nothing more to tell
+        pass
+
+
+def _wait_for(store, key: str, seconds: float) -> str | None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if store.check([key]):
+                return store.get(key).decode()
+        except Exception:  # noqa: BLE001 - the store is gone: no cause to read
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)

@@ -146,11 +146,12 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     aug.validate(split.size)
     stats = load_stats(config.loader.data, split)
     distributed.init(env, device, config.dist_timeout)
-    if config.loader.verify:  # the ranks share the hashing and stop together
-        verify.check_inputs(config.loader.data, ("train", "val"), rank=env.rank,
-                            world=env.world,
+    if config.loader.verify:  # each node checks its own copy, its ranks sharing the hashing;
+        # every rank stops together
+        verify.check_inputs(config.loader.data, ("train", "val"),
+                            share=(env.local_rank, env.local_world),
                             workers=max(1, resources.usable_cores() // env.local_world),
-                            agree=lambda n: distributed.max_over_ranks(n, device))
+                            gather=distributed.gather_objects)
     if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cudnn.deterministic = config.deterministic
@@ -455,10 +456,11 @@ def _warn_if_flat(log: Log, step: int, config: TrainConfig, n: int, loss: float)
 # --- the run -----------------------------------------------------------------------------------------
 
 def run(config: TrainConfig) -> dict:
-    setup, resume_from = set_up(config)
     try:
-        progress = restore(setup) if resume_from is not None else Progress()
-        return _epochs(setup, progress)
+        with distributed.failures_shared():  # a rank's error is every rank's one line
+            setup, resume_from = set_up(config)
+            progress = restore(setup) if resume_from is not None else Progress()
+            return _epochs(setup, progress)
     finally:
         distributed.shutdown()
 

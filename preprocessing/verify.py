@@ -124,16 +124,25 @@ def inputs_of(data: Path, splits) -> list[str]:
     return names
 
 
-def check_inputs(data: Path, splits, *, rank: int = 0, world: int = 1, workers: int = 1,
-                 agree=lambda n: n) -> None:
-    """Hash this rank's share (every world-th file) of what reading `splits` of `data` touches;
-    `agree(n)`: the largest n over ranks (a collective), so that every rank stops together. A
-    UserError naming each damaged file and the repair, or naming the rank that found them."""
+def check_inputs(data: Path, splits, *, share: tuple[int, int] = (0, 1), workers: int = 1,
+                 gather=lambda lines: [lines]) -> None:
+    """Hash this process's share of what reading `splits` of `data` touches: share = (i, n),
+    every n-th file from the i-th (the ranks of one node share the hashing of that node's copy:
+    every node checks all of its own, which may be a copy of its own). `gather(lines)`: every
+    rank's lines, in rank order (a collective), so that every rank stops together. A UserError
+    naming each damaged file (and, with several ranks, the rank that found it)."""
     names = inputs_of(data, splits)
-    bad = damaged_files(data, names[rank::world], workers=workers)
-    if agree(len(bad)):
-        raise UserError("; ".join(bad) + "; " + REPAIR if bad else
-                        f"{data}: another rank found damaged files (see its message); " + REPAIR)
+    index, count = share
+    found = gather(damaged_files(data, names[index::count], workers=workers))
+    if any(found):
+        raise UserError("; ".join(lines_of(found)) + "; " + REPAIR)
+
+
+def lines_of(found: list[list[str]]) -> list[str]:
+    """Every rank's lines, each prefixed with the rank that found it where there are several."""
+    if len(found) == 1:
+        return list(found[0])
+    return [f"rank {r}: {line}" for r, lines in enumerate(found) for line in lines]
 
 
 REPAIR = ("`alexnet-pipe verify` lists every damaged file, and the same `alexnet-pipe prepare` "

@@ -99,6 +99,17 @@ def train_args(data, out, *extra):
 COMPILE_CHECK = ["--epochs", "2", "--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
 
 
+def overwrite_image(shard: Path, i: int, damage) -> str:
+    """Image i's bytes in `shard` replaced in place by damage(bytes) (same length); its key."""
+    import h5py
+    import numpy as np
+    with h5py.File(shard, "a") as f:
+        start, end = int(f["offsets"][i]), int(f["offsets"][i + 1])
+        stream = bytes(f["images"][start:end])
+        f["images"][start:end] = np.frombuffer(damage(stream), np.uint8)
+        return f["keys"][i].decode()
+
+
 def records(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]

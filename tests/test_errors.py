@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_CROP, cli, small_tmpfs
+from conftest import ROOT, SMALL_CROP, cli, overwrite_image, small_tmpfs
 
 CPU = ["--device", "cpu", "--threads", "1", "--readers", "1"]
 
@@ -235,15 +235,6 @@ def test_malformed_val_labels(tmp_path, sample_tree):
     assert_one_line_error(proc, f"{labels}:2", "filename wnid")
 
 
-def _overwrite(shard, i: int, damage) -> str:
-    """Image i's bytes in `shard` replaced in place by damage(bytes) (same length); its key."""
-    with h5py.File(shard, "a") as f:
-        start, end = int(f["offsets"][i]), int(f["offsets"][i + 1])
-        stream = bytes(f["images"][start:end])
-        f["images"][start:end] = np.frombuffer(damage(stream), np.uint8)
-        return f["keys"][i].decode()
-
-
 def _bogus_huffman(stream: bytes) -> bytes:
     """The first DHT's 16 code counts set to 255: a table of 4,080 codes, where 256 is the most
     there can be. The markers still chain: only decoding fails."""
@@ -322,7 +313,7 @@ def test_the_marker_check_reads_packed_batches_too(tmp_path, shards_jpeg):
     from alexnet_pipe.reader import BatchSource
     from preprocessing.shards import load_split
     data = copy(shards_jpeg, tmp_path / "d")
-    key = _overwrite(data / "train-00001.h5", 3, lambda s: b"\xff\xd8\xff\xe1" + bytes(len(s) - 4))
+    key = overwrite_image(data / "train-00001.h5", 3, lambda s: b"\xff\xd8\xff\xe1" + bytes(len(s) - 4))
     source = BatchSource(split=load_split(data, "train"), batch_size=4, train=False, crop=200,
                          packed=True, check_jpeg=True)
     errors = []
@@ -349,7 +340,7 @@ def test_corrupt_jpeg_inside_a_shard(tmp_path, shards_jpeg, readers):
             ("tables", _bogus_huffman, ["cannot be decoded"])):
         data = copy(shards_jpeg, tmp_path / name)
         shard = data / "train-00001.h5"
-        key = _overwrite(shard, 3, damage)
+        key = overwrite_image(shard, 3, damage)
         args = ["bench-loader", "--data", data, *cpu, "--batch-size", "8", "--batches", "8",
                 "--repeats", "1", "--warmup", "0"]
         proc = cli(*args, "--no-verify", check=False)

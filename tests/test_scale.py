@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,13 +13,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, assert_compiled_like_eager, cli,
-                      records, run_group, train_args, weights)
+                      overwrite_image, records, run_group, train_args, weights)
 
 HARNESS = ROOT / "tests" / "harness.py"
 
@@ -112,19 +114,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_loopback(tmp_path, shards_small):
-    run, port = tmp_path / "run", _free_port()
-    args = train_args(shards_small, run, "--epochs", "1")
+def two_nodes(args_of, logs: Path | None = None, timeout: float = 240) -> list:
+    """torchrun on two "nodes" over loopback, one process each, node N running the harness with
+    args_of(N) (its own --data: a node-local copy). logs: each worker's output in
+    logs/node-N/.../stderr.log, apart from its torchrun agent's."""
+    port = _free_port()
     with ThreadPoolExecutor(2) as pool:  # each node's torchrun in a process group of its own
         nodes = [pool.submit(launch, ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
                                       str(node), "--master_addr", "127.0.0.1", "--master_port",
-                                      str(port)], args, timeout=240) for node in range(2)]
-        procs = [n.result() for n in nodes]
+                                      str(port), *(["--log-dir", str(logs / f"node-{node}"),
+                                                    "--redirects", "3"] if logs else [])],
+                                     args_of(node), timeout=timeout) for node in range(2)]
+        return [n.result() for n in nodes]
+
+
+def worker_stderr(logs: Path, node: int) -> str:
+    path, = (logs / f"node-{node}").rglob("stderr.log")
+    return path.read_text()
+
+
+def test_two_nodes_on_loopback(tmp_path, shards_small):
+    """Each node reads a copy of its own (node-local NVMe, as clusters set it up)."""
+    run, copies = tmp_path / "run", [shards_small, tmp_path / "node1"]
+    shutil.copytree(shards_small, copies[1])
+    procs = two_nodes(lambda node: train_args(copies[node], run, "--epochs", "1"))
     assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
     epoch, = records(run, "epoch")
     assert (epoch["train_images"], epoch["images"]) == (16, 12)
     config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2 and config["parallel"] == "ddp"
+
+
+@pytest.mark.timeout(400)
+def test_each_node_checks_its_own_copy_and_one_ranks_error_ends_every_rank(tmp_path,
+                                                                          shards_jpeg):
+    """Two nodes, each with its own copy, node 1's damaged. Its val shard (read only after an
+    epoch): the start-of-run check, every node hashing all of its own copy, stops both ranks
+    before anything is written, rank 0 naming what rank 1 found. Every train image of it
+    (--no-verify: read as it is): rank 1 stops on its first batch, and rank 0, whose gradient
+    all-reduce then fails in gloo, ends with one line naming rank 1 and the damaged shard,
+    not gloo's traceback."""
+    copies = [shards_jpeg, tmp_path / "node1"]
+    shutil.copytree(shards_jpeg, copies[1])
+    val = copies[1] / "val-00000.h5"
+    data = bytearray(val.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 200):
+        data[i] ^= 0xA5
+    val.write_bytes(bytes(data))
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    fast = ["--crop", str(SMALL_CROP), "--epochs", "1"]
+    procs = two_nodes(lambda node: train_args(copies[node], run, *fast), logs / "verify")
+    assert [p.returncode for p in procs] != [0, 0] and not run.exists()
+    errors = [worker_stderr(logs / "verify", node).strip().splitlines()[-1] for node in (0, 1)]
+    assert errors[0] == errors[1]  # the same line on every rank
+    assert errors[0].startswith(f"Error: rank 1: {val}: damaged"), errors[0]
+    assert "verify" in errors[0] and str(shards_jpeg) not in errors[0]  # node 0's copy: intact
+    shutil.copy(shards_jpeg / "val-00000.h5", val)
+    junk = (b"\xff\xd8\xff\xe0 this is no JPEG " * 4000)
+    for shard in sorted(copies[1].glob("train-*.h5")):
+        with h5py.File(shard, "r") as f:
+            n = len(f["keys"])
+        for i in range(n):
+            overwrite_image(shard, i, lambda stream: junk[:len(stream)])
+    procs = two_nodes(lambda node: train_args(copies[node], run, *fast, "--no-verify"),
+                      logs / "midrun")
+    assert [p.returncode for p in procs] == [1, 1]
+    rank1, rank0 = (worker_stderr(logs / "midrun", node) for node in (1, 0))
+    assert "Traceback" not in rank0 and "Traceback" not in rank1, rank0[-3000:]
+    line1, line0 = rank1.strip().splitlines()[-1], rank0.strip().splitlines()[-1]
+    assert line1.startswith("Error: ") and str(copies[1] / "train-") in line1, line1
+    cause = line1.removeprefix("Error: ")
+    assert line0.startswith(f"Error: stopped because rank 1 on {socket.gethostname()}: "
+                            f"{cause}"), (line0, line1)
 
 
 def _limit_open_files(n: int):
