@@ -294,35 +294,60 @@ class EpochResult:
 
 
 class StepTimer:
-    """The GPU's time in and between training steps, from CUDA events on the compute stream at
-    each step's start and end. `wait()`: the share of the GPU's time spent between steps, when
-    the stream had nothing to run: waiting for the host to enqueue the step, for the loader's
-    batch or for a log point's sync. `step_ms()`: the GPU time of a step. Together they tell a
+    """The GPU's time in and between training steps, from CUDA events on the compute stream of
+    every device a step uses (the towers: two) at each step's start and end. `wait()`: the share
+    of its time the busiest device spent between steps, when its stream had nothing to run:
+    waiting for the host to enqueue the step, for the loader's batch or for a log point's sync.
+    `step_ms()`: the GPU time of a step on the device where it is longest. Together they tell a
     starved GPU (wait) from a slowed one (step time above the synthetic step's). Recording an
     event does not sync; the events are read at log points, which sync anyway. Off CUDA it
-    records nothing and reads None. `event`: the event type (torch.cuda.Event); `stream`: where
-    the events are recorded (default: `device`'s current stream, not the current device's)."""
+    records nothing and reads None. `event`: the event type (torch.cuda.Event); `streams`:
+    where each device's events are recorded (default: its current stream, not the current
+    device's)."""
 
-    def __init__(self, device, event=None, stream=None):
-        self.on = device.type == "cuda"
-        if self.on and stream is None:
-            stream = torch.cuda.current_stream(device)
-        self._stream = stream
-        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+    def __init__(self, devices, event=None, streams=None):
+        devices = [devices] if isinstance(devices, torch.device) else list(devices)
+        cuda = [d for d in devices if d.type == "cuda"]
+        streams = streams or [torch.cuda.current_stream(d) for d in cuda]
+        event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.lanes = [_Lane(stream, event) for stream in streams[:len(cuda)]]
+
+    def mark(self) -> None:
+        """At a step's start, then at its end."""
+        for lane in self.lanes:
+            lane.mark()
+
+    def read(self) -> None:
+        """Sums the steps marked so far (every step ended): waits for the last one's end."""
+        for lane in self.lanes:
+            lane.read()
+
+    def wait(self) -> float | None:
+        shares = [lane.gap_ms / (lane.gap_ms + lane.busy_ms) for lane in self.lanes
+                  if lane.gap_ms + lane.busy_ms > 0]
+        return min(shares) if shares else None  # off CUDA: nothing recorded
+
+    def step_ms(self) -> float | None:
+        times = [lane.busy_ms / lane.steps for lane in self.lanes if lane.steps]
+        return max(times) if times else None
+
+
+class _Lane:
+    """One device's stream: its steps' busy time and the gaps between them (StepTimer)."""
+
+    def __init__(self, stream, event):
+        self._stream, self._event = stream, event
         self._pending: list = []  # start, end, start, end, ... of steps not read yet
         self._free: list = []     # events read: recorded again, not created per step
         self._last = None         # the end of the last step read: the next gap starts there
         self.steps, self.busy_ms, self.gap_ms = 0, 0.0, 0.0
 
     def mark(self) -> None:
-        """At a step's start, then at its end."""
-        if self.on:  # on the run's device's stream, whichever device is current
-            e = self._free.pop() if self._free else self._event()
-            e.record(self._stream)
-            self._pending.append(e)
+        e = self._free.pop() if self._free else self._event()
+        e.record(self._stream)  # on this device's stream, whichever device is current
+        self._pending.append(e)
 
     def read(self) -> None:
-        """Sums the steps marked so far (every step ended): waits for the last one's end."""
         p = self._pending
         if not p:
             return
@@ -338,13 +363,6 @@ class StepTimer:
         self._last = p[-1]
         self._free += p[:-1]
         p.clear()
-
-    def wait(self) -> float | None:
-        total = self.gap_ms + self.busy_ms
-        return self.gap_ms / total if total > 0 else None  # off CUDA: nothing recorded
-
-    def step_ms(self) -> float | None:
-        return self.busy_ms / self.steps if self.steps else None
 
 
 class _Interval:
@@ -370,9 +388,10 @@ class _Interval:
 
 def train_one_epoch(model, optimizer, loader, device: torch.device, progress: Progress,
                     config: TrainConfig, *, log: Log, stop: StopRequest, num_classes: int,
-                    ranks: bool, bar=None) -> EpochResult:
+                    ranks: bool, bar=None, devices=None) -> EpochResult:
     """Train `model` over the rest of epoch `progress.epoch`; `progress.step` and
-    `progress.batch` advance. ranks: several processes, which agree on a stop."""
+    `progress.batch` advance. ranks: several processes, which agree on a stop. devices: those
+    a step runs on (the towers: two), timed on each; default `device`."""
     model.train()
     amp = config.amp and device.type == "cuda"
     channels_last = device.type == "cuda" and config.loader.channels_last
@@ -381,7 +400,7 @@ def train_one_epoch(model, optimizer, loader, device: torch.device, progress: Pr
     epoch_loss = torch.zeros((), device=device)
     n_batches, done, wait = loader.source.num_batches(), 0, 0.0
     t_epoch = interval.t0
-    timer = StepTimer(device)
+    timer = StepTimer(devices or [device])
     it = iter(loader)
     while True:
         if config.max_steps and progress.step >= config.max_steps and progress.batch < n_batches:
@@ -519,7 +538,8 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
         bar = _bar(cfg, env, len(train_loader), progress.epoch)
         out = train_one_epoch(model, setup.optimizer, train_loader, device, progress, cfg,
                               log=log, stop=stop, num_classes=setup.model.num_classes,
-                              ranks=env.enabled, bar=bar)
+                              ranks=env.enabled, bar=bar,
+                              devices=checkpoint.devices_of(setup.core, device))
         if bar is not None:
             bar.close()
         if out.stopped:

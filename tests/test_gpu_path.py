@@ -356,23 +356,30 @@ def test_a_batch_is_one_dense_array_with_each_stream_in_its_row(shards_jpeg, sha
 def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
     """The GPU-idle figure of a train run, from events with written-out timestamps (ms): steps
     at 0-10 and 12-22, a log point, steps at 30-40 and 40-50. Busy 40 ms in 4 steps, idle 2 + 8
-    (the gap across the log point counts: the GPU waited for it), 0 between the last two."""
+    (the gap across the log point counts: the GPU waited for it), 0 between the last two. The
+    towers' step on two devices: device A busy 0-10 and 12-22, device B 0-6 and 12-30 (24 ms
+    in 2 steps, idle 6): the step's time is the longer device's (12 ms), the idle share the
+    less idle device's (A: 2 of 22 ms)."""
     from alexnet_pipe.train import StepTimer
-    times = iter([0, 10, 12, 22, 30, 40, 40, 50])
     synced = []
 
-    class Event:  # a CUDA event's part the timer uses: record, synchronize, elapsed_time
-        def record(self, stream):
-            assert stream == "the run's device's stream"  # not the current device's
-            self.t = next(times)
+    def events(times):
+        times = iter(times)
 
-        def synchronize(self):
-            synced.append(self.t)
+        class Event:  # a CUDA event's part the timer uses: record, synchronize, elapsed_time
+            def record(self, stream):
+                assert stream in ("A's stream", "B's stream")  # each device's own stream
+                self.t = next(times)
 
-        def elapsed_time(self, later):
-            return later.t - self.t
+            def synchronize(self):
+                synced.append(self.t)
 
-    timer = StepTimer(torch.device("cuda", 1), event=Event, stream="the run's device's stream")
+            def elapsed_time(self, later):
+                return later.t - self.t
+        return Event
+
+    timer = StepTimer(torch.device("cuda", 1), event=events([0, 10, 12, 22, 30, 40, 40, 50]),
+                      streams=["A's stream"])
     for _ in range(2):
         timer.mark(), timer.mark()
     timer.read()
@@ -381,11 +388,22 @@ def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
     timer.read()
     timer.read()  # nothing new: no change
     assert synced == [22, 50]  # one wait per read, for the last step's end
-    assert timer.steps == 4 and timer.busy_ms == 40 and timer.gap_ms == 10
+    lane, = timer.lanes
+    assert lane.steps == 4 and lane.busy_ms == 40 and lane.gap_ms == 10
     assert timer.wait() == pytest.approx(10 / 50) and timer.step_ms() == pytest.approx(10)
-    off = StepTimer(torch.device("cpu"), event=Event)
-    off.mark(), off.mark(), off.read()  # records nothing: `times` is spent, next() would raise
+    off = StepTimer(torch.device("cpu"), event=events([]))
+    off.mark(), off.mark(), off.read()  # records nothing: next() on no times would raise
     assert off.wait() is None and off.step_ms() is None
+    # two devices, their events interleaved as mark() records them: A then B
+    both = StepTimer([torch.device("cuda", 0), torch.device("cuda", 1)],
+                     event=events([0, 0, 10, 6, 12, 12, 22, 30]),
+                     streams=["A's stream", "B's stream"])
+    for _ in range(2):
+        both.mark(), both.mark()
+    both.read()
+    a, b = both.lanes
+    assert (a.busy_ms, a.gap_ms, b.busy_ms, b.gap_ms) == (20, 2, 24, 6)
+    assert both.step_ms() == pytest.approx(12) and both.wait() == pytest.approx(2 / 22)
 
 
 @pytest.mark.gpu
