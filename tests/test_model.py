@@ -319,3 +319,45 @@ def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
     owt, = map(json.loads, out.read_text().splitlines())
     assert owt["lrn"] == owt["conv_grouped"] == 0 and owt["conv_dense"] > 0 and owt["fc"] > 0
     assert sum(owt[k] for k in ps.CATEGORIES) <= owt["step_ms"]
+
+
+def test_step_profile_on_a_gpu_counts_each_kernel_once_and_adds_up_to_the_step():
+    """tools/profile_step.py's GPU split, from profiler events written out here as torch's
+    profiler gives them (the CPU operators listing the kernels they launched, and the device's
+    own events for the same kernels): 2 steps in 3.0 ms of wall time. Each kernel counts once
+    (its operator's, not again as a device event), cuDNN's implicit-GEMM convolution kernels
+    as convolutions (not "gemm": fc), a kernel no operator claims by its name, and the idle
+    time is the wall time less the device's busy time, so that the parts add up to the step."""
+    from types import SimpleNamespace as Ns
+
+    from torch.autograd import DeviceType
+    ps = tool("profile_step")
+    events = []
+
+    def op(name, kernels=(), parent=None, shapes=None):
+        e = Ns(name=name, device_type=DeviceType.CPU, is_async=False, cpu_parent=parent,
+               sequence_nr=-1, input_shapes=shapes or [], self_cpu_time_total=1,
+               kernels=[Ns(name=k, device=0, duration=us) for k, us in kernels])
+        events.append(e)
+        for k, us in kernels:  # the device's timeline holds the same kernel
+            events.append(Ns(name=k, device_type=DeviceType.CUDA, is_async=False,
+                             cpu_parent=None, sequence_nr=-1, input_shapes=[], kernels=[],
+                             time_range=Ns(elapsed_us=lambda us=us: us), self_cpu_time_total=0))
+        return e
+
+    dense = op("aten::convolution", shapes=[[2, 3, 8, 8], [4, 3, 3, 3]])
+    op("aten::cudnn_convolution", [("sm90_xmma_fprop_implicit_gemm_bf16_nhwc", 500)], dense)
+    grouped = op("aten::convolution", shapes=[[2, 96, 27, 27], [256, 48, 5, 5]])  # groups 2
+    op("aten::cudnn_convolution", [("sm90_xmma_fprop_implicit_gemm_bf16_nhwc", 200)], grouped)
+    op("aten::addmm", [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn", 300)])
+    step = op("Optimizer.step#SGD.step")
+    op("aten::_foreach_add_", [("multi_tensor_apply_kernel", 100)], step)
+    for name, us in (("triton_poi_fused_avg_pool2d_pow_0", 40), ("Memset (Device)", 10)):
+        events.append(Ns(name=name, device_type=DeviceType.CUDA, is_async=False, kernels=[],
+                         cpu_parent=None, sequence_nr=-1, input_shapes=[],
+                         time_range=Ns(elapsed_us=lambda us=us: us), self_cpu_time_total=0))
+    r = ps.summarise(events, wall_ms=3.0, steps=2, gpu=True)
+    assert r == {"step_ms": 1.5, "lrn": 0.02, "conv_grouped": 0.1, "conv_dense": 0.25,
+                 "fc": 0.15, "optimizer": 0.05, "cast_pad": 0.0, "other": 0.005,
+                 "gpu_idle": 0.925}  # busy: 1,150 us in 2 steps = 0.575 ms a step
+    assert sum(r[k] for k in ps.CATEGORIES) + r["gpu_idle"] == pytest.approx(r["step_ms"])

@@ -6,13 +6,17 @@ GPU) the GPU's idle time, for the eager and the compiled model.
     profile_step.py [--device gpu] [--batch-size 256] [--arch alexnet] [--compile] [--steps 3]
                     [--json OUT]
 
-Each kernel (GPU) or operator's own time (CPU) is counted once, under the innermost operator
-that ran it; an operator inside the optimizer's step is the optimizer's; a convolution is grouped
+On a GPU each kernel (and device copy) is counted once, from the device's timeline: under the
+innermost operator that launched it (its category from that operator and its ancestors), or,
+launched outside any operator, by its own name (a convolution's cuDNN kernels, whose names say
+"implicit_gemm", are convolutions, never "fc"). On the CPU each operator's own time is counted
+once. An operator inside the optimizer's step is the optimizer's; a convolution is grouped
 when its input has more channels than its weight. The eager model's LRN is what its LRN modules
 run, forward (a profiler range around each) and backward (the autograd nodes those ranges made,
 matched by sequence number): not a guess from operator names, which dropout's multiply and
 adaptive pooling share. Inductor's fused kernels are classed by the operators their names list.
-The GPU's idle time is the step's wall time (CUDA events) less the time its kernels ran.
+The GPU's idle time is the step's wall time less the time the device's timeline shows kernels
+running, so that on a GPU the categories and the idle time add up to the step.
 Prints one JSON line per variant: milliseconds per step by category.
 """
 from __future__ import annotations
@@ -107,11 +111,7 @@ def category(event, lrn: set[int] = frozenset()) -> str:
                 return "conv_grouped" if g > 1 else "conv_dense"
     name = names[0].lower()
     if name.startswith("triton") or "fused" in name:  # inductor: the operators it fused
-        if "avg_pool" in name or "pow" in name:
-            return "lrn"
-        if "constant_pad" in name or "_to_copy" in name or "convert" in name:
-            return "cast_pad"
-        return "other"
+        return _fused(name)
     if any(k in names[0] for k in _FC):
         return "fc"
     if any(k in names[0] for k in _CAST):
@@ -119,17 +119,71 @@ def category(event, lrn: set[int] = frozenset()) -> str:
     return "other"
 
 
-def split(prof, gpu: bool) -> dict:
-    """Milliseconds by category over the profiled steps: kernels' time on a GPU, operators'
-    own CPU time otherwise."""
+def _fused(name: str) -> str:
+    """An inductor kernel (lower-case name), by the operators its name lists."""
+    if "avg_pool" in name or "pow" in name:
+        return "lrn"
+    if "constant_pad" in name or "_to_copy" in name or "convert" in name:
+        return "cast_pad"
+    return "other"
+
+
+def kernel_category(name: str) -> str:
+    """The category of a device kernel that no operator claims, from its name alone (grouped or
+    dense cannot be told from it: dense)."""
+    low = name.lower()
+    if any(k in low for k in ("conv", "implicit_gemm", "fprop", "dgrad", "wgrad")):
+        return "conv_dense"
+    if low.startswith("triton") or "fused" in low:
+        return _fused(low)
+    if "gemm" in low or "matmul" in low:
+        return "fc"
+    if "memcpy" in low:
+        return "cast_pad"
+    return "other"
+
+
+def split(events, gpu: bool) -> tuple[dict, float]:
+    """(ms by category, ms busy) over the profiled steps. GPU: each device event once, its
+    time under the operator whose `kernels` list it (or by its own name when none does); busy:
+    all device events' time. CPU: each operator's own time; busy: their sum."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
     out = dict.fromkeys(CATEGORIES, 0.0)
-    events = prof.events()
     lrn = lrn_nodes(events)
+    if not gpu:
+        for e in events:
+            if e.self_cpu_time_total > 0:
+                out[category(e, lrn)] += e.self_cpu_time_total / 1000
+        return out, sum(out.values())
+    claimed = Counter()
     for e in events:
-        own = e.self_device_time_total if gpu else e.self_cpu_time_total
-        if own > 0:
-            out[category(e, lrn)] += own / 1000
-    return out
+        if e.device_type == DeviceType.CPU and not e.is_async and e.kernels:
+            out[category(e, lrn)] += sum(k.duration for k in e.kernels) / 1000
+            claimed.update((k.name, k.duration) for k in e.kernels)
+    busy = 0.0
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            continue
+        us = e.time_range.elapsed_us()
+        busy += us / 1000
+        if claimed[(e.name, us)] > 0:
+            claimed[(e.name, us)] -= 1
+        else:  # launched outside any operator
+            out[kernel_category(e.name)] += us / 1000
+    return out, busy
+
+
+def summarise(events, wall_ms: float, steps: int, gpu: bool) -> dict:
+    """{"step_ms", category: ms a step, ..., "gpu_idle" (GPU)}: on a GPU the categories and
+    gpu_idle add up to step_ms."""
+    ms, busy = split(events, gpu)
+    result = {"step_ms": round(wall_ms / steps, 3),
+              **{k: round(v / steps, 3) for k, v in ms.items()}}
+    if gpu:  # the profiler's own cost inflates the wall time a little: an upper bound
+        result["gpu_idle"] = round(max(wall_ms - busy, 0.0) / steps, 3)
+    return result
 
 
 def profile(model, opt, x, y, *, gpu: bool, amp: bool, steps: int, warmup: int) -> dict:
@@ -145,12 +199,7 @@ def profile(model, opt, x, y, *, gpu: bool, amp: bool, steps: int, warmup: int) 
             train_step(model, opt, x, y, amp=amp)
         sync()
         wall = (time.perf_counter() - t0) * 1000
-    ms = {k: round(v / steps, 3) for k, v in split(prof, gpu).items()}
-    busy = sum(ms.values())
-    result = {"step_ms": round(wall / steps, 3), **ms}
-    if gpu:  # the profiler's own cost inflates the wall time a little: an upper bound
-        result["gpu_idle"] = round(max(wall / steps - busy, 0.0), 3)
-    return result
+    return summarise(prof.events(), wall, steps, gpu)
 
 
 def variant(arch: str, classes: int, batch: int, *, gpu: bool, compiled: bool, steps: int,
