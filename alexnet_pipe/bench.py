@@ -28,11 +28,13 @@ from preprocessing.verify import check_inputs
 
 
 def timed_rate(it, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
-               sync=lambda: None) -> float:
+               sync=lambda: None, settle=None) -> float:
     """images/s of one pass over iterator `it`: `warmup` batches untimed, then n batches or
-    `seconds`."""
+    `seconds`; settle(): called between the two (something to wait for before timing)."""
     for _ in range(warmup):
         next(it)
+    if settle is not None:
+        settle()
     sync()
     t0, n = time.perf_counter(), 0
     while (n < n_batches) if seconds is None else (time.perf_counter() - t0 < seconds):
@@ -94,14 +96,18 @@ def _cuda_sync():
 
 def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int = 10,
                     warmup: int = 3, arch: str = "alexnet", compile_mode: str | None = None,
-                    model=None, in_channels: int = 3) -> float:
-    """AlexNet SGD steps on synthetic device-resident input in the loader's dtype and layout:
-    what the loader has to keep up with. compile_mode: torch.compile's mode (None: eager);
-    model, in_channels: another network and its input channels (the benchmarks' variants)."""
+                    model=None, in_channels: int = 3, settle=None) -> float:
+    """AlexNet SGD steps on synthetic device-resident input in the loader's dtype and layout,
+    with train's cuDNN autotuning on a GPU: what the loader has to keep up with.
+    compile_mode: torch.compile's mode (None: eager); model, in_channels: another network and
+    its input channels (the benchmarks' variants); settle(): called after the warm-up, before
+    the clock starts (a background job to wait for)."""
     import torch
     from alexnet_pipe.model import build_model, input_dtype
     from alexnet_pipe.train import train_step
     device = torch.device("cuda" if gpu else "cpu")
+    if gpu:  # as train sets it (unless --deterministic): fixed shapes, algorithms timed once
+        torch.backends.cudnn.benchmark = True
     model = (model or build_model(arch, num_classes=num_classes, crop=cfg.augment.crop)).to(device)
     channels_last = gpu and cfg.channels_last
     if channels_last:
@@ -122,7 +128,7 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
             yield
     warmup += 0 if compile_mode is None else 3  # compiling, autotuning, capturing graphs
     return timed_rate(steps_iter(), steps, None, warmup, cfg.batch_size,
-                      _cuda_sync if gpu else (lambda: None))
+                      _cuda_sync if gpu else (lambda: None), settle)
 
 
 # --- the baseline: a plain PyTorch DataLoader doing the same work with PIL and numpy -----------

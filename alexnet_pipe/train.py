@@ -317,19 +317,28 @@ class StepTimer:
         for lane in self.lanes:
             lane.mark()
 
-    def read(self) -> None:
-        """Sums the steps marked so far (every step ended): waits for the last one's end."""
-        for lane in self.lanes:
-            lane.read()
+    def read(self) -> dict:
+        """Sums the steps marked so far (every step ended): waits for the last one's end.
+        Returns {"gpu_wait", "gpu_step_ms"} of the steps just read, and of the gap before them
+        (what a log record of them says), {} off CUDA."""
+        new = [lane.read() for lane in self.lanes]
+        return _figures(new) if any(steps for steps, _, _ in new) else {}
 
     def wait(self) -> float | None:
-        shares = [lane.gap_ms / (lane.gap_ms + lane.busy_ms) for lane in self.lanes
-                  if lane.gap_ms + lane.busy_ms > 0]
-        return min(shares) if shares else None  # off CUDA: nothing recorded
+        return _figures([(lane.steps, lane.busy_ms, lane.gap_ms) for lane in self.lanes]).get(
+            "gpu_wait")
 
     def step_ms(self) -> float | None:
-        times = [lane.busy_ms / lane.steps for lane in self.lanes if lane.steps]
-        return max(times) if times else None
+        return _figures([(lane.steps, lane.busy_ms, lane.gap_ms) for lane in self.lanes]).get(
+            "gpu_step_ms")
+
+
+def _figures(lanes: list[tuple[int, float, float]]) -> dict:
+    """Each device's (steps, busy ms, gap ms) -> the step's time on the device where it is
+    longest and the idle share of the least idle device; {} where nothing was recorded."""
+    shares = [gap / (gap + busy) for _, busy, gap in lanes if gap + busy > 0]
+    times = [busy / steps for steps, busy, _ in lanes if steps]
+    return {"gpu_wait": min(shares), "gpu_step_ms": max(times)} if shares and times else {}
 
 
 class _Lane:
@@ -347,22 +356,28 @@ class _Lane:
         e.record(self._stream)  # on this device's stream, whichever device is current
         self._pending.append(e)
 
-    def read(self) -> None:
+    def read(self) -> tuple[int, float, float]:
+        """(steps, busy ms, gap ms) read now, added to the totals."""
         p = self._pending
         if not p:
-            return
+            return 0, 0.0, 0.0
         p[-1].synchronize()  # the stream's events complete in order: all of them are done
+        busy = gap = 0.0
         if self._last is not None:
-            self.gap_ms += self._last.elapsed_time(p[0])
+            gap += self._last.elapsed_time(p[0])
             self._free.append(self._last)
         for i in range(0, len(p), 2):
-            self.busy_ms += p[i].elapsed_time(p[i + 1])
+            busy += p[i].elapsed_time(p[i + 1])
             if i + 2 < len(p):
-                self.gap_ms += p[i + 1].elapsed_time(p[i + 2])
-        self.steps += len(p) // 2
+                gap += p[i + 1].elapsed_time(p[i + 2])
+        steps = len(p) // 2
+        self.steps += steps
+        self.busy_ms += busy
+        self.gap_ms += gap
         self._last = p[-1]
         self._free += p[:-1]
         p.clear()
+        return steps, busy, gap
 
 
 class _Interval:
@@ -449,14 +464,14 @@ def _log_point(log: Log, progress: Progress, config: TrainConfig, num_classes: i
                interval: _Interval, batch: int, lr: float, bar, timer: StepTimer) -> None:
     """The per-interval record; reading the device values is the interval's one sync point."""
     bad = int(interval.first_bad.item())
-    timer.read()
+    gpu = timer.read()  # CUDA: the interval's GPU idle share and step time
     if bad >= 0:
         raise UserError(f"non-finite loss at step {bad + 1} (epoch {progress.epoch + 1}); "
                         f"training stopped, the last good checkpoint is kept. Try a lower --lr")
     loss = interval.loss.item() / interval.steps
     now = time.perf_counter()
     log.record(kind="step", epoch=progress.epoch + 1, step=progress.step, loss=loss, lr=lr,
-               images_per_s=interval.steps * batch / (now - interval.t0))
+               images_per_s=interval.steps * batch / (now - interval.t0), **gpu)
     if bar is not None:
         bar.set_postfix(loss=f"{loss:.3f}")
     _warn_if_flat(log, progress.step, config, num_classes, loss)

@@ -382,11 +382,13 @@ def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
                       streams=["A's stream"])
     for _ in range(2):
         timer.mark(), timer.mark()
-    timer.read()
+    first = timer.read()  # a log point's record: 20 ms busy in 2 steps, idle 2 ms between
     for _ in range(2):  # the events read above are recorded again, the last one kept until used
         timer.mark(), timer.mark()
-    timer.read()
-    timer.read()  # nothing new: no change
+    second = timer.read()  # 20 ms in 2 steps; idle 8 ms across the log point, 0 after
+    assert timer.read() == {}  # nothing new: no change
+    assert first == {"gpu_wait": pytest.approx(2 / 22), "gpu_step_ms": pytest.approx(10)}
+    assert second == {"gpu_wait": pytest.approx(8 / 28), "gpu_step_ms": pytest.approx(10)}
     assert synced == [22, 50]  # one wait per read, for the last step's end
     lane, = timer.lanes
     assert lane.steps == 4 and lane.busy_ms == 40 and lane.gap_ms == 10

@@ -18,7 +18,8 @@ group: DALI's threads, the main thread, reader processes, the rest) comes with i
 than a rate on a shared machine, and on a GPU host the cores a GPU's reading needs.
 
 With --step each batch also trains the paper model (the step `train` runs), so the ratio is
-`train` fed by our loader / `train` fed by DALI's own pipeline.
+`train` fed by our loader / `train` fed by DALI's own pipeline. On a GPU every pipeline hands
+the model the layout it runs in (channels_last: DALI's pipelines emit HWC, as ours does).
 
 Usage: bench_loader.py [--images 1024] [--batch-size 128] [--device cpu] [--seconds 3] [--rounds 5]
        [--mean channel|pixel] [--encodings jpeg raw] [--control] [--source] [--step] [--no-baseline]
@@ -69,11 +70,12 @@ def extract(shard_dir: Path, out: Path, raw: bool) -> None:
 
 
 def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool,
-                  source: bool = False):
+                  source: bool = False, hwc: bool = False):
     """DALI's own reader over one file per image, with the same crop, flip and channel mean: an
     endless iterator. source: the JPEG files' bytes read into memory first and fed by an
     external source (random order, labels from the folders) instead of DALI's reader, the
-    rest the same: the plain form of what our loader does, without shards or draws of its own."""
+    rest the same: the plain form of what our loader does, without shards or draws of its own.
+    hwc: the images come out HWC (what a channels_last model takes as an NCHW view)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
     feed = None
@@ -110,7 +112,8 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool,
                                        crop_pos_x=fn.random.uniform(range=(0, 1)),
                                        crop_pos_y=fn.random.uniform(range=(0, 1)),
                                        mirror=fn.random.coin_flip(), dtype=types.FLOAT,
-                                       mean=[123.0, 117.0, 104.0], output_layout="CHW")
+                                       mean=[123.0, 117.0, 104.0],
+                                       output_layout="HWC" if hwc else "CHW")
         return out, labels
 
     if feed is not None:  # no reader, no epochs: the source never ends
@@ -120,12 +123,14 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool,
 
 
 def stepped(pairs, config: LoaderConfig, device: torch.device):
-    """One training step of the paper model (what `train` runs: bf16 autocast on a GPU, the
-    loader's layout) on each (images, labels) batch of `pairs`, as an endless iterator. Labels
-    are taken modulo 8 classes: the references label by folder."""
+    """One training step of the paper model (what `train` runs: bf16 autocast on a GPU with
+    cuDNN's autotuning, the loader's layout) on each (images, labels) batch of `pairs`, as an
+    endless iterator. Labels are taken modulo 8 classes: the references label by folder."""
     from alexnet_pipe.model import build_model, input_dtype
     from alexnet_pipe.train import train_step
     gpu = device.type == "cuda"
+    if gpu:  # as train sets it: fixed shapes, each convolution's algorithm timed once
+        torch.backends.cudnn.benchmark = True
     model = build_model("alexnet", num_classes=8, crop=config.augment.crop).to(device)
     if gpu and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -156,8 +161,8 @@ def cpu_seconds(pid: int) -> dict:
 
 
 def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
-    """In a fresh process: (img/s, CPU us per image by group) of one pipeline, sent back on
-    `conn`; or (None, the error in one line), the traceback on stderr."""
+    """In a fresh process: [(img/s, CPU us per image by group) of each phase] of one pipeline,
+    sent back on `conn`; or (None, the error in one line), the traceback on stderr."""
     try:
         conn.send(_rate_and_cpu(kind, spec, seconds))
     except Exception as e:
@@ -166,40 +171,52 @@ def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
         raise
 
 
-def _rate_and_cpu(kind: str, spec: dict, seconds: float) -> tuple[float, dict]:
-    """Build one pipeline (`kind`: a reference or ours), 5 untimed batches, then img/s over
-    `seconds` and the CPU time per image ({group: us}, see cpu_seconds)."""
+def phases(spec: dict) -> tuple[str, ...]:
+    """What a pipeline's process times, in order: "loader" (its batches alone), "train" (each
+    batch training the paper model: train fed by it); by default the one --step says."""
+    return spec.get("phases") or (("train",) if spec.get("step") else ("loader",))
+
+
+def _rate_and_cpu(kind: str, spec: dict, seconds: float) -> list[tuple[float, dict]]:
+    """Build one pipeline (`kind`: a reference or ours); for each phase, 5 untimed batches (the
+    model's compile and autotuning), then img/s over `seconds` and the CPU time per image
+    ({group: us}, see cpu_seconds)."""
     gpu = spec["gpu"]
     device = torch.device("cuda" if gpu else "cpu")
     if kind in ("native", "bare", "source"):
+        hwc = gpu and spec["config"].channels_last  # the layout ours hands a GPU model
         it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu,
-                           source=kind == "source")
-        pairs = ((b[0]["images"], b[0]["labels"].reshape(-1)) for b in it)
+                           source=kind == "source", hwc=hwc)
+        pairs = ((b[0]["images"].permute(0, 3, 1, 2) if hwc else b[0]["images"],
+                  b[0]["labels"].reshape(-1)) for b in it)
     else:
         it = endless(make_loader(spec["config"], device=device, epochs=STREAM))
         pairs = ((b.images, b.labels) for b in it)
-    if spec.get("step"):  # each batch trains the model: train fed by this pipeline
-        it = stepped(pairs, spec["config"], device)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    timed_rate(it, 0, None, 5, spec["batch"], sync)
-    before, t0 = cpu_seconds(os.getpid()), time.perf_counter()
-    rate = timed_rate(it, None, seconds, 0, spec["batch"], sync)
-    images = rate * (time.perf_counter() - t0)
-    after = cpu_seconds(os.getpid())
-    return rate, {g: (after[g] - before.get(g, 0.0)) / images * 1e6 for g in after}
+    out = []
+    for phase in phases(spec):
+        run = stepped(pairs, spec["config"], device) if phase == "train" else pairs
+        timed_rate(run, 0, None, 5, spec["batch"], sync)
+        before, t0 = cpu_seconds(os.getpid()), time.perf_counter()
+        rate = timed_rate(run, None, seconds, 0, spec["batch"], sync)
+        images = rate * (time.perf_counter() - t0)
+        after = cpu_seconds(os.getpid())
+        out.append((rate, {g: (after[g] - before.get(g, 0.0)) / images * 1e6 for g in after}))
+    return out
 
 
 def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> tuple[dict, dict]:
     """({label: [img/s per round]}, {label: [CPU us per image by group, per round]}) of
     `pipelines` ({label: kind}; two labels may name one kind: an A/A control), each timed in a
-    fresh process every round, the order reversed every other round. Fresh processes, because
-    one instance keeps its own speed: two instances of the same DALI pipeline timed in
-    alternation differ by up to 20% for as long as they live (see BENCHMARKS.md), more than
-    the differences measured here."""
+    fresh process every round, the order reversed every other round; the phases after the
+    first (phases()) under "LABEL PHASE". Fresh processes, because one instance keeps its own
+    speed: two instances of the same DALI pipeline timed in alternation differ by up to 20%
+    for as long as they live (see BENCHMARKS.md), more than the differences measured here."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")  # a clean process each time: no fork of this one's state
-    rates = {label: [] for label in pipelines}
-    cpu = {label: [] for label in pipelines}
+    names = [lambda label: label] + [lambda label, p=p: f"{label} {p}" for p in phases(spec)[1:]]
+    rates = {name(label): [] for label in pipelines for name in names}
+    cpu = {name(label): [] for label in pipelines for name in names}
     for r in range(rounds):
         for label in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
             ours, theirs = ctx.Pipe(duplex=False)
@@ -207,16 +224,17 @@ def alternate(pipelines: dict, spec: dict, rounds: int, seconds: float) -> tuple
             proc.start()
             theirs.close()
             try:
-                rate, per_image = ours.recv()
+                got = ours.recv()
             except EOFError:  # it died (a signal): what it printed is on stderr
                 proc.join()
                 raise RuntimeError(f"the {label} pipeline's process ended with exit code "
                                    f"{proc.exitcode} and no rate") from None
             proc.join()
-            if rate is None:  # it failed: per_image is its error
-                raise RuntimeError(f"the {label} pipeline failed: {per_image}")
-            rates[label].append(rate)
-            cpu[label].append(per_image)
+            if isinstance(got, tuple) and got[0] is None:  # it failed: got[1] is its error
+                raise RuntimeError(f"the {label} pipeline failed: {got[1]}")
+            for name, (rate, per_image) in zip(names, got):
+                rates[name(label)].append(rate)
+                cpu[name(label)].append(per_image)
     return rates, cpu
 
 
