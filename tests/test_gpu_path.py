@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,7 +181,7 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     gpu_report = tool("gpu_report")
     a = argparse.Namespace(work=tmp_path, out=None, batch_size=256)
     r = {"card": "X", "cores": 16, "threads": 8, "readers": 8}
-    gpu_report.measure(r, "loader_jpeg", lambda: 5000)
+    gpu_report.measure(r, "loader_jpeg", lambda: 5000)  # an int: recorded as a float
     gpu_report.publish(a, r)
     assert "| loader jpeg | 5000.000 |" in (tmp_path / "report.md").read_text()
 
@@ -204,21 +205,33 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
 
 
 def test_gpu_report_lists_what_a_time_limit_cut_and_measures_it_later(tmp_path):
-    """A table cut by the check's time limit names the figures it did not reach; a later check
-    given them (--only) measures them and, in the same run, the figures their ratios are
-    measured against: train --compile against eager train (whose own baseline is not asked
-    for), the paper model's step against the one-tower model and torch's LRN."""
+    """The owed figures come first, in the issue's order (synthetic, compiled and one-tower steps
+    at 256, the JPEG loader, train with the real pipeline, ours against DALI's pipeline alone
+    and training; the same at 128; CUDA graphs at 128 and 256), and the plan says which of them
+    a budget reaches at the H200 estimates. A table cut by the check's time limit names the
+    figures it did not reach; a later check given them (--only) measures them and, in the same
+    run, the figures their ratios are measured against: train --compile against eager train
+    (whose own baseline is not asked for), the paper model's step against the one-tower model
+    and torch's LRN."""
     import argparse
     gpu_report = tool("gpu_report")
+    owed = ["model_synthetic", "model_compiled", "model_one_tower", "loader_jpeg", "train_real",
+            "peer_ours_256", "model_synthetic_128", "train_real_128", "peer_ours_128",
+            "model_graphed_128", "model_graphed"]
+    everything = gpu_report.plan()
+    assert everything[:len(owed)] == owed and len(everything) == len(set(everything)) == 25
+    cost = gpu_report.COST  # 25 + 50 + 5 + 12 = 92 s for the first four
+    assert gpu_report.reach(owed, 92) == (owed[:4], owed[4:])
+    assert gpu_report.reach(owed, 91.9) == (owed[:3], owed[3:])
+    lines = gpu_report.plan_lines(owed, sum(cost[f] for f in owed[:4]))
+    assert f"expected to reach 4 (92 s): {' '.join(owed[:4])}" in lines[1]
+    assert lines[-1] == "plan: WARNING: owed figures beyond the budget: " + " ".join(owed[4:])
     assert gpu_report.plan(["train_real_compiled"]) == ["train_real", "train_real_compiled"]
     assert gpu_report.plan(["model_synthetic"]) == ["model_synthetic", "model_one_tower",
                                                     "model_torch_lrn"]
     # in the table's order, whatever the order asked; a peer figure needs nothing else
     assert gpu_report.plan(["peer_ours_64", "model_graphed_128"]) == [
         "model_synthetic_128", "model_graphed_128", "peer_ours_64"]
-    everything = gpu_report.plan()  # 7 eager steps, 2 compiled, 2 graphed, 2 loaders, 4
-    # trains, 4 + 2 peers, train --compile, 2 readers, the hardware decoder
-    assert len(everything) == len(set(everything)) == 27 and everything[0] == "model_synthetic"
     a = argparse.Namespace(work=tmp_path, out=None, batch_size=256)
     r = {"card": "X", "cores": 16, "threads": 8, "readers": 8, "model_synthetic": 2000.0}
     gpu_report.publish(a, r, ["model_graphed", "reader_all"])  # what a kill leaves on disk
@@ -232,6 +245,62 @@ def test_gpu_report_lists_what_a_time_limit_cut_and_measures_it_later(tmp_path):
                       str(tmp_path / "w"), "--only", "model_grafed"], cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "invalid choice: 'model_grafed'" in proc.stderr
     assert not (tmp_path / "w").exists()  # refused before anything was made
+
+
+def test_train_figures_are_rated_from_the_steps_after_each_epochs_warm_up():
+    """A train run's step records (a record every 4 steps, 12 steps an epoch, 2 epochs, batch
+    10), written out: with 4 warm-up steps an epoch, the first record of each (its compile, or
+    the queues filled during the last evaluation: 1,000 img/s here) is left out, and the rate
+    is that of steps 5-12 and 17-24: 160 images in 0.1 + 0.1 + 0.2 + 0.2 s."""
+    gpu_report = tool("gpu_report")
+    recs = [{"epoch": e, "step": s, "images_per_s": ips, "gpu_wait": w, "gpu_step_ms": ms}
+            for e, s, ips, w, ms in ((1, 4, 1000.0, 0.5, 9.0), (1, 8, 400.0, 0.1, 2.0),
+                                     (1, 12, 400.0, 0.1, 2.0), (2, 16, 1000.0, 0.0, 1.0),
+                                     (2, 20, 200.0, 0.4, 4.0), (2, 24, 200.0, 0.4, 4.0))]
+    timed = gpu_report.timed_steps(recs, 4)
+    assert [(t["step"], t["steps"]) for t in timed] == [(8, 4), (12, 4), (20, 4), (24, 4)]
+    got = gpu_report.rate_of(timed, 10)
+    assert got["images_per_s"] == pytest.approx(160 / 0.6) and got["steps"] == 16
+    assert got["gpu_wait"] == pytest.approx((0.1 * 0.2 + 0.4 * 0.4) / 0.6)  # by time
+    assert got["gpu_step_ms"] == pytest.approx(3.0)  # by steps
+    assert len(gpu_report.timed_steps(recs, 5)) == 2  # 5 warm-up steps: from step 8 on, not 4
+
+
+@pytest.mark.timeout(300)
+def test_gpu_check_rehearsal_cuts_the_table_in_order_and_leaves_nothing_running(tmp_path):
+    """tools/gpu_check.sh --rehearse: the GPU check's steps on the CPU, small. Its report, cut
+    by a 30 s limit long before its end (SIGINT, as the check's timeout sends it), has measured
+    a prefix of the plan and names the rest as not reached, in order, in the table and in
+    report.json; the pytest and profile steps still run after it, and no process a step started
+    (the data's preparation, compile workers, DALI's readers) outlives the check."""
+    gpu_report = tool("gpu_report")
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "WORK": str(work), "REPORT_S": "30",
+           "PYTEST_S": "60", "PROFILE_S": "60"}
+    env.pop("OUT", None)
+    proc = run_group(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--rehearse"], cwd=ROOT,
+                     env=env, timeout=280)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plan: 25 figures" in out and "expected to reach" in out
+    report = json.loads((work / "report.json").read_text())
+    todo = gpu_report.plan()
+    measured = [f for f in todo if f in report]
+    assert measured == todo[:len(measured)] and report["not_reached"] == todo[len(measured):]
+    assert report["not_reached"], "the 30 s limit should have cut the table"
+    table = (work / "report.md").read_text().strip().splitlines()
+    assert table[-1] == f"| not reached (--only these next) | {' '.join(report['not_reached'])} |"
+    steps = next(line for line in out.splitlines() if line.startswith("== steps: "))
+    assert steps.startswith("== steps: report=124 in ") and "pytest-gpu=0" in steps, steps
+    assert "profile=0" in steps, steps
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if b"GPU_CHECK_STEP=" in environ.read_bytes():
+                left.append(environ.parent.name)
+        except OSError:  # ended meanwhile, or not ours to read
+            pass
+    assert not left, f"processes left running by the check's steps: {left}"
 
 
 def _mapped_files(path) -> int:

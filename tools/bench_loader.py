@@ -70,7 +70,7 @@ def extract(shard_dir: Path, out: Path, raw: bool) -> None:
 
 
 def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool,
-                  source: bool = False, hwc: bool = False):
+                  source: bool = False, hwc: bool = False, crop: int = 224):
     """DALI's own reader over one file per image, with the same crop, flip and channel mean: an
     endless iterator. source: the JPEG files' bytes read into memory first and fed by an
     external source (random order, labels from the folders) instead of DALI's reader, the
@@ -108,7 +108,7 @@ def native_loader(files: Path, raw: bool, batch: int, threads: int, gpu: bool,
                                        output_type=types.RGB)
         if gpu:
             labels = labels.gpu()
-        out = fn.crop_mirror_normalize(images, crop=(224, 224),
+        out = fn.crop_mirror_normalize(images, crop=(crop, crop),
                                        crop_pos_x=fn.random.uniform(range=(0, 1)),
                                        crop_pos_y=fn.random.uniform(range=(0, 1)),
                                        mirror=fn.random.coin_flip(), dtype=types.FLOAT,
@@ -166,9 +166,17 @@ def _measure(kind: str, spec: dict, seconds: float, conn) -> None:
     try:
         conn.send(_rate_and_cpu(kind, spec, seconds))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        conn.send((None, f"{type(e).__name__}: {first[:300]}"))
+        conn.send((None, f"{type(e).__name__}: {_cause(str(e))[:300]}"))
         raise
+
+
+def _cause(message: str) -> str:
+    """The line of an error message that says what went wrong: DALI's pipeline errors open with
+    "Critical error in pipeline:" and say it after their traceback, below "encountered:"."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else ""
 
 
 def phases(spec: dict) -> tuple[str, ...]:
@@ -186,7 +194,7 @@ def _rate_and_cpu(kind: str, spec: dict, seconds: float) -> list[tuple[float, di
     if kind in ("native", "bare", "source"):
         hwc = gpu and spec["config"].channels_last  # the layout ours hands a GPU model
         it = native_loader(spec["files"], kind == "bare", spec["batch"], spec["threads"], gpu,
-                           source=kind == "source", hwc=hwc)
+                           source=kind == "source", hwc=hwc, crop=spec["config"].augment.crop)
         pairs = ((b[0]["images"].permute(0, 3, 1, 2) if hwc else b[0]["images"],
                   b[0]["labels"].reshape(-1)) for b in it)
     else:

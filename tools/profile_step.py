@@ -216,7 +216,7 @@ def variant(arch: str, classes: int, batch: int, *, gpu: bool, compiled: bool, s
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     if not compiled:
         mark_lrn(model)
-    run = torch.compile(model) if compiled else model
+    run = torch.compile(model, dynamic=False) if compiled else model  # as train compiles it
     return profile(run, opt, input_dtype(x, gpu), y, gpu=gpu, amp=gpu, steps=steps,
                    warmup=warmup + (2 if compiled else 0))
 
