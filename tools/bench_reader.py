@@ -54,7 +54,7 @@ except ImportError:
 
 
 def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int | None,
-                copy_out: bool = False) -> float:
+                copy_out: bool = False, crop: int = 224) -> float:
     from nvidia.dali import fn, pipeline_def
     info = load_split(data, "train")
     # streaming across epochs as train's readers do (format 1's source ended every epoch)
@@ -62,7 +62,7 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
     # JPEG as a GPU decoder is fed it (one padded array a batch), where the source has that
     if "packed" in BatchSource.__dataclass_fields__:
         stream["packed"] = True
-    source = BatchSource(split=info, batch_size=batch, train=True, crop=224, **stream)
+    source = BatchSource(split=info, batch_size=batch, train=True, crop=crop, **stream)
     kw = {} if depth == 0 else {"prefetch_queue_depth": depth or queue_depth(2, workers)}
     # workers 0: the reads in the pipeline's own process, as the CPU default for raw shards
     kw = {"parallel": True, **kw} if workers else {"parallel": False, "no_copy": True}

@@ -475,7 +475,7 @@ def report(a, todo: list[str], data: Data) -> int:
     def reader(n):
         from bench_reader import reader_rate
         data.ready()
-        return reader_rate(a.work / "jpeg", n, a.batch_size, a.seconds, None)
+        return reader_rate(a.work / "jpeg", n, a.batch_size, a.seconds, None, crop=a.crop)
 
     figures = {
         "model_synthetic": lambda: step(a.batch_size),
