@@ -42,15 +42,15 @@ RUNS = {  # name: [(launcher, extra train options), ...] run one after another i
 
 
 def digest(path: Path) -> dict:
+    """The weights in the state dict's order and the momenta in the optimiser's, by value
+    (dtype, shape, bytes): not by name, so that a change of the keys alone changes nothing."""
     import torch
     state = torch.load(path, map_location="cpu", weights_only=True)
     h = hashlib.sha256()
-    tensors = {f"model.{k}": v for k, v in state["model"].items()}
-    for i, s in state["optimizer"]["state"].items():
-        tensors[f"momentum.{i}"] = s["momentum_buffer"]
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+    momenta = [s["momentum_buffer"] for _, s in sorted(state["optimizer"]["state"].items())]
+    for t in [*state["model"].values(), *momenta]:
+        t = t.contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"sha256": h.hexdigest(), "epoch": state["epoch"], "batch": state["batch"],
             "step": state["step"]}
