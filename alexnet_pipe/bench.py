@@ -20,11 +20,11 @@ from alexnet_base.config import ENCODINGS, BenchConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, distributed
 from alexnet_pipe.normalize import Normalization
-from alexnet_pipe.pipeline import make_loader
-from alexnet_pipe.reader import BatchSource
+from alexnet_pipe.prepared import Prepared, open_prepared
+from alexnet_pipe.reader import ShardReader
+from alexnet_pipe.runtime import Runtime, train_step
 from preprocessing import resize
-from preprocessing.shards import MANIFEST_FILE, load_split, load_stats, read_manifest
-from preprocessing.verify import check_inputs
+from preprocessing.shards import MANIFEST_FILE, read_manifest
 
 
 def timed_rate(it, n_batches: int | None, seconds: float | None, warmup: int, batch: int,
@@ -56,32 +56,28 @@ def endless(loader):
 def bench_loader(config: BenchConfig) -> dict:
     config.validate()
     cfg = config.loader
-    device = distributed.device(cfg.device)
-    gpu = device.type == "cuda"
-    info = load_split(cfg.data, "train")
-    if cfg.verify:
-        check_inputs(cfg.data, ("train",), workers=resources.usable_cores())
-    stats = load_stats(cfg.data, info)
-    norm = Normalization.from_stats(stats, cfg.augment)
-    sync = _cuda_sync if gpu else (lambda: None)
+    runtime = Runtime.for_device(distributed.device(cfg.device), channels_last=cfg.channels_last)
+    data = open_prepared(cfg.data, ("train",), verify=cfg.verify)
+    info, norm = data.split("train"), data.normalization(cfg.augment)
+    sync = _cuda_sync if runtime.gpu else (lambda: None)
     # the baseline first, while this process has no reader threads or pipelines of ours: its
     # DataLoader may fork (a fork during a read is held off by reading.FORK_GATE as well)
-    baseline = baseline_rate(config, info, stats, norm) if config.baseline else None
+    baseline = baseline_rate(config, data, norm) if config.baseline else None
     rates = []
-    loader = make_loader(cfg, split="train", info=info, norm=norm, device=device,
-                         epochs=STREAM)  # read on across epochs as a long run does
+    loader = data.loader(cfg, "train", device=runtime.device, epochs=STREAM)  # across epochs,
+    # as a long run reads
     it = endless(loader)
     for _ in range(config.repeats):
         rates.append(timed_rate(it, config.batches, config.seconds,
                                 config.warmup if not rates else 0, cfg.batch_size, sync))
     threads, readers = loader.readers  # as built: JPEG gets none where /dev/shm is small
-    result = {"device": "gpu" if gpu else "cpu", "encoding": info.encoding,
+    result = {"device": "gpu" if runtime.gpu else "cpu", "encoding": info.encoding,
               "batch_size": cfg.batch_size, "threads": threads, "readers": readers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),
               "mb_per_s": statistics.median(rates) * info.bytes_per_image / 1e6,
               "repeats": rates}
     if config.compare_model:
-        result["model_images_per_s"] = model_step_rate(cfg, gpu, info.num_classes)
+        result["model_images_per_s"] = model_step_rate(cfg, runtime, info.num_classes)
         result["loader_over_model"] = result["images_per_s"] / result["model_images_per_s"]
     if baseline is not None:
         result["baseline_images_per_s"] = baseline
@@ -94,41 +90,35 @@ def _cuda_sync():
     torch.cuda.synchronize()
 
 
-def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int = 10,
+def model_step_rate(cfg: LoaderConfig, runtime: Runtime, num_classes: int, steps: int = 10,
                     warmup: int = 3, arch: str = "alexnet", compile_mode: str | None = None,
                     model=None, in_channels: int = 3, settle=None) -> float:
-    """AlexNet SGD steps on synthetic device-resident input in the loader's dtype and layout,
-    with train's cuDNN autotuning on a GPU: what the loader has to keep up with.
-    compile_mode: torch.compile's mode (None: eager); model, in_channels: another network and
-    its input channels (the benchmarks' variants); settle(): called after the warm-up, before
-    the clock starts (a background job to wait for)."""
+    """The paper's SGD steps (runtime.train_step, optim.sgd) on synthetic device-resident input
+    in the loader's dtype and layout, cuDNN's autotuning as train sets it: what the loader has
+    to keep up with. compile_mode: torch.compile's mode (None: eager); model, in_channels:
+    another network and its input channels (the benchmarks' variants); settle(): called after
+    the warm-up, before the clock starts (a background job to wait for)."""
     import torch
-    from alexnet_pipe.model import build_model, input_dtype
-    from alexnet_pipe.train import train_step
-    device = torch.device("cuda" if gpu else "cpu")
-    if gpu:  # as train sets it (unless --deterministic): fixed shapes, algorithms timed once
-        torch.backends.cudnn.benchmark = True
-    model = (model or build_model(arch, num_classes=num_classes, crop=cfg.augment.crop)).to(device)
-    channels_last = gpu and cfg.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    from alexnet_pipe import optim
+    from alexnet_pipe.model import build_model
+    runtime.configure()
+    device = runtime.device
+    model = runtime.place((model or build_model(arch, num_classes=num_classes,
+                                                crop=cfg.augment.crop)).to(device))
+    opt = optim.sgd(model)
     run = model if compile_mode is None else torch.compile(model, dynamic=False,
                                                            mode=compile_mode)
-    x = input_dtype(torch.randn(cfg.batch_size, in_channels, cfg.augment.crop,
-                                cfg.augment.crop, device=device).to(getattr(torch, cfg.dtype)),
-                    gpu)  # what train_one_epoch hands the step
-    if channels_last:  # as the loader delivers it: an NCHW view of HWC memory
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = runtime.batch(torch.randn(cfg.batch_size, in_channels, cfg.augment.crop,
+                                  cfg.augment.crop, device=device).to(getattr(torch, cfg.dtype)))
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
 
     def steps_iter():
         while True:
-            train_step(run, opt, x, y, amp=gpu)
+            train_step(run, opt, x, y, runtime=runtime)
             yield
     warmup += 0 if compile_mode is None else 3  # compiling, autotuning, capturing graphs
     return timed_rate(steps_iter(), steps, None, warmup, cfg.batch_size,
-                      _cuda_sync if gpu else (lambda: None), settle)
+                      _cuda_sync if runtime.gpu else (lambda: None), settle)
 
 
 # --- the baseline: a plain PyTorch DataLoader doing the same work with PIL and numpy -----------
@@ -136,23 +126,25 @@ def model_step_rate(cfg: LoaderConfig, gpu: bool, num_classes: int, steps: int =
 class _TorchDataset:
     """Map-style dataset over the same shards: decode (PIL), crop, flip, lighting, mean (numpy)."""
 
-    def __init__(self, source: BatchSource, mean, std):
-        self.source, self.mean, self.std = source, mean, std
+    def __init__(self, reader: ShardReader, aug, seed: int, basis, mean, std):
+        self.reader, self.aug, self.seed, self.basis = reader, aug, seed, basis
+        self.mean, self.std = mean, std
 
     def __len__(self):
-        return self.source.split.total
+        return self.reader.split.total
 
     def __getitem__(self, i):
         import torch
-        rng = np.random.default_rng(i)
-        src = self.source
-        p = augment.random_params(rng, 1, size=src.split.size, crop=src.crop, flip=src.flip,
-                                  lighting_std=src.lighting_std)
-        (data,), (label,) = src.read(np.array([i]))
+        rng = np.random.default_rng([self.seed, i])  # image i's draws, from --seed
+        aug, size = self.aug, self.reader.split.size
+        p = augment.random_params(rng, 1, size=size, crop=aug.crop, flip=aug.flip,
+                                  lighting_std=aug.lighting_std)
+        (data,), (label,) = self.reader.read(np.array([i]))
         image = resize.decode_jpeg(data.tobytes()) if data.ndim == 1 else data
-        offset = src.lighting_shifts(p)[0]
+        offset = (augment.lighting_offsets(p["alpha"], self.basis)[0] if self.basis is not None
+                  else np.zeros(3))
         out = augment.reference(image, x=int(p["x"][0]), y=int(p["y"][0]), flip=bool(p["flip"][0]),
-                                offset=offset, mean=self.mean, std=self.std, crop=src.crop)
+                                offset=offset, mean=self.mean, std=self.std, crop=aug.crop)
         return torch.from_numpy(out.astype(np.float32)), int(label)
 
 
@@ -165,22 +157,19 @@ def _exit_as_forked(_worker: int) -> None:
     atexit.register(os._exit, 0)
 
 
-def baseline_rate(config: BenchConfig, info, stats, norm: Normalization) -> float:
+def baseline_rate(config: BenchConfig, data: Prepared, norm: Normalization) -> float:
     import torch
     cfg, aug = config.loader, config.loader.augment
-    basis = augment.lighting_basis(stats.eigval, stats.eigvec, aug.lighting_scale) \
-        if aug.lighting_std > 0 else None
-    source = BatchSource(split=info, batch_size=cfg.batch_size, train=True, crop=aug.crop,
-                         flip=aug.flip, lighting_std=aug.lighting_std, lighting_basis=basis)
+    dataset = _TorchDataset(ShardReader(data.split("train")), aug, cfg.seed, data.lighting(aug),
+                            norm.mean, norm.std)
     # as many processes as our loader has DALI threads and readers, at most the cores (torch's
     # advice)
-    env = distributed.from_environment()
-    workers = min(sum(cfg.reader_counts(False, env.local_world)), resources.usable_cores())
+    workers = min(sum(cfg.reader_counts(False)), resources.usable_cores())
     loader = torch.utils.data.DataLoader(
-        _TorchDataset(source, norm.mean, norm.std), batch_size=cfg.batch_size, shuffle=True,
+        dataset, batch_size=cfg.batch_size, shuffle=True,
         num_workers=workers, drop_last=True, persistent_workers=True,
         prefetch_factor=2, multiprocessing_context=resources.start_method(),
-        worker_init_fn=_exit_as_forked)
+        worker_init_fn=_exit_as_forked, generator=torch.Generator().manual_seed(cfg.seed))
     it = endless(loader)
     rates = [timed_rate(it, config.batches, config.seconds, config.warmup if r == 0 else 0,
                         cfg.batch_size) for r in range(config.repeats)]

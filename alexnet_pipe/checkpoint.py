@@ -13,7 +13,8 @@ is one line in each. What it holds:
     epoch, batch, step, best_top1_err      Progress: where the run stands
     rng             torch's CPU generator, and the CUDA one of every device the model runs on
     arch, num_classes, size (px of the shards), crop, class_names, normalization
-                    Model: what evaluate, predict and filters need, nothing from the data folder
+                                    ModelCard: what evaluate, predict and filters need, nothing from the data
+                    folder
     config, version, torch      the options of the run and what wrote it, for people
     digest          sha256 of all of the above (content_digest), checked at every load
 """
@@ -32,7 +33,7 @@ import torch
 from alexnet_base.errors import UserError, os_error
 from alexnet_base.files import atomic_path
 from alexnet_pipe import __version__
-from alexnet_pipe.model import TowerAlexNet, build_model
+from alexnet_pipe.model import build_model, named_state
 from alexnet_pipe.normalize import Normalization
 
 CHECKPOINT_DIR = "checkpoints"
@@ -49,7 +50,7 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class Model:
+class ModelCard:
     """What a checkpoint says of its network and its input: enough to use it on images."""
     arch: str
     num_classes: int
@@ -59,34 +60,28 @@ class Model:
     norm: Normalization
 
 
-def devices_of(weights: torch.nn.Module, device: torch.device) -> list[torch.device]:
-    """The devices whose generators draw a run's dropout masks: each tower's, or the input's."""
-    return list(weights.devices) if isinstance(weights, TowerAlexNet) else [device]
-
-
-def build(*, model: Model, weights: torch.nn.Module, optimizer, scheduler, progress: Progress,
-          config: dict, device: torch.device, keep: bool = True) -> dict | None:
-    """The checkpoint dict of a run: `weights` is the trained module (grouped or towers),
-    `device` its input device. keep=False (hybrid, a rank that writes nothing): only its part
-    of the gathers (collectives), nothing copied to its host; returns None."""
-    if not keep:
-        weights.grouped_state_dict(keep=False)
-        grouped_optimizer_state(optimizer, weights, keep=False)
-        return None
+def rng_state(devices: list[torch.device]) -> dict:
+    """torch's CPU generator, and the CUDA one of each device a step runs on (the towers: two)."""
     rng = {"torch": torch.get_rng_state()}
-    cuda = {str(d): torch.cuda.get_rng_state(d) for d in devices_of(weights, device)
-            if d.type == "cuda"}
-    if cuda:  # every GPU's generator: towers on two GPUs draw on both
+    cuda = {str(d): torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    if cuda:
         rng["cuda"] = cuda
-    return {"arch": model.arch, "num_classes": model.num_classes, "size": model.size,
-            "crop": model.crop, "class_names": list(model.class_names),
-            "normalization": model.norm.to_state(), "config": config, "version": __version__,
+    return rng
+
+
+def build(*, card: ModelCard, weights: dict, optimizer: dict, scheduler, progress: Progress,
+          config: dict, devices: list[torch.device]) -> dict:
+    """The checkpoint dict of a run: `weights` the grouped state dict and `optimizer` the
+    optimiser's state in the grouped layout, gathered already (parallel.weights_state: no
+    collective here); `devices`: those a step runs on, whose generators it keeps."""
+    return {"arch": card.arch, "num_classes": card.num_classes, "size": card.size,
+            "crop": card.crop, "class_names": list(card.class_names),
+            "normalization": card.norm.to_state(), "config": config, "version": __version__,
             "torch": str(torch.__version__),
             "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
-            "best_top1_err": progress.best, "rng": rng,
-            "model": weights.grouped_state_dict() if _split(weights) else weights.state_dict(),
-            "optimizer": grouped_optimizer_state(optimizer, weights),
-            "optimizer_layout": "grouped", "scheduler": scheduler.state_dict()}
+            "best_top1_err": progress.best, "rng": rng_state(devices),
+            "model": weights, "optimizer": optimizer, "optimizer_layout": "grouped",
+            "scheduler": scheduler.state_dict()}
 
 
 def sealed(state: dict) -> dict:
@@ -124,13 +119,14 @@ def _feed(h, value) -> None:
 
 
 def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
-            device: torch.device) -> Progress:
-    """Puts a checkpoint back into a run's module, optimiser, scheduler and generators."""
-    if _split(weights):
+            devices: list[torch.device], split: bool) -> Progress:
+    """Puts a checkpoint back into a run's module, optimiser, scheduler and generators. split:
+    `weights` is a parallel.SplitModel (its parts of the grouped layout)."""
+    if split:
         weights.load_grouped_state_dict(state["model"])
     else:
         weights.load_state_dict(state["model"])
-    if _split(weights) and state.get("optimizer_layout") == "grouped":
+    if split and state.get("optimizer_layout") == "grouped":
         load_grouped_optimizer_state(optimizer, weights, state["optimizer"])
     else:  # one model, or towers written before the grouped layout (their own)
         optimizer.load_state_dict(state["optimizer"])
@@ -138,17 +134,12 @@ def restore(state: dict, *, weights: torch.nn.Module, optimizer, scheduler,
     torch.set_rng_state(state["rng"]["torch"])
     cuda = state["rng"].get("cuda")
     if isinstance(cuda, torch.Tensor):  # written before every device's state was kept
-        cuda = {str(device): cuda}
-    for d in devices_of(weights, device):  # GPU dropout masks
+        cuda = {str(devices[0]): cuda}
+    for d in devices:  # GPU dropout masks
         if d.type == "cuda" and cuda is not None and str(d) in cuda:
             torch.cuda.set_rng_state(cuda[str(d)], d)
     return Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
                     best=state["best_top1_err"])
-
-
-def _split(weights: torch.nn.Module) -> bool:
-    """A model split into parts (towers, hybrid) that keeps the grouped layout on disk."""
-    return hasattr(weights, "gather_grouped")
 
 
 def _grouped_index(optimizer, weights) -> dict:
@@ -164,11 +155,9 @@ def _grouped_index(optimizer, weights) -> dict:
 
 
 def grouped_optimizer_state(optimizer, weights: torch.nn.Module, *, keep: bool = True) -> dict:
-    """The optimiser's state dict as the one (grouped) model's optimiser would hold it, whatever
-    the parts: a run resumes in any parallel mode. For hybrid a collective (every rank);
-    keep=False: this rank's part of it only (see build)."""
-    if not _split(weights):
-        return optimizer.state_dict()
+    """The optimiser's state dict of a split model (parallel.SplitModel) as the one (grouped)
+    model's optimiser would hold it: a run resumes in any parallel mode. For hybrid a
+    collective (every rank); keep=False: this rank's part of it only, returning {}."""
     momenta = {p: s["momentum_buffer"] for p, s in optimizer.state.items()
                if s.get("momentum_buffer") is not None}
     if not keep:
@@ -198,19 +187,19 @@ def load_grouped_optimizer_state(optimizer, weights: torch.nn.Module, state: dic
                                                  state["param_groups"])]})
 
 
-def model_of(state: dict) -> Model:
-    return Model(arch=state["arch"], num_classes=state["num_classes"], size=state["size"],
+def card_of(state: dict) -> ModelCard:
+    return ModelCard(arch=state["arch"], num_classes=state["num_classes"], size=state["size"],
                  crop=state["crop"], class_names=tuple(state["class_names"]),
                  norm=Normalization.from_state(state["normalization"]))
 
 
-def load_model(path: Path, device) -> tuple[torch.nn.Module, Model]:
+def load_model(path: Path, device) -> tuple[torch.nn.Module, ModelCard]:
     """The trained network of a checkpoint on `device`, in eval mode, and what it expects."""
     state = load(path)
-    about = model_of(state)
-    net = build_model(about.arch, about.num_classes, about.crop)
+    card = card_of(state)
+    net = build_model(card.arch, card.num_classes, card.crop)
     net.load_state_dict(state["model"])
-    return net.to(device).eval(), about
+    return net.to(device).eval(), card
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -312,7 +301,8 @@ def load(path: Path) -> dict:
         raise UserError(f"{path}: damaged: its content does not match the digest it was saved "
                         f"with (a changed byte, or a bad copy); use an intact copy or another "
                         f"checkpoint of the run")
-    return state
+    # written before the layers had names: their keys as they are now
+    return {**state, "model": named_state(state["arch"], state["model"])}
 
 
 def load_latest(run_dir: Path, warn) -> tuple[Path, dict]:

@@ -5,20 +5,20 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_pipe import distributed
-from alexnet_pipe.model import input_dtype
+from alexnet_pipe.runtime import Runtime
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, device, amp: bool, ten_crop: bool = False) -> dict:
+def evaluate(model, loader, *, runtime: Runtime, ten_crop: bool = False) -> dict:
     """Top-1 and top-5 error over this rank's share, summed over ranks; padding masked out.
     Counts stay on the device; the one sync is the sum at the end."""
     model.eval()
-    use_amp = amp and device.type == "cuda"
+    device = runtime.device
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1, top-5, loss
     for images, labels, valid, _ in loader:
-        images, labels, valid = (t.to(device, non_blocking=True) for t in (images, labels, valid))
-        images = input_dtype(images, use_amp)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        images, labels = runtime.batch(images, labels)
+        valid = valid.to(device, non_blocking=True)
+        with runtime.autocast():
             if ten_crop:  # (B, 10, C, H, W): the paper averages the ten softmax outputs
                 b = images.shape[0]
                 probs = F.softmax(model(images.flatten(0, 1)).float(), 1).view(b, 10, -1).mean(1)

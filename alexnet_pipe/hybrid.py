@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from alexnet_pipe.model import AlexNet
-
-WIDTH = 4096  # fc6's outputs and fc7's inputs and outputs
+from alexnet_pipe.model import FC_WIDTH as WIDTH, AlexNet, layer, param_name
 
 
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
@@ -89,9 +87,9 @@ def slices(width: int, world: int) -> list[slice]:
 
 
 # grouped (AlexNet) parameter -> (hybrid parameter, dim it is cut along or None: replicated)
-_FC = {"classifier.0.weight": ("fc6.weight", 0), "classifier.0.bias": ("fc6.bias", 0),
-       "classifier.3.weight": ("fc7.weight", 1), "classifier.3.bias": ("fc7_bias", None),
-       "classifier.6.weight": ("fc8.weight", None), "classifier.6.bias": ("fc8.bias", None)}
+_FC = {param_name("fc6"): ("fc6.weight", 0), param_name("fc6", "bias"): ("fc6.bias", 0),
+       param_name("fc7"): ("fc7.weight", 1), param_name("fc7", "bias"): ("fc7_bias", None),
+       param_name("fc8"): ("fc8.weight", None), param_name("fc8", "bias"): ("fc8.bias", None)}
 
 
 BUCKET_VALUES = 1 << 20  # gradient values a bucket holds (4 MB in float32): fc8's bucket is
@@ -162,16 +160,16 @@ class HybridAlexNet(nn.Module):
         self.rank, self.world, self.group, self.seed = rank, world, group, seed
         self.draws = 0
         self.part = slices(WIDTH, world)[rank]
-        self.p = grouped.classifier[2].p  # the paper's dropout probability, both layers
+        self.p = grouped.classifier.drop6.p  # the paper's dropout probability, both layers
         width = self.part.stop - self.part.start
         self.features = grouped.features  # the same modules: the same names in the checkpoint
         like = next(grouped.parameters())
         kw = dict(device=like.device, dtype=like.dtype)
         # no initialisation (it would draw from torch's generator): the grouped model's values
-        self.fc6 = skip_init(nn.Linear, grouped.classifier[0].in_features, width, **kw)
+        self.fc6 = skip_init(nn.Linear, layer(grouped, "fc6").in_features, width, **kw)
         self.fc7 = skip_init(nn.Linear, width, WIDTH, bias=False, **kw)
         self.fc7_bias = nn.Parameter(torch.empty(WIDTH, **kw))
-        self.fc8 = skip_init(nn.Linear, WIDTH, grouped.classifier[6].out_features, **kw)
+        self.fc8 = skip_init(nn.Linear, WIDTH, layer(grouped, "fc8").out_features, **kw)
         self.load_grouped_state_dict(grouped.state_dict())
         self.grouped_count = sum(p.numel() for p in grouped.parameters())
         self._trunk = None   # a compiled trunk (compile_trunk), kept out of the state dict
@@ -237,8 +235,9 @@ class HybridAlexNet(nn.Module):
         rows = [everyone[k * most:k * most + p.stop - p.start] for k, p in enumerate(parts)]
         return torch.cat(rows).movedim(0, dim)
 
-    def grouped_state_dict(self, *, keep: bool = True) -> dict:
-        return self.gather_grouped(dict((p, p) for p in self.parameters()), keep=keep)
+    def grouped_state_dict(self) -> dict:
+        """The grouped model's state dict (a collective: every rank)."""
+        return self.gather_grouped({p: p for p in self.parameters()})
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """The parameters every rank holds whole (all-reduced): the same on every rank."""
@@ -293,20 +292,24 @@ class HybridAlexNet(nn.Module):
     # --- evaluation: each rank on its own images, with the whole classifier ----------------------
 
     def train(self, mode: bool = True):
-        """Switching to eval gathers the whole classifier on every rank (a collective: every rank
-        switches together), so evaluation needs no communication per batch."""
+        """Back to training drops the gathered classifier (its weights change from here)."""
         super().train(mode)
         if mode:
             self._eval = None
-        else:
-            with torch.no_grad():  # kept on the device: no trip through the host
-                trunk = set(self.features.parameters())
-                whole = self._gather_on_device({p: p for p in self.parameters()
-                                                if p not in trunk})
-            self._eval = [whole[n] for n in _FC]
         return self
 
+    def gather_classifier(self) -> None:
+        """The whole classifier on this rank's device, for evaluation without communication per
+        batch: a collective, which every rank enters together (parallel.before_evaluation)."""
+        with torch.no_grad():
+            trunk = set(self.features.parameters())
+            whole = self._gather_on_device({p: p for p in self.parameters() if p not in trunk})
+        self._eval = [whole[n] for n in _FC]
+
     def _evaluate(self, h):
+        if self._eval is None:
+            raise RuntimeError("HybridAlexNet in eval mode needs gather_classifier() first, on "
+                               "every rank (parallel.before_evaluation)")
         w6, b6, w7, b7, w8, b8 = self._eval
         z = torch.relu(F.linear(h, w6, b6))
         z = torch.relu(F.linear(z, w7, b7))

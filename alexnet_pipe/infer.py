@@ -9,38 +9,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet_base import resources
 from alexnet_base.config import AugmentConfig, EvalConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
-from alexnet_pipe.pipeline import make_loader
-from preprocessing import resize, verify
-from preprocessing.shards import load_split
+from alexnet_pipe.prepared import open_prepared
+from alexnet_pipe.runtime import Runtime
+from preprocessing import resize
 
 
 def evaluate_checkpoint(config: EvalConfig) -> dict:
-    dev = distributed.device(config.loader.device)
-    model, about = checkpoint.load_model(config.checkpoint, dev)
-    if dev.type == "cuda":  # the loader's layout, and cuDNN's fastest algorithms for it
-        torch.backends.cudnn.benchmark = True
-        if config.loader.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    runtime = Runtime.for_device(distributed.device(config.loader.device),
+                                 channels_last=config.loader.channels_last)
+    runtime.configure()  # the loader's layout, and cuDNN's fastest algorithms for it
+    model, card = checkpoint.load_model(config.checkpoint, runtime.device)
+    model = runtime.place(model)
     if config.compile:
         model = torch.compile(model, dynamic=False)
-    info = load_split(config.loader.data, "val")
-    if config.loader.verify:
-        verify.check_inputs(config.loader.data, ("val",), workers=resources.usable_cores())
-    if info.num_classes != about.num_classes:
-        raise UserError(f"{config.checkpoint}: a checkpoint for {about.num_classes} classes; "
+    data = open_prepared(config.loader.data, ("val",), verify=config.loader.verify)
+    info = data.split("val")
+    if info.num_classes != card.num_classes:
+        raise UserError(f"{config.checkpoint}: a checkpoint for {card.num_classes} classes; "
                         f"{config.loader.data} has {info.num_classes}")
-    if info.size != about.size:
-        raise UserError(f"{config.checkpoint}: trained on {about.size} px shards; "
+    if info.size != card.size:
+        raise UserError(f"{config.checkpoint}: trained on {card.size} px shards; "
                         f"{config.loader.data} holds {info.size} px")
-    loader = make_loader(replace(config.loader, augment=AugmentConfig(crop=about.crop)),
-                         split="val", info=info, norm=about.norm, ten_crop=config.ten_crop,
-                         device=dev)
-    return evaluate(model, loader, device=dev, amp=dev.type == "cuda", ten_crop=config.ten_crop)
+    loader = data.loader(replace(config.loader, augment=AugmentConfig(crop=card.crop)), "val",
+                         norm=card.norm, ten_crop=config.ten_crop, device=runtime.device)
+    return evaluate(model, loader, runtime=runtime, ten_crop=config.ten_crop)
 
 
 @torch.no_grad()
@@ -49,8 +45,8 @@ def predict(images: list[Path], path: Path, top: int = 5) -> list[dict]:
     normalisation."""
     if top < 1:
         raise UserError(f"--top {top}: must be at least 1")
-    model, about = checkpoint.load_model(path, torch.device("cpu"))
-    size, crop, norm = about.size, about.crop, about.norm
+    model, card = checkpoint.load_model(path, torch.device("cpu"))
+    size, crop, norm = card.size, card.crop, card.norm
     results = []
     for image_path in images:
         if Path(image_path).is_dir():
@@ -66,6 +62,6 @@ def predict(images: list[Path], path: Path, top: int = 5) -> list[dict]:
         probs = torch.softmax(model(torch.from_numpy(x).float()[None]), 1)[0]
         p, idx = probs.topk(min(top, len(probs)))
         results.append({"image": str(image_path), "top": [
-            {"class": int(i), "name": about.class_names[int(i)], "p": float(q)}
+            {"class": int(i), "name": card.class_names[int(i)], "p": float(q)}
             for q, i in zip(p, idx)]})
     return results

@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from alexnet_pipe.hybrid import WIDTH
-from alexnet_pipe.model import build_model
+from torch import nn
+
+from alexnet_pipe.model import FC_WIDTH as WIDTH, build_model, count_parameters, layer
 
 
 class Collective(NamedTuple):
@@ -29,13 +30,13 @@ def _shapes(num_classes: int, crop: int) -> dict:
     with torch.device("meta"):
         model = build_model("alexnet", num_classes, crop)
         x = torch.empty(1, 3, crop, crop)
-        conv2 = model.features[:9](x)            # pooled conv2: what conv3 takes from both towers
-        pooled = model.features[9:](conv2)       # pooled conv5: the classifier's input
-    params = dict(model.named_parameters())
-    trunk = sum(p.numel() for n, p in params.items() if n.startswith("features."))
+        trunk = list(model.features.named_children())
+        at = [n for n, _ in trunk].index("conv3")
+        conv2 = nn.Sequential(*[m for _, m in trunk[:at]])(x)  # pooled conv2: conv3's input,
+        pooled = nn.Sequential(*[m for _, m in trunk[at:]])(conv2)  # from both towers; pool5
     return {"image": x.numel(), "conv2": conv2.numel(), "pooled": pooled.numel(),
-            "trunk": trunk, "all": sum(p.numel() for p in params.values()),
-            "fc8": params["classifier.6.weight"].numel() + num_classes}
+            "trunk": count_parameters(model.features), "all": count_parameters(model),
+            "fc8": count_parameters(layer(model, "fc8"))}
 
 
 def collectives(mode: str, *, world: int, batch: int, num_classes: int = 1000, crop: int = 224,

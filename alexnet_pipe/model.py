@@ -14,6 +14,8 @@ from 224 and from 227 to 258 px.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,27 +158,48 @@ def pooled_side(crop: int) -> int:
     return side
 
 
+FC_WIDTH = 4096  # fc6's and fc7's outputs (the paper)
+CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")  # the layers with weights, in order:
+FCS = ("fc6", "fc7", "fc8")                             # every model's names for them
+LAYERS = CONVS + FCS
+
+
+def _named(*layers) -> nn.Sequential:
+    """nn.Sequential of (name, module) pairs: its parameters are NAME.weight, NAME.bias."""
+    return nn.Sequential(OrderedDict(layers))
+
+
+def relu() -> nn.ReLU:
+    return nn.ReLU(inplace=True)
+
+
 class AlexNet(nn.Module):
-    """The paper's network, two towers as groups=2. 60,965,224 parameters at 1000 classes."""
+    """The paper's network, two towers as groups=2. 60,965,224 parameters at 1000 classes.
+    features: conv1 ... pool5, (B, 3, crop, crop) -> (B, 256, side, side); classifier: fc6 ...
+    fc8, (B, 256 * side^2) -> (B, classes). Parameters by name: features.conv1.weight, ...,
+    classifier.fc8.bias (layer() finds a layer by its name)."""
 
     def __init__(self, num_classes: int = 1000, crop: int = 224, dropout: float = 0.5):
         super().__init__()
-        self.features = nn.Sequential(
-            _conv1_pad(crop),
-            nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), GroupLRN(2),   # 96x55x55
-            nn.MaxPool2d(3, 2),                                                   # 96x27x27
-            nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(inplace=True), GroupLRN(2),
-            nn.MaxPool2d(3, 2),                                                   # 256x13x13
-            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),             # both towers
-            nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2),                                                   # 256x6x6
+        self.features = _named(
+            ("pad", _conv1_pad(crop)),
+            ("conv1", nn.Conv2d(3, 96, 11, stride=4)), ("relu1", relu()),
+            ("lrn1", GroupLRN(2)),                                              # 96x55x55
+            ("pool1", nn.MaxPool2d(3, 2)),                                      # 96x27x27
+            ("conv2", nn.Conv2d(96, 256, 5, padding=2, groups=2)), ("relu2", relu()),
+            ("lrn2", GroupLRN(2)),
+            ("pool2", nn.MaxPool2d(3, 2)),                                      # 256x13x13
+            ("conv3", nn.Conv2d(256, 384, 3, padding=1)), ("relu3", relu()),   # both towers
+            ("conv4", nn.Conv2d(384, 384, 3, padding=1, groups=2)), ("relu4", relu()),
+            ("conv5", nn.Conv2d(384, 256, 3, padding=1, groups=2)), ("relu5", relu()),
+            ("pool5", nn.MaxPool2d(3, 2)),                                      # 256x6x6
         )
-        self.classifier = nn.Sequential(
-            nn.Linear(256 * pooled_side(crop) ** 2, 4096), nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(4096, num_classes),
+        self.classifier = _named(
+            ("fc6", nn.Linear(256 * pooled_side(crop) ** 2, FC_WIDTH)), ("relu6", relu()),
+            ("drop6", nn.Dropout(dropout)),
+            ("fc7", nn.Linear(FC_WIDTH, FC_WIDTH)), ("relu7", relu()),
+            ("drop7", nn.Dropout(dropout)),
+            ("fc8", nn.Linear(FC_WIDTH, num_classes)),
         )
 
     def forward(self, x):
@@ -184,36 +207,78 @@ class AlexNet(nn.Module):
 
 
 class AlexNetOWT(nn.Module):
-    """torchvision's single-tower AlexNet ("One weird trick", Krizhevsky 2014): no LRN."""
+    """torchvision's single-tower AlexNet ("One weird trick", Krizhevsky 2014): no LRN. The
+    same layer names as AlexNet; torchvision's own keys (features.0, ...) in TORCHVISION_KEYS."""
 
     def __init__(self, num_classes: int = 1000, crop: int = 224, dropout: float = 0.5):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.AdaptiveAvgPool2d((6, 6)),
+        self.features = _named(
+            ("conv1", nn.Conv2d(3, 64, 11, stride=4, padding=2)), ("relu1", relu()),
+            ("pool1", nn.MaxPool2d(3, 2)),
+            ("conv2", nn.Conv2d(64, 192, 5, padding=2)), ("relu2", relu()),
+            ("pool2", nn.MaxPool2d(3, 2)),
+            ("conv3", nn.Conv2d(192, 384, 3, padding=1)), ("relu3", relu()),
+            ("conv4", nn.Conv2d(384, 256, 3, padding=1)), ("relu4", relu()),
+            ("conv5", nn.Conv2d(256, 256, 3, padding=1)), ("relu5", relu()),
+            ("pool5", nn.MaxPool2d(3, 2)),
+            ("avgpool", nn.AdaptiveAvgPool2d((6, 6))),
         )
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),
+        self.classifier = _named(
+            ("drop6", nn.Dropout(dropout)), ("fc6", nn.Linear(256 * 6 * 6, 4096)),
+            ("relu6", relu()),
+            ("drop7", nn.Dropout(dropout)), ("fc7", nn.Linear(4096, 4096)), ("relu7", relu()),
+            ("fc8", nn.Linear(4096, num_classes)),
         )
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+def layer(model: nn.Module, name: str) -> nn.Module:
+    """AlexNet's or AlexNetOWT's layer `name` (LAYERS: conv1 ... fc8)."""
+    return getattr(model.features if name in CONVS else model.classifier, name)
+
+
+def param_name(name: str, kind: str = "weight") -> str:
+    """The state dict key of layer `name`'s weight or bias: features.conv1.weight, ..."""
+    return f"{'features' if name in CONVS else 'classifier'}.{name}.{kind}"
+
+
+# Checkpoints written before the layers had names (2026-12-07) hold nn.Sequential indices:
+INDEX_NAMES = {  # arch: {old "features.N" / "classifier.N": its layer's name}
+    "alexnet": dict(zip(("features.1", "features.5", "features.9", "features.11",
+                         "features.13", "classifier.0", "classifier.3", "classifier.6"),
+                        LAYERS)),
+    "alexnet-owt": dict(zip(("features.0", "features.3", "features.6", "features.8",
+                             "features.10", "classifier.1", "classifier.4", "classifier.6"),
+                            LAYERS)),
+}
+TORCHVISION_KEYS = {param_name(n, k): f"{old}.{k}" for old, n in INDEX_NAMES["alexnet-owt"].items()
+                    for k in ("weight", "bias")}  # ours -> torchvision.models.alexnet's
+
+
+def named_state(arch: str, state: dict) -> dict:
+    """A state dict with the layers' names for keys, whichever the checkpoint was written with
+    (INDEX_NAMES); the values as they are."""
+    old = INDEX_NAMES[arch]
+
+    def rename(key: str) -> str:
+        prefix, _, kind = key.rpartition(".")
+        return param_name(old[prefix], kind) if prefix in old else key
+    return {rename(k): v for k, v in state.items()}
+
+
+PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")  # the paper's biases of 1
+
+
 def init_paper(model: nn.Module, bias_init: str = "paper") -> None:
     """Weights N(0, 0.01); biases 1 (paper) or 0.1 (Caffe) in conv2, conv4, conv5 and the hidden
-    FC layers, 0 elsewhere (conv1, conv3, the last layer)."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    one = {1, 3, 4, 5, 6}  # conv2, conv4, conv5, fc6, fc7 in order of appearance
-    for i, layer in enumerate(layers):
-        nn.init.normal_(layer.weight, 0.0, 0.01)
-        nn.init.constant_(layer.bias, (1.0 if bias_init == "paper" else 0.1) if i in one else 0.0)
+    FC layers, 0 elsewhere (conv1, conv3, the last layer). Drawn in the layers' order."""
+    for name in LAYERS:
+        m = layer(model, name)
+        nn.init.normal_(m.weight, 0.0, 0.01)
+        one = 1.0 if bias_init == "paper" else 0.1
+        nn.init.constant_(m.bias, one if name in PAPER_BIAS_ONE else 0.0)
 
 
 def build_model(arch: str = "alexnet", num_classes: int = 1000, crop: int = 224,
@@ -242,15 +307,16 @@ class _Tower(nn.Module):
 
     def __init__(self, num_out: int, crop: int, dropout: float):
         super().__init__()
-        self.lower = nn.Sequential(   # conv1, conv2: own tower only
-            _conv1_pad(crop), nn.Conv2d(3, 48, 11, stride=4), nn.ReLU(inplace=True),
-            GroupLRN(1), nn.MaxPool2d(3, 2),
-            nn.Conv2d(48, 128, 5, padding=2), nn.ReLU(inplace=True), GroupLRN(1),
-            nn.MaxPool2d(3, 2))
+        self.lower = _named(   # conv1, conv2: own tower only
+            ("pad", _conv1_pad(crop)), ("conv1", nn.Conv2d(3, 48, 11, stride=4)),
+            ("relu1", relu()), ("lrn1", GroupLRN(1)), ("pool1", nn.MaxPool2d(3, 2)),
+            ("conv2", nn.Conv2d(48, 128, 5, padding=2)), ("relu2", relu()),
+            ("lrn2", GroupLRN(1)), ("pool2", nn.MaxPool2d(3, 2)))
         self.conv3 = nn.Conv2d(256, 192, 3, padding=1)  # sees both towers
-        self.upper = nn.Sequential(   # conv4, conv5: own tower only
-            nn.ReLU(inplace=True), nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(192, 128, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+        self.upper = _named(   # conv4, conv5: own tower only
+            ("relu3", relu()), ("conv4", nn.Conv2d(192, 192, 3, padding=1)), ("relu4", relu()),
+            ("conv5", nn.Conv2d(192, 128, 3, padding=1)), ("relu5", relu()),
+            ("pool5", nn.MaxPool2d(3, 2)))
         self.fc6 = nn.Linear(256 * pooled_side(crop) ** 2, 2048)
         self.fc7 = nn.Linear(4096, 2048)
         self.fc8 = nn.Linear(4096, num_out)
@@ -288,11 +354,13 @@ class TowerAlexNet(nn.Module):
         out = self._both(h, lambda t, z: t.fc8(z))
         return torch.cat([out[0], out[1].to(self.devices[0])], 1)
 
-    # The grouped AlexNet's state_dict is the one layout on disk.
-    _MAP = [("features.1", "lower.1", "conv"), ("features.5", "lower.5", "conv"),
-            ("features.9", "conv3", "out"), ("features.11", "upper.1", "conv"),
-            ("features.13", "upper.3", "conv"), ("classifier.0", "fc6", "out"),
-            ("classifier.3", "fc7", "out"), ("classifier.6", "fc8", "logits")]
+    # The grouped AlexNet's state_dict is the one layout on disk: each layer's tower module,
+    # and how its parameters are halved (conv: output channels; out: output neurons; logits:
+    # tower A takes logits_a of them)
+    _MAP = [("conv1", "lower.conv1", "conv"), ("conv2", "lower.conv2", "conv"),
+            ("conv3", "conv3", "out"), ("conv4", "upper.conv4", "conv"),
+            ("conv5", "upper.conv5", "conv"), ("fc6", "fc6", "out"), ("fc7", "fc7", "out"),
+            ("fc8", "fc8", "logits")]
 
     def _halves(self, n: int, kind: str) -> list[slice]:
         k = self.logits_a if kind == "logits" else n // 2
@@ -301,9 +369,10 @@ class TowerAlexNet(nn.Module):
     def _pieces(self):
         """(grouped name, [tower A's parameter, tower B's], how it is halved), in the grouped
         model's parameter order."""
-        for g, t, kind in self._MAP:
+        for layer_name, t, kind in self._MAP:
             for name in ("weight", "bias"):
-                yield f"{g}.{name}", [tw.get_parameter(f"{t}.{name}") for tw in self.towers], kind
+                yield (param_name(layer_name, name),
+                       [tw.get_parameter(f"{t}.{name}") for tw in self.towers], kind)
 
     def grouped_names(self) -> list[str]:
         return [name for name, _, _ in self._pieces()]
@@ -312,8 +381,9 @@ class TowerAlexNet(nn.Module):
         """{parameter: the grouped parameter it is half of}."""
         return {p: name for name, params, _ in self._pieces() for p in params}
 
-    def gather_grouped(self, values: dict) -> dict:
-        """{parameter: tensor shaped like it} -> {grouped name: both halves joined, on the CPU}."""
+    def gather_grouped(self, values: dict, *, keep: bool = True) -> dict:
+        """{parameter: tensor shaped like it} -> {grouped name: both halves joined, on the CPU}
+        (one process: `keep` is always so)."""
         return {name: torch.cat([values[p].detach().cpu() for p in params], 0)
                 for name, params, _ in self._pieces() if params[0] in values}
 

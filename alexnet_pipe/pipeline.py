@@ -1,6 +1,7 @@
 """The DALI train and validation pipelines, and the PyTorch-facing loader around them.
 
-    HDF5 shards --reader.BatchSource (read by reading.py's engine), external_source-->
+    HDF5 shards --source.BatchSource (plan.py's samples and draws, reader.py's bytes),
+      external_source-->
       JPEG bytes --decoders.image (nvJPEG on a GPU, libjpeg-turbo on the CPU)--> HWC uint8
       or raw HWC uint8
       --> minus the mean image before the crop, where Placement says the graph subtracts it
@@ -28,9 +29,12 @@ from alexnet_base.errors import UserError
 from alexnet_pipe import augment
 from alexnet_pipe.contract import META, SourceBatch, source_outputs
 from alexnet_pipe.normalize import MeanWindows, Normalization
-from alexnet_pipe.reader import BatchSource, damaged_image
+from alexnet_pipe.jpeg import damaged_image
+from alexnet_pipe.plan import Plan
+from alexnet_pipe.reader import ShardReader
+from alexnet_pipe.source import BatchSource
 from alexnet_pipe.reading import HeapTrim, ReadAhead, fit_shared_memory, queue_depth, reader_shm
-from preprocessing.shards import SplitInfo, load_split, load_stats
+from preprocessing.shards import SplitInfo
 
 
 def _dali_modules():
@@ -98,7 +102,7 @@ def build_pipeline(source: BatchSource, *, norm: Normalization, config: LoaderCo
                                         dtype=types.FLOAT, device=dev,
                                         output_layout="HWC" if placement.channels_last else "CHW")
 
-    @pipeline_def(batch_size=source.batch_size * source.group, num_threads=threads,
+    @pipeline_def(batch_size=source.plan.batch_size * source.plan.group, num_threads=threads,
                   device_id=placement.device_id, py_num_workers=processes,
                   py_start_method=placement.reader_start, prefetch_queue_depth=config.prefetch)
     def pipe():
@@ -150,16 +154,17 @@ class Batch(NamedTuple):
 
 
 class Loader:
-    """Iterates `Batch`es, one epoch a `for` loop. The source streams `source.epochs` epochs
+    """Iterates `Batch`es, one epoch a `for` loop. The source streams `plan.epochs` epochs
     through one DALI epoch: the loader hands out each epoch's batches by count, so the readers
     run on into the next epoch while this one's last batches are trained on. Each DALI
-    iteration holds `source.group` batches (fewer at an epoch's end), handed out as views."""
+    iteration holds `plan.group` batches (fewer at an epoch's end), handed out as views."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
                  readers: tuple[int, int], prefetch: int = 2, channels_last: bool = False,
                  mean_windows: MeanWindows | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
+        self.plan = source.plan  # which samples and draws: the loader counts its epochs by it
         self.readers = readers  # (DALI threads, shard readers: threads (raw), processes (JPEG))
         # bytes of /dev/shm its reader processes fill once running (none when reading in-process)
         self.shm = reader_shm(source, prefetch, pipe.py_num_workers) if pipe.py_num_workers else 0
@@ -182,13 +187,13 @@ class Loader:
         self._trim = HeapTrim()
 
     def __len__(self) -> int:
-        return self.source.num_batches() - self.source.skipped(self.epoch)
+        return self.plan.num_batches() - self.plan.skipped(self.epoch)
 
     def __iter__(self):
         import torch
         # DALI emits float32 (and has no bfloat16): cast on the device, after the mean windows
         cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self._dtype)
-        last = (self.epoch - self.source.start_epoch + 1) % self.source.epochs == 0
+        last = (self.epoch - self.plan.start_epoch + 1) % self.plan.epochs == 0
         if self._ended:
             self._iter.reset()
             self._ended = False
@@ -224,7 +229,7 @@ class Loader:
         if self._channels_last:  # (..., H, W, C) -> an (..., C, H, W) view, no copy
             images = images.movedim(-1, -3)
         images = images.to(cast) if cast is not None else images
-        b = self.source.batch_size
+        b = self.plan.batch_size
         return [(images[i:i + b], meta[i:i + b]) for i in range(0, len(meta), b)]
 
     def _next(self):
@@ -236,14 +241,14 @@ class Loader:
     def _explain(self, error: Exception, done: int) -> Exception:
         """A UserError naming the shard and key of an undecodable image in the batches that
         were in flight, or `error` itself when none is found."""
-        src = self.source
-        first = src.skipped(self.epoch) + done
-        in_flight = (self._prefetch + 2) * src.group
-        for batch in range(first, min(first + in_flight, src.num_batches())):
-            found = src.undecodable(self.epoch, batch)
+        plan = self.plan
+        first = plan.skipped(self.epoch) + done
+        in_flight = (self._prefetch + 2) * plan.group
+        for batch in range(first, min(first + in_flight, plan.num_batches())):
+            found = self.source.undecodable(self.epoch, batch)
             if found is not None:
                 return damaged_image(*found)
-        return _resource_error(error, src, self._prefetch) or error
+        return _resource_error(error, self.source, self._prefetch) or error
 
 
 def _resource_error(error: Exception, source: BatchSource, prefetch: int) -> UserError | None:
@@ -253,7 +258,8 @@ def _resource_error(error: Exception, source: BatchSource, prefetch: int) -> Use
     where = f" in {found.group(1)}" if found else ""
     if any(m in text for m in ("std::bad_alloc", "out of memory", "Out of memory")):
         return UserError(f"the data pipeline ran out of memory{where} with batches of "
-                         f"{source.batch_size} images, {source.group} at a time and {prefetch} "
+                         f"{source.plan.batch_size} images, {source.plan.group} at a time and "
+                         f"{prefetch} "
                          f"ahead; use a smaller --batch-size, --dali-batches or --prefetch")
     if "Resource temporarily unavailable" in text:  # EAGAIN: pthread_create, fork
         return UserError(f"the data pipeline could not start its threads{where} (EAGAIN, "
@@ -263,49 +269,43 @@ def _resource_error(error: Exception, source: BatchSource, prefetch: int) -> Use
     return None
 
 
-def make_loader(config: LoaderConfig, *, split: str = "train", info: SplitInfo | None = None,
-                norm: Normalization | None = None, lighting: np.ndarray | None = None,
-                rank: int = 0, world: int = 1, start_epoch: int = 0, start_batch: int = 0,
-                epochs: int = 1, ten_crop: bool = False, device=None,
+def make_loader(config: LoaderConfig, split: SplitInfo, *, norm: Normalization, device,
+                lighting: np.ndarray | None = None, ranks=None, start_epoch: int = 0,
+                start_batch: int = 0, epochs: int = 1, ten_crop: bool = False,
                 placement: Placement | None = None, shm_reserved: int = 0) -> Loader:
-    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader delivering
-    to `device` (a torch.device; default: --device for this process).
+    """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader over
+    `split` (a SplitInfo: prepared.Prepared opens them) delivering to `device` (a torch.device).
 
-    info (the split's SplitInfo), norm and lighting (augment.lighting_basis) are read from the
-    data folder where not given; a val loader given `norm` reads nothing but the val shards.
-    epochs: how many epochs from `start_epoch` the readers stream without a drain between them
-    (train: the rest of the run). shm_reserved: the `shm` of loaders built before this one that
-    have not run yet. placement: what runs where (default: Placement.for_device)."""
-    from alexnet_pipe import distributed
+    norm: the normalisation (the run's, or a checkpoint's); lighting: the PCA lighting basis
+    (augment.lighting_basis; None: none). ranks: a distributed.DistEnv, this process's place
+    (default: rank 0 of 1): its share of the split and, with the others on its machine, of the
+    cores and /dev/shm. epochs: how many epochs from `start_epoch` the readers stream without a
+    drain between them (train: the rest of the run). shm_reserved: the `shm` of loaders built
+    before this one that have not run yet. placement: what runs where (default:
+    Placement.for_device). Reads nothing from the folder or the environment."""
+    from alexnet_pipe.distributed import DistEnv
     config.validate()
-    train = split == "train"
-    info = load_split(config.data, split) if info is None else info
+    ranks = ranks or DistEnv()
+    train = split.name == "train"
     aug = config.augment
-    aug.validate(info.size)
-    if norm is None or (train and aug.lighting_std > 0 and lighting is None):
-        stats = load_stats(config.data, info)
-        norm = Normalization.from_stats(stats, aug) if norm is None else norm
-        if train and aug.lighting_std > 0 and lighting is None:
-            lighting = augment.lighting_basis(stats.eigval, stats.eigvec, aug.lighting_scale)
-    env = distributed.from_environment()
-    device = distributed.device(config.device, env) if device is None else device
+    aug.validate(split.size)
     placement = placement or Placement.for_device(device, channels_last=config.channels_last)
-    source = BatchSource(split=info, batch_size=config.batch_size, train=train, crop=aug.crop,
-                         flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
-                         lighting_basis=lighting if train else None, seed=config.seed,
-                         start_epoch=start_epoch, start_batch=start_batch, epochs=epochs,
-                         rank=rank, world=world, channel_mean=norm.channel_mean(),
-                         packed=placement.packed,
-                         group=config.dali_group(config.batch_size),
-                         check_jpeg=not config.verify)
-    if source.num_batches() == 0:
+    plan = Plan(total=split.total, size=split.size, batch_size=config.batch_size, train=train,
+                crop=aug.crop, flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
+                seed=config.seed, rank=ranks.rank, world=ranks.world, start_epoch=start_epoch,
+                start_batch=start_batch, epochs=epochs,
+                group=config.dali_group(config.batch_size))
+    if plan.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
-                        f"the {split} split ({source.share()} images); use a smaller batch")
-    threads, readers = config.reader_counts(placement.device_id is not None, env.local_world)
-    if readers and info.encoding == "jpeg":  # reader processes hand batches over in /dev/shm
+                        f"the {split.name} split ({plan.share()} images); use a smaller batch")
+    source = BatchSource(plan, ShardReader(split), lighting_basis=lighting if train else None,
+                         channel_mean=norm.channel_mean(), packed=placement.packed,
+                         check_jpeg=not config.verify)
+    threads, readers = config.reader_counts(placement.device_id is not None, ranks.local_world)
+    if readers and split.encoding == "jpeg":  # reader processes hand batches over in /dev/shm
         readers = fit_shared_memory(source, config.prefetch, readers,
                                     default=config.readers is None,
-                                    local_world=env.local_world, note=env.local_rank == 0,
+                                    local_world=ranks.local_world, note=ranks.local_rank == 0,
                                     reserved=shm_reserved)
     pipe = build_pipeline(source, norm=norm, config=config, placement=placement,
                           threads=threads, readers=readers, ten_crop=ten_crop)

@@ -14,7 +14,6 @@ shards (`--readers`); DALI's own CPU threads are "DALI threads" (`--threads`).
 """
 from __future__ import annotations
 
-import copy
 import ctypes
 import mmap
 import os
@@ -254,13 +253,13 @@ class ReadAhead:
     Threads, not processes, for raw shards: a raw image's pread is kernel time with the GIL
     released, and a reader process would copy every image twice more (into /dev/shm and out).
     JPEG shards keep processes: there per-image Python work holds the GIL. Each thread calls
-    its own copy of `source` (a BatchSource), with its own open files (at most
-    max_open_files / readers each), so no descriptor is closed under another thread's read."""
+    its own copy of `source` (a source.BatchSource) with a reader of its own, with its own open
+    files (at most max_open_files / readers each), so no descriptor is closed under another
+    thread's read."""
 
     def __init__(self, source, readers: int, depth: int):
         self.source, self.depth = source, max(depth, readers)
-        self._each = copy.copy(source)  # no open files (BatchSource.__getstate__)
-        self._each.max_open_files = max(2, source.max_open_files // readers)
+        self._budget = max(2, source.reader.max_open_files // readers)
         self._pool = ThreadPoolExecutor(readers, thread_name_prefix="shard-reader")
         self._local = threading.local()
         self._pending = {}  # (DALI epoch, iteration) -> the Future of its batch
@@ -268,7 +267,7 @@ class ReadAhead:
     def _read(self, call: _Call) -> tuple:
         mine = getattr(self._local, "source", None)
         if mine is None:
-            mine = self._local.source = copy.copy(self._each)
+            mine = self._local.source = self.source.with_reader(self._budget)
         with FORK_GATE:
             return mine(call)
 
@@ -277,7 +276,7 @@ class ReadAhead:
         self._pending = {k: f for k, f in self._pending.items() if k >= key}  # after a reset
         for k in range(info.iteration, info.iteration + self.depth):
             if (info.epoch_idx, k) not in self._pending:
-                if self.source.position(info.epoch_idx, k) is None:  # the stream's end
+                if self.source.plan.position(info.epoch_idx, k) is None:  # the stream's end
                     break
                 self._pending[info.epoch_idx, k] = self._pool.submit(
                     self._read, _Call(info.epoch_idx, k))
@@ -299,12 +298,12 @@ def queue_depth(prefetch: int, readers: int) -> int:
 
 def reader_shm(source, prefetch: int, readers: int) -> int:
     """Bytes of /dev/shm the reader processes of one pipeline hold: DALI keeps prefetch +
-    queue-depth buffers (shared by its processes) of one iteration's batch (`source.group` of
+    queue-depth buffers (shared by its processes) of one iteration's batch (`plan.group` of
     ours), each the size of the largest so far plus 1 MiB, doubled when one does not fit. Raw
     batches are exact. A packed JPEG batch is one row per image as long as the batch's longest
     stream: taken at four times the split's mean file bytes per image, at most a raw image's
     bytes a row; a list of streams at twice the mean."""
-    split, images = source.split, source.batch_size * source.group  # a call's: a DALI batch
+    split, images = source.split, source.plan.batch_size * source.plan.group  # a DALI batch
     if split.encoding == "raw":
         batch = images * split.size * split.size * 3
     else:
@@ -329,7 +328,7 @@ def fit_shared_memory(source, prefetch: int, readers: int, *, default: bool, loc
     ranks = f" ({each / 2**20:.0f} MiB x {local_world} local ranks)" if local_world > 1 else ""
     what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs} about "
             f"{need / 2**20:.0f} MiB{ranks} for DALI batches of "
-            f"{source.batch_size * source.group} images")
+            f"{source.plan.batch_size * source.plan.group} images")
     room = f"give it more room (docker run --shm-size={-(-need // 2**30)}g)"
     if default:
         if note:

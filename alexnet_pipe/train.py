@@ -5,10 +5,12 @@ centre-crop validation error stops improving (at most 3 times), 90 epochs; biase
 learning rate and no decay (the author's rule, `--bias-rule`). The update is torch's SGD
 (v = m*v + g; w -= lr*v): the paper's (v = m*v - lr*g; w += v) differs only right after a drop.
 
-The run in named steps: `set_up` (options, data, model, optimiser, log: a frozen `Setup`),
-`checkpoint.restore` (a `Progress`: all that carries from step to step), `train_one_epoch`
-(around `train_step`, the one training step that the benchmarks time too), `evaluate`
-(evaluate.py) and `checkpoint.build` (the checkpoint dict). A run directory describes itself:
+The run, top to bottom: `set_up` (options, data, model, optimiser, log: a frozen `Setup`),
+`runs.restore` (a `Progress`: all that carries from step to step), then each epoch
+`train_one_epoch` (around runtime.train_step, the one training step the benchmarks time too),
+`runs.evaluate_run` and `runs.save`; `runs.finish` at the end. The parallel mode is
+parallel.py's, how the model runs runtime.py's, the instruments meters.py's. A run directory
+describes itself:
     RUN/config.json        the resolved options and the version
     RUN/metrics.jsonl      one JSON line every --log-every steps ("step") and per epoch ("epoch")
     RUN/train.log          the same, for people
@@ -16,61 +18,24 @@ The run in named steps: `set_up` (options, data, model, optimiser, log: a frozen
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from alexnet_base import resources
 from alexnet_base.config import TrainConfig
-from alexnet_base.errors import UserError, os_error
-from alexnet_base.files import write_json
-from alexnet_pipe import __version__, augment, checkpoint, distributed
+from alexnet_base.errors import UserError
+from alexnet_pipe import __version__, checkpoint, distributed, optim, runs
 from alexnet_pipe.checkpoint import Progress
-from alexnet_pipe.evaluate import evaluate
-from alexnet_pipe.hybrid import HybridAlexNet
-from alexnet_pipe.model import TowerAlexNet, build_model, count_parameters, input_dtype
-from alexnet_pipe.normalize import Normalization
-from alexnet_pipe.pipeline import make_loader
-from alexnet_pipe.reader import batches_per_epoch
-from preprocessing import verify
-from preprocessing.shards import SplitInfo, load_split, load_stats
-
-
-# --- the training step -----------------------------------------------------------------------------
-
-def train_step(model, optimizer, images, labels, *, amp: bool) -> torch.Tensor:
-    """One SGD step. images (B, 3, H, W) on the model's input device. Returns the loss, detached,
-    on the device: reading it is a CPU-GPU sync point, so callers read it at log points only."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = F.cross_entropy(model(images).float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    reduce = getattr(model, "reduce_gradients", None)  # hybrid: its gradients' collectives
-    if reduce is not None:
-        reduce()
-    optimizer.step()
-    return loss.detach()
-
-
-def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """SGD parameter groups. author: biases at twice the learning rate and without weight decay
-    (cuda-convnet2's epsB/wcB, Caffe's reference AlexNet); uniform: every parameter alike."""
-    if config.bias_rule == "uniform":
-        return [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
-    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    return [{"params": weights, "weight_decay": config.weight_decay},
-            {"params": biases, "weight_decay": 0.0, "lr": 2 * config.lr}]
+from alexnet_pipe.meters import Interval, Log, StepTimer, StopRequest, progress_bar
+from alexnet_pipe.parallel import Parallel
+from alexnet_pipe.prepared import Prepared, open_prepared
+from alexnet_pipe.plan import batches_per_epoch
+from alexnet_pipe.runtime import Runtime, train_step
 
 
 # --- set up ------------------------------------------------------------------------------------------
@@ -78,50 +43,14 @@ def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
 class Setup(NamedTuple):
     """What a training process holds for the whole run, fixed once set up."""
     config: TrainConfig
-    env: distributed.DistEnv
-    mode: str                   # none | ddp | towers | hybrid (never auto)
-    device: torch.device        # where the loaders deliver and the model takes its input
-    core: torch.nn.Module       # the model whose grouped state dict is checkpointed
+    parallel: Parallel           # the mode, this process's place among the ranks, its device
+    runtime: Runtime             # how the model runs: autocast, memory layout, cuDNN
+    data: Prepared               # the prepared folder, opened and checked once
+    model: torch.nn.Module       # the unwrapped network (model_without_ddp): checkpointed
     optimizer: torch.optim.Optimizer
     scheduler: object
-    log: "Log"
-    split: SplitInfo            # the train split, read once
-    model: checkpoint.Model     # what every checkpoint says of the model and its input
-    lighting: np.ndarray | None  # (3, 3) PCA lighting basis (augment.lighting_basis)
-
-
-def _parallel_mode(config: TrainConfig, env: distributed.DistEnv) -> str:
-    mode = config.parallel
-    if mode == "auto":
-        mode = "ddp" if env.enabled else "none"
-    if mode == "towers" and env.enabled:
-        raise UserError("--parallel towers runs in one process; launch it without torchrun")
-    if mode in ("ddp", "hybrid") and not env.enabled:
-        raise UserError(f"--parallel {mode}: launch with torchrun --nproc_per_node N (one "
-                        f"process per GPU)" + (", or leave --parallel at auto" if mode == "ddp"
-                                                 else ""))
-    return mode
-
-
-def _build_model(config: TrainConfig, num_classes: int, mode: str, device,
-                 env: distributed.DistEnv):
-    """(model whose grouped state dict is checkpointed, its input device)."""
-    crop = config.loader.augment.crop
-    channels_last = config.loader.channels_last
-    model = build_model(config.arch, num_classes, crop, config.bias_init, config.dropout)
-    if mode == "towers":
-        distributed.check_devices(config.tower_devices)
-        towers = TowerAlexNet(num_classes, crop, config.dropout, config.tower_devices)
-        towers.load_grouped_state_dict(model.state_dict())
-        if channels_last and any(d.type == "cuda" for d in towers.devices):
-            towers = towers.to(memory_format=torch.channels_last)  # on their own devices
-        return towers, towers.devices[0]
-    model = model.to(device)
-    if device.type == "cuda" and channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if mode == "hybrid":
-        model = HybridAlexNet(model, rank=env.rank, world=env.world, seed=config.loader.seed)
-    return model, device
+    log: Log
+    card: checkpoint.ModelCard   # what every checkpoint says of the model and its input
 
 
 def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
@@ -130,156 +59,43 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     config.validate()
     env = distributed.from_environment()
     device = distributed.device(config.loader.device, env)
-    mode = _parallel_mode(config, env)
+    parallel = Parallel.decide(config, env, device)
     if config.loader.batch_size % env.world:
         raise UserError(f"--batch-size {config.loader.batch_size}: the global batch must divide "
                         f"by the {env.world} processes")
-    run_dir = Path(config.out)
-    resume_from = checkpoint.latest(run_dir) if config.resume else None
-    if config.resume and resume_from is None:
-        raise UserError(f"--resume: no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}")
-    if not config.resume and checkpoint.latest(run_dir) is not None:
-        raise UserError(f"--out {run_dir}: holds checkpoints of an earlier run; add --resume to "
-                        f"continue it, or choose another --out")
-    aug = config.loader.augment
-    split = load_split(config.loader.data, "train")
-    aug.validate(split.size)
-    stats = load_stats(config.loader.data, split)
+    resume_from = runs.resume_point(config)
     distributed.init(env, device, config.dist_timeout)
-    if config.loader.verify:  # each node checks its own copy, its ranks sharing the hashing;
-        # every rank stops together
-        verify.check_inputs(config.loader.data, ("train", "val"),
-                            share=(env.local_rank, env.local_world),
-                            workers=max(1, resources.usable_cores() // env.local_world),
-                            gather=distributed.gather_objects)
-    if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
-        torch.backends.cudnn.benchmark = not config.deterministic
-        torch.backends.cudnn.deterministic = config.deterministic
+    # each node checks its own copy, its ranks sharing the hashing; every rank stops together
+    data = open_prepared(config.loader.data, ("train", "val"), verify=config.loader.verify,
+                         share=(env.local_rank, env.local_world),
+                         gather=distributed.gather_objects)
+    aug, train = config.loader.augment, data.split("train")
+    aug.validate(train.size)
+    runtime = Runtime.for_device(parallel.device, amp=config.amp,
+                                 channels_last=config.loader.channels_last,
+                                 deterministic=config.deterministic)
+    runtime.configure()
     if env.is_main:  # resolved: parallel is never "auto"
-        _start_run_dir(run_dir, {**_plain(config), "version": __version__, "parallel": mode,
-                                 "world_size": env.world})
+        runs.start_run_dir(Path(config.out), {**runs.plain(config), "version": __version__,
+                                              "parallel": parallel.mode, "world_size": env.world})
     distributed.barrier()
     torch.manual_seed(config.loader.seed)  # the weight initialisation
-    core, in_device = _build_model(config, split.num_classes, mode, device, env)
-    optimizer = torch.optim.SGD(param_groups(core, config), lr=config.lr,
-                                momentum=config.momentum)
-    about = checkpoint.Model(arch=config.arch, num_classes=split.num_classes, size=split.size,
-                             crop=aug.crop, class_names=split.class_names,
-                             norm=Normalization.from_stats(stats, aug))
-    lighting = None
-    if aug.lighting_std > 0:
-        lighting = augment.lighting_basis(stats.eigval, stats.eigvec, aug.lighting_scale)
-    setup = Setup(config=config, env=env, mode=mode, device=in_device, core=core,
-                  optimizer=optimizer, scheduler=_scheduler(optimizer, config),
-                  log=Log(run_dir, env.is_main), split=split, model=about, lighting=lighting)
-    n = getattr(core, "grouped_count", None) or count_parameters(core)  # hybrid: all ranks
-    setup.log.line(f"{config.arch}: {n:,} parameters ({n + (1000 - split.num_classes) * 4097:,} "
-                   f"at 1000 classes), {split.num_classes} classes, parallel={mode}, "
+    model = parallel.build(config, train.num_classes, runtime.channels_last)
+    optimizer = optim.sgd(model, config)
+    card = checkpoint.ModelCard(arch=config.arch, num_classes=train.num_classes,
+                                size=train.size, crop=aug.crop, class_names=train.class_names,
+                                norm=data.normalization(aug))
+    setup = Setup(config=config, parallel=parallel, runtime=runtime, data=data, model=model,
+                  optimizer=optimizer, scheduler=optim.scheduler(optimizer, config),
+                  log=Log(Path(config.out), env.is_main), card=card)
+    n = parallel.parameter_count(model)
+    setup.log.line(f"{config.arch}: {n:,} parameters ({n + (1000 - train.num_classes) * 4097:,} "
+                   f"at 1000 classes), {train.num_classes} classes, parallel={parallel.mode}, "
                    f"world={env.world}, device={device.type}")
     return setup, resume_from
 
 
-def _start_run_dir(run_dir: Path, resolved: dict) -> None:
-    """The run folder and its config.json (replaced whole or not at all); an OS error as one
-    line naming the path and the errno."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {os_error(run_dir, e, 'make the run folder')}") from None
-    try:
-        write_json(run_dir / "config.json", resolved)
-    except OSError as e:
-        raise UserError(f"--out {os_error(run_dir / 'config.json', e, 'write')}") from None
-
-
-def _scheduler(optimizer, config: TrainConfig):
-    floor = config.lr_factor ** config.max_lr_drops
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.lr_factor,
-        patience=config.lr_patience - 1,  # torch drops after patience + 1 epochs without gain
-        threshold=1e-4, min_lr=[g["lr"] * floor for g in optimizer.param_groups])
-
-
-def _plain(config) -> dict:
-    def plain(v):
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-    return plain(dataclasses.asdict(config))
-
-
-def restore(setup: Setup) -> Progress:
-    """The run's newest intact checkpoint put back (a damaged newer one is named and kept)."""
-    path, state = checkpoint.load_latest(Path(setup.config.out), setup.log.line)
-    checkpoint.check_compatible(state, path, arch=setup.config.arch,
-                                num_classes=setup.model.num_classes)
-    progress = checkpoint.restore(state, weights=setup.core, optimizer=setup.optimizer,
-                                  scheduler=setup.scheduler, device=setup.device)
-    if isinstance(setup.core, HybridAlexNet):  # its dropout stream goes on from this step
-        setup.core.draws = progress.step
-    setup.log.line(f"resumed from {path} at epoch {progress.epoch + 1}, batch {progress.batch}, "
-                   f"step {progress.step}")
-    return progress
-
-
-def snapshot(setup: Setup, progress: Progress, keep: bool = True) -> dict | None:
-    return checkpoint.build(model=setup.model, weights=setup.core, optimizer=setup.optimizer,
-                            scheduler=setup.scheduler, progress=progress,
-                            config=_plain(setup.config), device=setup.device, keep=keep)
-
-
 # --- one epoch ---------------------------------------------------------------------------------------
-
-class Log:
-    """Human lines to stdout and train.log, JSON lines to metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, run_dir: Path, main: bool):
-        self.main = main
-        self.text = self._open(run_dir / "train.log") if main else None
-        self.jsonl = self._open(run_dir / "metrics.jsonl") if main else None
-
-    @staticmethod
-    def _open(path: Path):
-        try:
-            return open(path, "a")
-        except OSError as e:
-            raise os_error(path, e, "open the log") from None
-
-    @staticmethod
-    def _append(f, text: str) -> None:
-        """A full disk or a failing one as one line naming the log: the run stops there."""
-        try:
-            f.write(text)
-            f.flush()
-        except OSError as e:
-            raise UserError(f"{os_error(f.name, e, 'write the log')}; the run's checkpoints are "
-                            f"intact (continue with --resume)") from None
-
-    def line(self, msg: str) -> None:
-        if self.main:
-            print(msg, flush=True)
-            self._append(self.text, msg + "\n")
-
-    def record(self, **rec) -> None:
-        if self.main:
-            self._append(self.jsonl, json.dumps(rec) + "\n")
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signal = signum
-
 
 @dataclass
 class EpochResult:
@@ -293,127 +109,18 @@ class EpochResult:
     gpu_step_ms: float | None = None  # StepTimer.step_ms(): GPU time per step (CUDA only)
 
 
-class StepTimer:
-    """The GPU's time in and between training steps, from CUDA events on the compute stream of
-    every device a step uses (the towers: two) at each step's start and end. `wait()`: the share
-    of its time the busiest device spent between steps, when its stream had nothing to run:
-    waiting for the host to enqueue the step, for the loader's batch or for a log point's sync.
-    `step_ms()`: the GPU time of a step on the device where it is longest. Together they tell a
-    starved GPU (wait) from a slowed one (step time above the synthetic step's). Recording an
-    event does not sync; the events are read at log points, which sync anyway. Off CUDA it
-    records nothing and reads None. `event`: the event type (torch.cuda.Event); `streams`:
-    where each device's events are recorded (default: its current stream, not the current
-    device's)."""
-
-    def __init__(self, devices, event=None, streams=None):
-        devices = [devices] if isinstance(devices, torch.device) else list(devices)
-        cuda = [d for d in devices if d.type == "cuda"]
-        streams = streams or [torch.cuda.current_stream(d) for d in cuda]
-        event = event or (lambda: torch.cuda.Event(enable_timing=True))
-        self.lanes = [_Lane(stream, event) for stream in streams[:len(cuda)]]
-
-    def mark(self) -> None:
-        """At a step's start, then at its end."""
-        for lane in self.lanes:
-            lane.mark()
-
-    def read(self) -> dict:
-        """Sums the steps marked so far (every step ended): waits for the last one's end.
-        Returns {"gpu_wait", "gpu_step_ms"} of the steps just read, and of the gap before them
-        (what a log record of them says), {} off CUDA."""
-        new = [lane.read() for lane in self.lanes]
-        return _figures(new) if any(steps for steps, _, _ in new) else {}
-
-    def wait(self) -> float | None:
-        return _figures([(lane.steps, lane.busy_ms, lane.gap_ms) for lane in self.lanes]).get(
-            "gpu_wait")
-
-    def step_ms(self) -> float | None:
-        return _figures([(lane.steps, lane.busy_ms, lane.gap_ms) for lane in self.lanes]).get(
-            "gpu_step_ms")
-
-
-def _figures(lanes: list[tuple[int, float, float]]) -> dict:
-    """Each device's (steps, busy ms, gap ms) -> the step's time on the device where it is
-    longest and the idle share of the least idle device; {} where nothing was recorded."""
-    shares = [gap / (gap + busy) for _, busy, gap in lanes if gap + busy > 0]
-    times = [busy / steps for steps, busy, _ in lanes if steps]
-    return {"gpu_wait": min(shares), "gpu_step_ms": max(times)} if shares and times else {}
-
-
-class _Lane:
-    """One device's stream: its steps' busy time and the gaps between them (StepTimer)."""
-
-    def __init__(self, stream, event):
-        self._stream, self._event = stream, event
-        self._pending: list = []  # start, end, start, end, ... of steps not read yet
-        self._free: list = []     # events read: recorded again, not created per step
-        self._last = None         # the end of the last step read: the next gap starts there
-        self.steps, self.busy_ms, self.gap_ms = 0, 0.0, 0.0
-
-    def mark(self) -> None:
-        e = self._free.pop() if self._free else self._event()
-        e.record(self._stream)  # on this device's stream, whichever device is current
-        self._pending.append(e)
-
-    def read(self) -> tuple[int, float, float]:
-        """(steps, busy ms, gap ms) read now, added to the totals."""
-        p = self._pending
-        if not p:
-            return 0, 0.0, 0.0
-        p[-1].synchronize()  # the stream's events complete in order: all of them are done
-        busy = gap = 0.0
-        if self._last is not None:
-            gap += self._last.elapsed_time(p[0])
-            self._free.append(self._last)
-        for i in range(0, len(p), 2):
-            busy += p[i].elapsed_time(p[i + 1])
-            if i + 2 < len(p):
-                gap += p[i + 1].elapsed_time(p[i + 2])
-        steps = len(p) // 2
-        self.steps += steps
-        self.busy_ms += busy
-        self.gap_ms += gap
-        self._last = p[-1]
-        self._free += p[:-1]
-        p.clear()
-        return steps, busy, gap
-
-
-class _Interval:
-    """The steps since the last log point, counted on the device: reading them is a sync."""
-
-    def __init__(self, step: int, device):
-        self.step = torch.full((), step, device=device)   # the step count, kept on the device
-        self.first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss
-        self.loss = torch.zeros((), device=device)        # loss sum since the last log record
-        self.steps, self.t0 = 0, time.perf_counter()
-
-    def add(self, loss) -> None:
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step,
-                                     self.first_bad)
-        self.step += 1
-        self.loss += loss
-        self.steps += 1
-
-    def restart(self, t0: float) -> None:
-        self.loss.zero_()
-        self.steps, self.t0 = 0, t0
-
-
-def train_one_epoch(model, optimizer, loader, device: torch.device, progress: Progress,
-                    config: TrainConfig, *, log: Log, stop: StopRequest, num_classes: int,
-                    ranks: bool, bar=None, devices=None) -> EpochResult:
+def train_one_epoch(model, optimizer, loader, progress: Progress, config: TrainConfig, *,
+                    runtime: Runtime, log: Log, stop: StopRequest, num_classes: int,
+                    ranks: bool, bar=None, devices=None, after_backward=None) -> EpochResult:
     """Train `model` over the rest of epoch `progress.epoch`; `progress.step` and
     `progress.batch` advance. ranks: several processes, which agree on a stop. devices: those
-    a step runs on (the towers: two), timed on each; default `device`."""
+    a step runs on (the towers: two), timed on each; default the runtime's."""
     model.train()
-    amp = config.amp and device.type == "cuda"
-    channels_last = device.type == "cuda" and config.loader.channels_last
+    device = runtime.device
     lr = optimizer.param_groups[0]["lr"]
-    interval = _Interval(progress.step, device)
+    interval = Interval(progress.step, device)
     epoch_loss = torch.zeros((), device=device)
-    n_batches, done, wait = loader.source.num_batches(), 0, 0.0
+    n_batches, done, wait = loader.plan.num_batches(), 0, 0.0
     t_epoch = interval.t0
     timer = StepTimer(devices or [device])
     it = iter(loader)
@@ -427,11 +134,9 @@ def train_one_epoch(model, optimizer, loader, device: torch.device, progress: Pr
             break
         wait += time.perf_counter() - t0
         timer.mark()
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        images = input_dtype(images, amp)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        loss = train_step(model, optimizer, images, labels, amp=amp)
+        images, labels = runtime.batch(images, labels)
+        loss = train_step(model, optimizer, images, labels, runtime=runtime,
+                          after_backward=after_backward)
         interval.add(loss)
         epoch_loss += loss
         timer.mark()
@@ -461,7 +166,7 @@ def _agreed_stop(stop: StopRequest, log_point: bool, ranks: bool, device) -> int
 
 
 def _log_point(log: Log, progress: Progress, config: TrainConfig, num_classes: int,
-               interval: _Interval, batch: int, lr: float, bar, timer: StepTimer) -> None:
+               interval: Interval, batch: int, lr: float, bar, timer: StepTimer) -> None:
     """The per-interval record; reading the device values is the interval's one sync point."""
     bad = int(interval.first_bad.item())
     gpu = timer.read()  # CUDA: the interval's GPU idle share and step time
@@ -493,80 +198,66 @@ def run(config: TrainConfig) -> dict:
     try:
         with distributed.failures_shared():  # a rank's error is every rank's one line
             setup, resume_from = set_up(config)
-            progress = restore(setup) if resume_from is not None else Progress()
+            progress = runs.restore(setup) if resume_from is not None else Progress()
             return _epochs(setup, progress)
     finally:
         distributed.shutdown()
 
 
-def _wrapped(setup: Setup) -> torch.nn.Module:
-    """What is called: the checkpointed model, DDP-wrapped and compiled as configured (after
-    restore: DDP broadcasts rank 0's weights when it wraps)."""
-    model = setup.core
-    if setup.mode == "hybrid":  # its own collectives; only the convolutions compile
-        if setup.config.compile:
-            model.compile_trunk(setup.config.compile_mode)
-        return model
-    if setup.mode == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[setup.env.local_rank] if setup.device.type == "cuda" else None)
-    if not setup.config.compile:
-        return model
-    return torch.compile(model, dynamic=False, mode=setup.config.compile_mode)
-
-
 def _loaders(setup: Setup, progress: Progress):
-    """(per-rank loader config, train loader, val loader), reading the data folder no more."""
-    cfg, env = setup.config, setup.env
-    per_rank = replace(cfg.loader, batch_size=cfg.loader.batch_size // env.world)
-    common = dict(rank=env.rank, world=env.world, device=setup.device, norm=setup.model.norm)
-    train = make_loader(per_rank, split="train", info=setup.split, lighting=setup.lighting,
-                        start_epoch=progress.epoch, start_batch=progress.batch,
+    """(per-rank loader config, train loader, val loader)."""
+    cfg, env, data = setup.config, setup.parallel.env, setup.data
+    per_rank = runs.per_rank_loader(cfg, env.world)
+    common = dict(ranks=env, device=setup.parallel.device, norm=setup.card.norm)
+    train = data.loader(per_rank, "train", start_epoch=progress.epoch,
+                        start_batch=progress.batch,
                         epochs=_stream_epochs(setup, progress, per_rank.batch_size), **common)
     # the val readers' shared memory comes on top of the train readers' (neither has run yet)
-    return per_rank, train, make_loader(per_rank, split="val", shm_reserved=train.shm, **common)
+    return per_rank, train, data.loader(per_rank, "val", shm_reserved=train.shm, **common)
 
 
 def _stream_epochs(setup: Setup, progress: Progress, batch: int) -> int:
     """Epochs the train readers stream without draining: the rest of the run, which
     --max-steps may end early (nothing is then read past the epoch it ends in)."""
-    cfg = setup.config
+    cfg, env = setup.config, setup.parallel.env
     epochs = cfg.epochs - progress.epoch
     if cfg.max_steps:
-        per_epoch = batches_per_epoch(setup.split.total, batch, train=True,
-                                      rank=setup.env.rank, world=setup.env.world) or 1
+        per_epoch = batches_per_epoch(setup.data.split("train").total, batch, train=True,
+                                      rank=env.rank, world=env.world) or 1
         todo = progress.batch + max(cfg.max_steps - progress.step, 1)
         epochs = min(epochs, -(-todo // per_epoch))
     return max(epochs, 1)
 
 
 def _epochs(setup: Setup, progress: Progress) -> dict:
-    cfg, env, log, device = setup.config, setup.env, setup.log, setup.device
+    cfg, log, parallel = setup.config, setup.log, setup.parallel
+    env, device = parallel.env, parallel.device
     if progress.epoch >= cfg.epochs:
         log.line(f"already trained {progress.epoch} epochs (--epochs {cfg.epochs}): nothing to do")
         return {"epoch": progress.epoch, "step": progress.step}
-    model = _wrapped(setup)
+    model = parallel.wrap(setup.model, cfg)
     per_rank, train_loader, val_loader = _loaders(setup, progress)
     stop, result = StopRequest(), {}
     while progress.epoch < cfg.epochs:
         lr = setup.optimizer.param_groups[0]["lr"]
-        bar = _bar(cfg, env, len(train_loader), progress.epoch)
-        out = train_one_epoch(model, setup.optimizer, train_loader, device, progress, cfg,
-                              log=log, stop=stop, num_classes=setup.model.num_classes,
-                              ranks=env.enabled, bar=bar,
-                              devices=checkpoint.devices_of(setup.core, device))
+        bar = progress_bar(cfg, env, len(train_loader), progress.epoch)
+        out = train_one_epoch(model, setup.optimizer, train_loader, progress, cfg,
+                              runtime=setup.runtime, log=log, stop=stop,
+                              num_classes=setup.card.num_classes, ranks=env.enabled, bar=bar,
+                              devices=parallel.devices(setup.model),
+                              after_backward=parallel.after_backward(setup.model))
         if bar is not None:
             bar.close()
         if out.stopped:
-            _save(setup, progress, "interrupt.pt")
+            runs.save(setup, progress, "interrupt.pt")
             log.line(f"signal {out.stopped}: saved interrupt.pt at epoch {progress.epoch + 1}, "
                      f"batch {progress.batch}; continue with --resume")
             sys.exit(128 + out.stopped)
-        if progress.batch < train_loader.source.num_batches():  # --max-steps, mid-epoch
-            return _stop_at_max_steps(setup, progress, model, val_loader)
-        metrics = evaluate(model, val_loader, device=device, amp=cfg.amp)
+        if progress.batch < train_loader.plan.num_batches():  # --max-steps, mid-epoch
+            return runs.stop_at_max_steps(setup, progress, model, val_loader)
+        metrics = runs.evaluate_run(setup, model, val_loader)
         setup.scheduler.step(metrics["top1_err"])
-        steps = progress.batch - train_loader.source.skipped(progress.epoch)
+        steps = progress.batch - train_loader.plan.skipped(progress.epoch)
         mean_loss = float(out.loss_sum) / max(steps, 1)  # the epoch's one read of it
         images, loss_sum = distributed.all_sum([out.images, mean_loss], device)
         result = {"kind": "epoch", "epoch": progress.epoch + 1, "step": progress.step, "lr": lr,
@@ -575,7 +266,7 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
                   "seconds": out.seconds, **metrics}
         if out.gpu_wait is not None:  # CUDA: the GPU's own view of the same epoch
             result.update(gpu_wait=out.gpu_wait, gpu_step_ms=out.gpu_step_ms)
-        log.record(**result, **_compiled_graphs(cfg))
+        log.record(**result, **runs.compiled_graphs(cfg))
         log.line(f"epoch {progress.epoch + 1}/{cfg.epochs} step {progress.step}: train loss "
                  f"{result['train_loss']:.4f} centre-crop top-1 err {metrics['top1_err']:.4f} "
                  f"top-5 err {metrics['top5_err']:.4f} val loss {metrics['val_loss']:.4f} "
@@ -585,7 +276,7 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
         is_best = metrics["top1_err"] < progress.best
         progress.best = min(progress.best, metrics["top1_err"])
         progress.epoch, progress.batch = progress.epoch + 1, 0
-        path = _save(setup, progress, f"epoch-{progress.epoch:04d}.pt")
+        path = runs.save(setup, progress, f"epoch-{progress.epoch:04d}.pt")
         if env.is_main and is_best:
             checkpoint.mark_best(Path(cfg.out), path)
         signum = distributed.max_over_ranks(stop.signal or 0, device)  # every epoch
@@ -596,74 +287,5 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
         if cfg.max_steps and progress.step >= cfg.max_steps:
             break
     # the ten-crop readers' shared memory comes on top of the train and val readers' (running)
-    return _finish(setup, progress, model, per_rank, result, train_loader.shm + val_loader.shm)
-
-
-def _stop_at_max_steps(setup: Setup, progress: Progress, model, val_loader) -> dict:
-    """--max-steps reached inside an epoch: evaluate, save a resumable interrupt.pt, end."""
-    metrics = evaluate(model, val_loader, device=setup.device, amp=setup.config.amp)
-    _save(setup, progress, "interrupt.pt")
-    setup.log.record(kind="max_steps", epoch=progress.epoch + 1, step=progress.step, **metrics,
-                     **_compiled_graphs(setup.config))
-    setup.log.line(f"--max-steps {setup.config.max_steps} reached at epoch {progress.epoch + 1}, "
-                   f"batch {progress.batch}: centre-crop top-1 err {metrics['top1_err']:.4f}; "
-                   f"saved interrupt.pt (continue with --resume)")
-    return {"kind": "max_steps", "step": progress.step, **metrics}
-
-
-def _compiled_graphs(config: TrainConfig) -> dict:
-    """With --compile, the graphs torch.compile has made in this process so far (training and
-    evaluation each have theirs): a count that grows after the first epoch means a recompile
-    per epoch, and past dynamo's cache limit a silent fall back to eager."""
-    if not config.compile:
-        return {}
-    from torch._dynamo.utils import counters
-    return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
-
-
-def _save(setup: Setup, progress: Progress, name: str) -> Path:
-    """Rank 0 writes the checkpoint; the ranks agree on whether it worked (a full disk on rank 0
-    must not leave the others waiting in the next collective)."""
-    path, error = None, None
-    # hybrid: every rank sends its slices of the classifier (a collective); only rank 0 copies
-    # the whole to its host
-    state = None
-    if setup.env.is_main or setup.mode == "hybrid":
-        state = snapshot(setup, progress, keep=setup.env.is_main)
-    if setup.env.is_main:
-        try:
-            path = checkpoint.save(Path(setup.config.out), state, name=name,
-                                   keep=setup.config.keep)
-        except UserError as e:
-            error = e
-    if distributed.max_over_ranks(int(error is not None), setup.device):
-        raise error or UserError(f"rank 0 could not write {name}; see its message")
-    return path
-
-
-def _finish(setup: Setup, progress: Progress, model, per_rank, result: dict,
-            shm_reserved: int) -> dict:
-    device, env = setup.device, setup.env
-    # hybrid: the parameters every rank holds whole (each rank's slices are its own)
-    params = getattr(setup.core, "replicated_parameters", setup.core.parameters)()
-    checksum = float(sum(p.detach().double().sum().item() for p in params))
-    result["ranks_in_sync"] = distributed.same_on_all_ranks(checksum, device)
-    if not result["ranks_in_sync"]:
-        raise UserError("the ranks' weights differ after training: a DDP fault; do not use this run")
-    if setup.config.ten_crop:
-        ten = make_loader(per_rank, split="val", rank=env.rank, world=env.world, ten_crop=True,
-                          device=device, norm=setup.model.norm, shm_reserved=shm_reserved)
-        tc = evaluate(model, ten, device=device, amp=setup.config.amp, ten_crop=True)
-        result.update({f"ten_crop_{k}": v for k, v in tc.items()})
-        setup.log.record(kind="ten_crop", **tc)
-        setup.log.line(f"ten-crop: top-1 err {tc['top1_err']:.4f} top-5 err {tc['top5_err']:.4f}")
-    setup.log.record(kind="done", ranks_in_sync=result["ranks_in_sync"], step=progress.step)
-    return result
-
-
-def _bar(config: TrainConfig, env, total: int, epoch: int):
-    show = sys.stderr.isatty() if config.progress is None else config.progress
-    if not (show and env.is_main):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step")
+    return runs.finish(setup, progress, model, per_rank, result,
+                       train_loader.shm + val_loader.shm)

@@ -39,24 +39,19 @@ def save_picture(out: Path, formats: dict, write) -> Path:
 def preview_grid(config, out: Path) -> Path:
     """PNG: each original shard image of a train batch (config.batch_size of them) beside its
     augmented crop, the normalisation undone."""
-    from alexnet_pipe.normalize import Normalization
-    from alexnet_pipe.pipeline import make_loader
-    from preprocessing.shards import load_split, load_stats
+    from alexnet_pipe import distributed
+    from alexnet_pipe.prepared import open_prepared
     n = config.batch_size
-    info = load_split(config.data, "train")
-    if config.verify:
-        from alexnet_base.resources import usable_cores
-        from preprocessing.verify import check_inputs
-        check_inputs(config.data, ("train",), workers=usable_cores())
-    norm = Normalization.from_stats(load_stats(config.data, info), config.augment)
-    loader = make_loader(config, split="train", info=info, norm=norm)
+    data = open_prepared(config.data, ("train",), verify=config.verify)
+    norm = data.normalization(config.augment)
+    loader = data.loader(config, "train", device=distributed.device(config.device))
     images = next(iter(loader)).images
-    src = loader.source
-    idx, _ = src.batch_indices(0, 0)
-    originals, _ = src.read(idx)
-    p = src.params(0, 0, n)
+    plan, reader = loader.plan, loader.source.reader
+    idx, _ = plan.batch_indices(0, 0)
+    originals, _ = reader.read(idx)
+    p = plan.params(0, 0, n)
     mean, std = norm.mean, norm.std
-    size, crop, pad = src.split.size, config.augment.crop, 8
+    size, crop, pad = plan.size, config.augment.crop, 8
     cols = 2
     canvas = Image.new("RGB", (cols * (size + crop + 3 * pad), -(-n // cols) * (size + pad) + pad),
                        (255, 255, 255))

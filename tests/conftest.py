@@ -99,6 +99,36 @@ def train_args(data, out, *extra):
 COMPILE_CHECK = ["--epochs", "2", "--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
 
 
+def folder_loader(config, split: str = "train", *, rank: int = 0, world: int = 1,
+                  local_world: int = 1, device=None, **kw):
+    """pipeline.make_loader over `split` of config.data, opened as the commands open it
+    (prepared.open_prepared, without the integrity check: the fixtures are fresh), as rank
+    `rank` of `world` (`local_world` of them on this machine), delivering to `device`
+    (default: --device)."""
+    from alexnet_pipe import distributed
+    from alexnet_pipe.prepared import open_prepared
+    data = open_prepared(config.data, tuple(dict.fromkeys(("train", split))), verify=False)
+    device = device or distributed.device(config.device)
+    return data.loader(config, split, device=device,
+                       ranks=distributed.DistEnv(rank=rank, world=world,
+                                                 local_world=local_world), **kw)
+
+
+def source_of(split, *, batch_size: int, crop: int = 224, train: bool = True,
+              max_open_files: int = 32, cls=None, lighting_basis=None, packed: bool = False,
+              check_jpeg: bool = False, **plan):
+    """A source.BatchSource (or `cls`, a subclass) over `split` (a SplitInfo): its plan
+    (plan.Plan: `plan` as its fields) and its byte reader, as make_loader puts them together."""
+    from alexnet_pipe.plan import Plan
+    from alexnet_pipe.reader import ShardReader
+    from alexnet_pipe.source import BatchSource
+    return (cls or BatchSource)(
+        Plan(total=split.total, size=split.size, batch_size=batch_size, train=train, crop=crop,
+             **plan),
+        ShardReader(split, max_open_files), lighting_basis=lighting_basis, packed=packed,
+        check_jpeg=check_jpeg)
+
+
 def overwrite_image(shard: Path, i: int, damage) -> str:
     """Image i's bytes in `shard` replaced in place by damage(bytes) (same length); its key."""
     import h5py

@@ -99,7 +99,7 @@ def _install_recorder(folder: Path) -> None:
         epoch = self.epoch
         with open(folder / f"rank-{RANK}.jsonl", "a") as f:
             for batch in real_iter(self):
-                if self.source.train:
+                if self.plan.train:
                     f.write(json.dumps({"epoch": epoch, "index": batch.index.tolist()}) + "\n")
                     f.flush()
                 yield batch

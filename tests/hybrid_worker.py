@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from alexnet_base.config import LoaderConfig, TrainConfig  # noqa: E402
 from alexnet_pipe.hybrid import HybridAlexNet  # noqa: E402
 from alexnet_pipe.model import build_model  # noqa: E402
-from alexnet_pipe.train import param_groups  # noqa: E402
+from alexnet_pipe import optim  # noqa: E402
 
 CLASSES, GLOBAL_BATCH, STEPS = 10, 4, 2
 CROP = 112  # a quarter of the paper's pixels (fc6 takes pool5's 2x2): the same checks, cheaper
@@ -48,7 +48,7 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def sgd(model) -> torch.optim.Optimizer:
     config = TrainConfig(loader=LoaderConfig(data=Path(".")), out=Path("."), lr=0.01,
                          momentum=0.9, weight_decay=5e-4)
-    return torch.optim.SGD(param_groups(model, config), lr=config.lr, momentum=config.momentum)
+    return optim.sgd(model, config)
 
 
 def grouped_model(dropout: float) -> torch.nn.Module:

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_CROP, cli, overwrite_image, small_tmpfs
+from conftest import ROOT, SMALL_CROP, cli, overwrite_image, small_tmpfs, source_of
 
 CPU = ["--device", "cpu", "--threads", "1", "--readers", "1"]
 
@@ -243,7 +243,7 @@ def _bogus_huffman(stream: bytes) -> bytes:
 
 
 def test_jpeg_marker_check_by_hand_and_against_dali():
-    """reader.jpeg_header_problem, what stands between an unverified shard and DALI's decoder:
+    """jpeg.header_problem, what stands between an unverified shard and DALI's decoder:
     streams built by hand (expected answers worked out from ISO/IEC 10918-1's marker syntax),
     every kind of stream PIL writes passes, and over 150 damaged copies of one it refuses
     nothing that DALI's own decoder decodes (one image a batch: nothing queued behind it)."""
@@ -252,7 +252,7 @@ def test_jpeg_marker_check_by_hand_and_against_dali():
     from nvidia.dali import fn, pipeline_def, types
     from PIL import Image
 
-    from alexnet_pipe.reader import jpeg_header_problem as check
+    from alexnet_pipe.jpeg import header_problem as check
     # a frame header: length 17 (counting itself), precision 8, 16 x 16, 3 components of 3
     # bytes; a scan header: length 12, 3 components of 2 bytes, then 3 bytes
     sof = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03" + bytes(9)
@@ -310,14 +310,13 @@ def test_the_marker_check_reads_packed_batches_too(tmp_path, shards_jpeg):
     """What a GPU decoder is fed (one zero-padded row an image): the damaged row is named, and
     an intact batch passes."""
     from alexnet_base.errors import UserError
-    from alexnet_pipe.reader import BatchSource
     from preprocessing.shards import load_split
     data = copy(shards_jpeg, tmp_path / "d")
     key = overwrite_image(data / "train-00001.h5", 3, lambda s: b"\xff\xd8\xff\xe1" + bytes(len(s) - 4))
-    source = BatchSource(split=load_split(data, "train"), batch_size=4, train=False, crop=200,
-                         packed=True, check_jpeg=True)
+    source = source_of(load_split(data, "train"), batch_size=4, train=False, crop=200,
+                       packed=True, check_jpeg=True)
     errors = []
-    for b in range(source.num_batches()):
+    for b in range(source.plan.num_batches()):
         try:
             source.batch(0, b)
         except UserError as e:

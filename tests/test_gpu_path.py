@@ -17,8 +17,9 @@ import torch
 from alexnet_base.config import BenchConfig, LoaderConfig, PrepareConfig
 from alexnet_pipe import bench, pipeline, reading
 from alexnet_pipe.normalize import Normalization
-from alexnet_pipe.reader import BatchSource
-from conftest import ROOT, run_group, tool, train_args
+from alexnet_pipe.prepared import open_prepared
+from alexnet_pipe.source import BatchSource
+from conftest import ROOT, folder_loader, run_group, source_of, tool, train_args
 from preprocessing import shards
 from preprocessing.prepare import run as prepare_run
 from preprocessing.shards import load_split, load_stats
@@ -56,8 +57,8 @@ def cpu_loader(source: BatchSource, cfg: LoaderConfig):
 def recording_loader(data, tmp_path, *, readers: int, delay: float, batch: int = 8,
                      epochs: int = 1, start_batch: int = 0):
     cfg = LoaderConfig(data=data, batch_size=batch, device="cpu", threads=1, readers=readers)
-    source = RecordingSource(split=load_split(data, "train"), batch_size=batch, train=True,
-                             crop=224, epochs=epochs, start_batch=start_batch)
+    source = source_of(load_split(data, "train"), batch_size=batch, cls=RecordingSource,
+                       epochs=epochs, start_batch=start_batch)
     source.log, source.delay = str(tmp_path / "calls.jsonl"), delay
     return cpu_loader(source, cfg), tmp_path / "calls.jsonl"
 
@@ -138,10 +139,10 @@ def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, shards_jpe
 def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_jpeg):
     import nvidia.dali.backend as backend
     cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
-    want = next(iter(pipeline.make_loader(cfg))).images  # forked readers
+    want = next(iter(folder_loader(cfg))).images  # forked readers
     monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
     assert pipeline.Placement.for_device(torch.device("cpu")).reader_start == "spawn"
-    got = next(iter(pipeline.make_loader(cfg))).images  # spawned readers (fork would be refused)
+    got = next(iter(folder_loader(cfg))).images  # spawned readers (fork would be refused)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -159,10 +160,9 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
     assert resources.start_method() == "spawn"
     assert reader_rate(shards_jpeg, 1, 8, 0.2, None) > 0  # fork: DALI's RuntimeError
     cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
-    info = load_split(shards_jpeg, "train")
-    stats = load_stats(shards_jpeg, info)
-    assert bench.baseline_rate(BenchConfig(loader=cfg, batches=2, repeats=1, warmup=1), info,
-                               stats, Normalization.from_stats(stats, cfg.augment)) > 0
+    data = open_prepared(shards_jpeg, ("train",), verify=False)
+    assert bench.baseline_rate(BenchConfig(loader=cfg, batches=2, repeats=1, warmup=1), data,
+                               data.normalization(cfg.augment)) > 0
     prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, workers=2,
                               progress=False, shard_size=16))
     for a, b in zip(shards.list_shards(shards_jpeg, "train"),
@@ -366,8 +366,7 @@ def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
     info = load_split(data, "train")
     assert len(info.files) == 13  # 52 train images, 4 a shard
     cfg = LoaderConfig(data=data, batch_size=8, device="cpu", threads=1, readers=2)
-    source = BatchSource(split=info, batch_size=8, train=True, crop=224, epochs=2,
-                         max_open_files=4)
+    source = source_of(info, batch_size=8, epochs=2, max_open_files=4)
     loader = cpu_loader(source, cfg)
     shard_paths = {str(p) for p in info.files}
 
@@ -395,7 +394,7 @@ def test_a_batch_is_one_dense_array_with_each_stream_in_its_row(shards_jpeg, sha
     the batch's order although the reads go in file order, across shards."""
     for data in (shards_jpeg, shards_raw):
         info = load_split(data, "train")
-        src = BatchSource(split=info, batch_size=8, train=True, crop=224)
+        src = source_of(info, batch_size=8).reader
         idx = np.random.default_rng(3).permutation(info.total)[:12]  # spans the shards
         images, labels, lengths = src.read_batch(idx)
         want, want_labels = [], []
@@ -503,9 +502,9 @@ def test_channels_last_output_is_the_same_batch_without_a_copy(shards_raw, ten_c
     CPU: the same numbers as the CHW output."""
     cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, readers=1)
     split = "val" if ten_crop else "train"
-    chw = next(iter(pipeline.make_loader(cfg, split=split, ten_crop=ten_crop))).images
+    chw = next(iter(folder_loader(cfg, split=split, ten_crop=ten_crop))).images
     cpu = pipeline.Placement.for_device(torch.device("cpu"))
-    hwc = next(iter(pipeline.make_loader(cfg, split=split, ten_crop=ten_crop,
+    hwc = next(iter(folder_loader(cfg, split=split, ten_crop=ten_crop,
                                          placement=replace(cpu, channels_last=True)))).images
     torch.testing.assert_close(hwc, chw, rtol=0, atol=0)
     if not ten_crop:

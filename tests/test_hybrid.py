@@ -18,9 +18,10 @@ from conftest import ROOT, SMALL_CROP, cli, run_group, train_args
 from test_scale import TWO, launch, records, weights
 
 from alexnet_base.config import LoaderConfig, TrainConfig
-from alexnet_pipe import checkpoint, ledger
+from alexnet_pipe import ledger, optim
 from alexnet_pipe.model import TowerAlexNet, build_model
-from alexnet_pipe.train import param_groups
+from alexnet_pipe.distributed import DistEnv
+from alexnet_pipe.parallel import Parallel
 
 WORKER = ROOT / "tests" / "hybrid_worker.py"
 
@@ -134,17 +135,15 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
     # the one-model checkpoint read into the one-process model (ddp's too) and into the towers
     # and written back: the same weights and optimiser state, number for number
     config = TrainConfig(loader=LoaderConfig(data=shards_small), out=tmp_path)
-    for core in (build_model("alexnet", 4, SMALL_CROP), TowerAlexNet(4, SMALL_CROP)):
-        opt = torch.optim.SGD(param_groups(core, config), lr=config.lr, momentum=0.9)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
-        progress = checkpoint.restore(interrupt, weights=core, optimizer=opt, scheduler=sched,
-                                      device=torch.device("cpu"))
-        again = checkpoint.build(model=checkpoint.model_of(interrupt), weights=core,
-                                 optimizer=opt, scheduler=sched, progress=progress, config={},
-                                 device=torch.device("cpu"))
-        assert all(torch.equal(interrupt["model"][k], again["model"][k]) for k in
+    for mode, core in (("none", build_model("alexnet", 4, SMALL_CROP)),
+                       ("towers", TowerAlexNet(4, SMALL_CROP))):
+        parallel = Parallel(mode, DistEnv(), torch.device("cpu"))
+        opt = optim.sgd(core, config)
+        parallel.restore(interrupt, core, opt, optim.scheduler(opt, config))
+        weights_again, optimizer_again = parallel.weights_state(core, opt, keep=True)
+        assert all(torch.equal(interrupt["model"][k], weights_again[k]) for k in
                    interrupt["model"])
-        mine, theirs = interrupt["optimizer"], again["optimizer"]
+        mine, theirs = interrupt["optimizer"], optimizer_again
         assert mine["param_groups"] == theirs["param_groups"]
         assert mine["state"].keys() == theirs["state"].keys()
         assert all(torch.equal(mine["state"][i]["momentum_buffer"],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet_pipe.model import AlexNet, TowerAlexNet, build_model, count_parameters
+from alexnet_pipe.model import AlexNet, TowerAlexNet, build_model, count_parameters, param_name
 from conftest import ROOT, run_group, tool
 
 
@@ -88,7 +88,8 @@ def _lrn_reference(a: np.ndarray, groups: int) -> np.ndarray:
 def test_lrn_against_the_formula():
     model = build_model("alexnet", 10)
     lrns = [m for m in model.features if type(m).__name__ == "GroupLRN"]
-    assert len(lrns) == 2  # after conv1 and conv2 (the paper's section 3.3)
+    assert len(lrns) == 2 and lrns == [model.features.lrn1, model.features.lrn2]  # after conv1
+    # and conv2 (the paper's section 3.3)
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 120, (8, 2, 3))  # large enough that alpha matters (sum a^2 ~ 3e4)
     want = _lrn_reference(a, groups=2)
@@ -127,7 +128,7 @@ def test_lrn_in_both_memory_layouts_matches_the_formula_and_torchs_gradients(gro
 def test_lrn_under_autocast_hands_on_bfloat16():
     """Under autocast the LRN computes in float32 but hands on bf16 (what conv1 gave it), not a
     float32 copy; its values are the formula's to bf16's precision (8 bits: rtol 2^-8)."""
-    lrn = build_model("alexnet", 10).features[3]
+    lrn = build_model("alexnet", 10).features.lrn1
     a = np.random.default_rng(1).uniform(0, 120, (1, 96, 5, 5)).astype(np.float32)
     x = torch.from_numpy(a).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -184,7 +185,7 @@ def test_towers_equal_grouped_outputs_and_gradients():
     grads_t = {}
     for g, t, kind in TowerAlexNet._MAP:
         for name in ("weight", "bias"):
-            grads_t[f"{g}.{name}"] = torch.cat(
+            grads_t[param_name(g, name)] = torch.cat(
                 [tw.get_parameter(f"{t}.{name}").grad for tw in towers.towers], 0)
     for name, p in grouped.named_parameters():
         torch.testing.assert_close(grads_t[name], p.grad, rtol=1e-7, atol=1e-9)
@@ -198,7 +199,7 @@ def test_bias_rule_learning_rates_and_decay(rule):
     from pathlib import Path
 
     from alexnet_base.config import LoaderConfig, TrainConfig
-    from alexnet_pipe.train import param_groups
+    from alexnet_pipe.optim import param_groups
     torch.manual_seed(0)
     model = build_model("alexnet", 4, dropout=0.0).double()
     config = TrainConfig(loader=LoaderConfig(data=Path(".")), out=Path("."), bias_rule=rule)
@@ -290,16 +291,17 @@ def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
     the categories add up to more than the step (each operator's own time counted once)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from alexnet_pipe.train import train_step
+    from alexnet_pipe.runtime import Runtime, train_step
     ps = tool("profile_step")
     torch.manual_seed(0)
     model = build_model("alexnet", 10)
     ps.mark_lrn(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(2, 3, 224, 224) * 50, torch.tensor([3, 7])
-    train_step(model, opt, x, y, amp=False)
+    cpu = Runtime.for_device(torch.device("cpu"))
+    train_step(model, opt, x, y, runtime=cpu)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_step(model, opt, x, y, amp=False)
+        train_step(model, opt, x, y, runtime=cpu)
     events = prof.events()
     lrn = ps.lrn_nodes(events)
     pools = [e for e in events if "avg_pool2d" in e.name]

@@ -15,8 +15,8 @@ import torch
 from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import reading
-from alexnet_pipe.pipeline import Placement, make_loader
-from conftest import cli, tool
+from alexnet_pipe.pipeline import Placement
+from conftest import cli, folder_loader, source_of, tool
 from preprocessing import resize
 from preprocessing.shards import load_split
 
@@ -94,7 +94,7 @@ def twin(data, *, crop, mean, sigma, scale, divide_std, seed=0, epoch=0, batch=0
     (AugmentConfig(mean="channel", divide_std=True, crop=227, lighting_scale="eigval"),
      dict(crop=227, mean="channel", sigma=0.1, scale="eigval", divide_std=True))])
 def test_train_batch_matches_numpy_twin_raw(shards_raw, aug, terms):
-    got, labels, valid = first_batch(make_loader(replace(config(shards_raw), augment=aug)))
+    got, labels, valid = first_batch(folder_loader(replace(config(shards_raw), augment=aug)))
     want, want_labels = twin(shards_raw, **terms)
     assert got.shape == (8, 3, terms["crop"], terms["crop"]) and valid.all()
     np.testing.assert_array_equal(labels, want_labels)
@@ -102,7 +102,7 @@ def test_train_batch_matches_numpy_twin_raw(shards_raw, aug, terms):
 
 
 def test_train_batch_jpeg_within_decoder_error(shards_jpeg):
-    got, _, _ = first_batch(make_loader(config(shards_jpeg)))
+    got, _, _ = first_batch(folder_loader(config(shards_jpeg)))
     want, _ = twin(shards_jpeg, **PAPER)  # PIL decode vs DALI's libjpeg-turbo decode
     assert np.abs(got - want).mean() < 1.0 and np.percentile(np.abs(got - want), 99) <= 3
 
@@ -112,8 +112,8 @@ def test_val_centre_and_ten_crops_exact(shards_raw, mean):
     """The paper's test crops of 224 from 256: the four corners and the centre, then the same
     five mirrored; with the pixel mean, each crop (mirrored ones too) has its own window of the
     mean image subtracted."""
-    got, _, valid = first_batch(make_loader(config(shards_raw, mean=mean), split="val"))
-    ten, _, _ = first_batch(make_loader(config(shards_raw, mean=mean), split="val",
+    got, _, valid = first_batch(folder_loader(config(shards_raw, mean=mean), split="val"))
+    ten, _, _ = first_batch(folder_loader(config(shards_raw, mean=mean), split="val",
                                         ten_crop=True))
     images, _ = shard_images(shards_raw, "val")
     with h5py.File(shards_raw / "stats.h5", "r") as f:
@@ -132,22 +132,22 @@ def test_val_centre_and_ten_crops_exact(shards_raw, mean):
 
 
 def test_seed_reproduces_a_batch_and_resume_epoch(shards_raw):
-    a, _, _ = first_batch(make_loader(config(shards_raw)))
-    b, _, _ = first_batch(make_loader(config(shards_raw)))
-    c, _, _ = first_batch(make_loader(replace(config(shards_raw), seed=1)))
+    a, _, _ = first_batch(folder_loader(config(shards_raw)))
+    b, _, _ = first_batch(folder_loader(config(shards_raw)))
+    c, _, _ = first_batch(folder_loader(replace(config(shards_raw), seed=1)))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1
-    fresh = make_loader(config(shards_raw))
+    fresh = folder_loader(config(shards_raw))
     for _ in fresh:  # epoch 0
         pass
     second, _, _ = first_batch(fresh)
-    resumed, _, _ = first_batch(make_loader(config(shards_raw), start_epoch=1))
+    resumed, _, _ = first_batch(folder_loader(config(shards_raw), start_epoch=1))
     np.testing.assert_array_equal(second, resumed)
 
 
 def test_raw_and_jpeg_val_images_agree(shards_raw, shards_jpeg):
-    raw, _, _ = first_batch(make_loader(config(shards_raw), split="val"))
-    jpeg, _, _ = first_batch(make_loader(config(shards_jpeg), split="val"))
+    raw, _, _ = first_batch(folder_loader(config(shards_raw), split="val"))
+    jpeg, _, _ = first_batch(folder_loader(config(shards_jpeg), split="val"))
     assert np.abs(raw - jpeg).mean() < 2.0
 
 
@@ -171,9 +171,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, shards_raw):
     for i, (damage, message) in enumerate(cases):
         data = _damaged_copy(shards_raw, tmp_path / str(i), damage)
         with pytest.raises(UserError, match=message):
-            make_loader(config(data))
+            folder_loader(config(data))
     with pytest.raises(UserError, match="--crop 300"):
-        make_loader(config(shards_raw, crop=300))
+        folder_loader(config(shards_raw, crop=300))
 
 
 @pytest.mark.parametrize("cores, local, gpu, want", [
@@ -194,7 +194,7 @@ def test_cpu_defaults_read_in_process(shards_raw, shards_jpeg):
     import multiprocessing
     for data in (shards_raw, shards_jpeg):
         before = set(multiprocessing.active_children())
-        loader = make_loader(LoaderConfig(data=data, batch_size=8, device="cpu", threads=1))
+        loader = folder_loader(LoaderConfig(data=data, batch_size=8, device="cpu", threads=1))
         assert next(iter(loader)).images.shape == (8, 3, 224, 224)
         assert set(multiprocessing.active_children()) == before and loader.readers == (1, 0)
         del loader
@@ -209,7 +209,7 @@ def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, readers):
     cfg = replace(config(shards_jpeg, mean="pixel"), readers=readers)
     runs = []
     for packed in (False, True):
-        loader = make_loader(cfg, epochs=2, placement=replace(CPU, packed=packed))
+        loader = folder_loader(cfg, epochs=2, placement=replace(CPU, packed=packed))
         assert loader.source.packed == packed
         runs.append([b for _ in range(2) for b in loader])
         del loader
@@ -235,18 +235,16 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
                         lambda path=resources.SHM_DIR: int(1.5 * train_need))
     cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1,
                        dali_batches=2)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     mib = 2**20
     with pytest.raises(UserError, match=rf"{1.5 * train_need / mib:.0f} MiB free, but 1 reader "
                                         rf"process needs about {2 * train_need / mib:.0f} MiB "
                                         rf"\({train_need / mib:.0f} MiB x 2 local ranks\)"):
-        make_loader(cfg)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    train = make_loader(cfg)
+        folder_loader(cfg, local_world=2)  # torchrun's second rank on this machine
+    train = folder_loader(cfg)
     assert train.readers == (1, 1) and train.shm == pytest.approx(train_need, abs=1)
     # train builds its val loader before either has run: both count
     with pytest.raises(UserError, match=f"needs about {(train_need + val_need) / mib:.0f} MiB"):
-        make_loader(cfg, split="val", shm_reserved=train.shm)
+        folder_loader(cfg, split="val", shm_reserved=train.shm)
 
 
 @pytest.mark.parametrize("encoding, readers", [("raw", 2), ("jpeg", 0)])
@@ -258,7 +256,7 @@ def test_a_shard_cut_short_under_a_running_loader(tmp_path, shards_raw, shards_j
     data = tmp_path / "d"
     shutil.copytree(shards_raw if encoding == "raw" else shards_jpeg, data)
     # one batch a DALI iteration: the readers' lead (a few iterations) stays inside epoch 1
-    loader = make_loader(replace(config(data), readers=readers, dali_batches=1), epochs=3)
+    loader = folder_loader(replace(config(data), readers=readers, dali_batches=1), epochs=3)
     batches = iter(loader)
     next(batches)  # running: every shard of the first batches read (JPEG: mapped)
     shard = load_split(data, "train").files[0]
@@ -278,10 +276,8 @@ def test_default_reader_processes_that_do_not_fit_read_in_this_process(monkeypat
     the pipeline reads in its own process instead and says so, with the room to give (a chosen
     --readers is refused instead: tests/test_errors.py)."""
     from alexnet_base import resources
-    from alexnet_pipe.reader import BatchSource
     monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 2**20)
-    source = BatchSource(split=load_split(shards_jpeg, "train"), batch_size=32, train=True,
-                         crop=224, packed=True)
+    source = source_of(load_split(shards_jpeg, "train"), batch_size=32, packed=True)
     assert reading.fit_shared_memory(source, 2, 4, default=True, local_world=1, note=True) == 0
     err = capsys.readouterr().err
     assert "/dev/shm: 1 MiB free, but 4 reader processes need about" in err
@@ -297,7 +293,7 @@ def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shard
     monkeypatch.setattr(resources, "shm_free", lambda path=resources.SHM_DIR: 0)
     before = set(multiprocessing.active_children())
     cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, readers=2)
-    loader = make_loader(cfg)
+    loader = folder_loader(cfg)
     assert next(iter(loader)).images.shape == (8, 3, 224, 224)
     assert loader.readers == (1, 2) and loader.shm == 0
     assert not set(multiprocessing.active_children()) - before  # no reader process started
@@ -375,8 +371,8 @@ def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shard
 def test_gpu_pipeline_matches_cpu(shards_jpeg, shards_raw):
     """--hw-decoder-load 1: every JPEG to the GPU's decode engines, where it has them."""
     for data, hw in ((shards_raw, 0.65), (shards_jpeg, 0.65), (shards_jpeg, 1.0)):
-        cpu, _, _ = first_batch(make_loader(config(data)))
-        gpu_loader = make_loader(replace(config(data), device="gpu", hw_decoder_load=hw))
+        cpu, _, _ = first_batch(folder_loader(config(data)))
+        gpu_loader = folder_loader(replace(config(data), device="gpu", hw_decoder_load=hw))
         for images, _, _, _ in gpu_loader:
             assert images.is_cuda
             gpu = images.cpu().numpy().astype(np.float64)
@@ -388,15 +384,14 @@ def test_gpu_pipeline_matches_cpu(shards_jpeg, shards_raw):
 
 
 def test_dali_iterations_take_whole_batches_within_an_epoch():
-    """BatchSource.position with 6 batches an epoch, 4 a DALI iteration, two epochs a stream,
-    resumed at batch 3 of epoch 0: the table written out by hand."""
-    from alexnet_pipe.reader import BatchSource
-    split = type("Split", (), {"total": 48, "counts": [48], "files": []})()  # what it reads
-    source = BatchSource(split=split, batch_size=8, train=True, crop=224, start_batch=3, epochs=2,
-                         group=4)
-    stream0 = [source.position(0, i) for i in range(4)]
+    """Plan.position with 6 batches an epoch, 4 a DALI iteration, two epochs a stream,
+    resumed at batch 3 of epoch 0: the table written out by hand. A plan reads no file."""
+    from alexnet_pipe.plan import Plan
+    plan = Plan(total=48, size=256, batch_size=8, train=True, crop=224, start_batch=3,
+                epochs=2, group=4)
+    stream0 = [plan.position(0, i) for i in range(4)]
     assert stream0 == [(0, 3, 3), (1, 0, 4), (1, 4, 2), None]
-    stream1 = [source.position(1, i) for i in range(5)]
+    stream1 = [plan.position(1, i) for i in range(5)]
     assert stream1 == [(2, 0, 4), (2, 4, 2), (3, 0, 4), (3, 4, 2), None]
 
 
@@ -412,7 +407,7 @@ def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_ra
     def batches(k):
         data = shards_raw if encoding == "raw" else shards_jpeg
         cfg = replace(config(data, crop=112), batch_size=batch, dali_batches=k)
-        loader = make_loader(cfg, split=split, epochs=2, start_batch=3 if split == "train" else 0)
+        loader = folder_loader(cfg, split=split, epochs=2, start_batch=3 if split == "train" else 0)
         return [[t.clone() for t in b] for _ in range(2) for b in loader]
     one, grouped = batches(1), batches(group)
     assert len(one) == len(grouped) == (3 + 6 if split == "train" else 3 + 3)

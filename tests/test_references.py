@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from alexnet_base.config import AugmentConfig, LoaderConfig
-from alexnet_pipe.pipeline import make_loader
+from conftest import folder_loader
 
 SIZE, CROP = 256, 224
 SPAN = SIZE - CROP  # 32: offsets 0..32 on both axes
@@ -79,7 +79,7 @@ def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coor
     seen = {}  # (rank, epoch) -> global indices in reading order
     for rank in range(world):
         cfg = loader_config(data, per_rank, readers, crop=SIZE, flip=False, lighting_std=0)
-        loader = make_loader(cfg, rank=rank, world=world)
+        loader = folder_loader(cfg, rank=rank, world=world)
         for epoch, images, labels, valid, index in run_epochs(loader, 2):
             assert images.shape == (per_rank, 3, SIZE, SIZE) and valid.all()
             for out, label, i in zip(images, labels, index):
@@ -106,7 +106,7 @@ def test_val_shares_cover_every_image_once(coord_shards, world):
     mean = stats_h5(data)["channel_mean"]
     ids = []
     for rank in range(world):
-        loader = make_loader(loader_config(data, 4), split="val", rank=rank, world=world)
+        loader = folder_loader(loader_config(data, 4), split="val", rank=rank, world=world)
         for _, images, labels, valid, _ in run_epochs(loader, 1):
             for out in images[valid]:
                 d = decode(out, mean)
@@ -121,7 +121,7 @@ def test_val_shares_cover_every_image_once(coord_shards, world):
 def test_crop_offsets_uniform_on_both_axes_and_flips_half(coord_shards):
     data, _ = coord_shards
     mean = stats_h5(data)["channel_mean"]
-    loader = make_loader(loader_config(data, 32, crop=CROP, lighting_std=0))
+    loader = folder_loader(loader_config(data, 32, crop=CROP, lighting_std=0))
     draws = [decode(out, mean) for _, images, *_ in run_epochs(loader, 8) for out in images]
     n = len(draws)
     assert n == 768
@@ -143,7 +143,7 @@ def test_lighting_offsets_have_the_documented_covariance(coord_shards_small, sca
     st = stats_h5(data)
     sigma = 0.1
     cfg = loader_config(data, 64, crop=32, flip=False, lighting_std=sigma, lighting_scale=scale)
-    loader = make_loader(cfg)
+    loader = folder_loader(cfg)
     offsets = []
     for _, images, _, _, index in run_epochs(loader, 120):
         for out, i in zip(images.astype(np.float64), index):
@@ -168,7 +168,7 @@ def test_lighting_offsets_have_the_documented_covariance(coord_shards_small, sca
 def test_ten_crops_are_the_corners_the_centre_and_their_mirrors(coord_shards):
     data, _ = coord_shards
     mean = stats_h5(data)["channel_mean"]
-    loader = make_loader(loader_config(data, 4), split="val", ten_crop=True)
+    loader = folder_loader(loader_config(data, 4), split="val", ten_crop=True)
     batch = next(iter(loader))
     want = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # top-left, top-right, bottom-left,
     want = [(x, y, False) for x, y in want] + [(x, y, True) for x, y in want]  # ..., centre
@@ -183,7 +183,7 @@ def test_pixel_mean_subtracts_the_crop_window_of_the_mean_image(coord_shards):
     st = stats_h5(data)
     cfg = replace(loader_config(data, 16, crop=CROP, lighting_std=0),
                   augment=AugmentConfig(mean="pixel", crop=CROP, lighting_std=0))
-    loader = make_loader(cfg)
+    loader = folder_loader(cfg)
     batch = next(iter(loader))
     # The mean of coordinate images is coordinates too (B: the mean id): image - mean(image's own
     # window) is 0 in R and G, and id - mean id in B, wherever the window was cut.

@@ -365,3 +365,50 @@ def test_compiled_training_equals_eager_within_tolerance(tmp_path, shards_small)
     wa, wb = (weights(run / "checkpoints/epoch-0002.pt") for run in (eager, compiled))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+
+
+# The keys every checkpoint had before the layers were named (nn.Sequential indices), written
+# out: the paper model's and torchvision's one-tower model's (torchvision.models.alexnet).
+OLD_KEYS = {"alexnet": {"features.1": "conv1", "features.5": "conv2", "features.9": "conv3",
+                        "features.11": "conv4", "features.13": "conv5", "classifier.0": "fc6",
+                        "classifier.3": "fc7", "classifier.6": "fc8"},
+            "alexnet-owt": {"features.0": "conv1", "features.3": "conv2", "features.6": "conv3",
+                            "features.8": "conv4", "features.10": "conv5", "classifier.1": "fc6",
+                            "classifier.4": "fc7", "classifier.6": "fc8"}}
+
+
+def old_keyed(state: dict) -> dict:
+    """A checkpoint dict as the code before named layers wrote it: index keys, sealed."""
+    from alexnet_pipe import checkpoint
+    new = {f"{'features' if n.startswith('conv') else 'classifier'}.{n}": old
+           for old, n in OLD_KEYS[state["arch"]].items()}
+    model = {}
+    for key, value in state["model"].items():
+        prefix, _, kind = key.rpartition(".")
+        model[f"{new[prefix]}.{kind}"] = value
+    return checkpoint.sealed({k: v for k, v in state.items() if k != "digest"} | {"model": model})
+
+
+def test_checkpoints_with_the_old_index_keys_load_resume_and_evaluate(tmp_path, shards_small,
+                                                                      straight_run):
+    """A run's newest checkpoint rewritten with the keys of before (OLD_KEYS): evaluate gives
+    the same figures, and a resumed epoch the same weights, as from the checkpoint as written;
+    the one-tower model's old keys (torchvision's) load into it too."""
+    runs = [copy_run(straight_run, tmp_path / name) for name in ("new", "old")]
+    newest = runs[1] / "checkpoints" / "epoch-0002.pt"
+    state = torch.load(newest, weights_only=True)
+    assert "features.conv1.weight" in state["model"]
+    torch.save(old_keyed(state), newest)
+    assert "features.1.weight" in torch.load(newest, weights_only=True)["model"]
+    results = [json.loads(cli("evaluate", "--checkpoint", run / "checkpoints/epoch-0002.pt",
+                              "--data", shards_small, "--device", "cpu", "--json").stdout)
+               for run in runs]
+    assert results[0] == results[1]
+    for run in runs:
+        cli(*train_args(shards_small, run, "--epochs", "3", "--resume"))
+    assert_same_weights(runs[0] / "checkpoints/epoch-0003.pt", runs[1] / "checkpoints/epoch-0003.pt")
+    from alexnet_pipe.model import named_state
+    owt = build_model("alexnet-owt", 10)
+    old = old_keyed({"arch": "alexnet-owt", "model": owt.state_dict()})["model"]
+    assert "features.10.weight" in old and "classifier.1.bias" in old
+    owt.load_state_dict(named_state("alexnet-owt", old))  # strict: every key matches

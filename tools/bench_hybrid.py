@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timed_steps(model, opt, x, y, steps: int, amp: bool, sync) -> float:
+def timed_steps(model, opt, x, y, steps: int, runtime, after_backward, sync) -> float:
     """ms per step over `steps` steps, after one untimed step."""
-    from alexnet_pipe.train import train_step
-    train_step(model, opt, x, y, amp=amp)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, opt, x, y, amp=amp)
+    from alexnet_pipe.runtime import train_step
+    for i in range(steps + 1):
+        if i == 1:  # after the untimed step
+            sync()
+            t0 = time.perf_counter()
+        train_step(model, opt, x, y, runtime=runtime, after_backward=after_backward)
     sync()
     return 1e3 * (time.perf_counter() - t0) / steps
 
@@ -39,6 +39,7 @@ def rank_main(a) -> int:
     import torch.distributed as dist
     from alexnet_pipe.hybrid import HybridAlexNet
     from alexnet_pipe.model import build_model
+    from alexnet_pipe.runtime import Runtime
     gpu = a.device == "gpu"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if gpu else "cpu")
@@ -51,6 +52,8 @@ def rank_main(a) -> int:
               "ddp": torch.nn.parallel.DistributedDataParallel(
                   grouped, device_ids=[device.index] if gpu else None)}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()}
+    after = {"hybrid": models["hybrid"].reduce_gradients, "ddp": None}
+    runtime = Runtime.for_device(device, channels_last=False)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(a.batch, 3, 224, 224, generator=g).to(device)
     y = torch.randint(0, 1000, (a.batch,), generator=g).to(device)
@@ -59,7 +62,7 @@ def rank_main(a) -> int:
     for r in range(a.rounds):
         for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
             dist.barrier()
-            ms[k].append(timed_steps(models[k], opts[k], x, y, a.steps, gpu, sync))
+            ms[k].append(timed_steps(models[k], opts[k], x, y, a.steps, runtime, after[k], sync))
     if rank == 0:
         med = {k: statistics.median(v) for k, v in ms.items()}
         print(json.dumps({"device": a.device, "ranks": world, "batch_per_rank": a.batch,

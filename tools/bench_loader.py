@@ -48,7 +48,8 @@ from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, Prepar
 from alexnet_pipe.bench import (STREAM, baseline_rate, endless, model_step_rate,  # noqa: E402
                                 timed_rate)
 from alexnet_pipe.normalize import Normalization  # noqa: E402
-from alexnet_pipe.pipeline import make_loader  # noqa: E402
+from alexnet_pipe.prepared import open_prepared  # noqa: E402
+from alexnet_pipe.runtime import Runtime, train_step  # noqa: E402
 from alexnet_pipe.reading import ShardFiles  # noqa: E402
 from preprocessing import shards  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
@@ -126,17 +127,16 @@ def stepped(pairs, config: LoaderConfig, device: torch.device):
     """One training step of the paper model (what `train` runs: bf16 autocast on a GPU with
     cuDNN's autotuning, the loader's layout) on each (images, labels) batch of `pairs`, as an
     endless iterator. Labels are taken modulo 8 classes: the references label by folder."""
-    from alexnet_pipe.model import build_model, input_dtype
-    from alexnet_pipe.train import train_step
-    gpu = device.type == "cuda"
-    if gpu:  # as train sets it: fixed shapes, each convolution's algorithm timed once
-        torch.backends.cudnn.benchmark = True
-    model = build_model("alexnet", num_classes=8, crop=config.augment.crop).to(device)
-    if gpu and config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    from alexnet_pipe import optim
+    from alexnet_pipe.model import build_model
+    runtime = Runtime.for_device(device, channels_last=config.channels_last)
+    runtime.configure()  # as train sets it: fixed shapes, each algorithm timed once
+    model = runtime.place(build_model("alexnet", num_classes=8,
+                                      crop=config.augment.crop).to(device))
+    opt = optim.sgd(model)
     for images, labels in pairs:
-        train_step(model, opt, input_dtype(images, gpu), labels.long() % 8, amp=gpu)
+        images, labels = runtime.batch(images, labels)
+        train_step(model, opt, images, labels.long() % 8, runtime=runtime)
         yield
 
 
@@ -198,7 +198,9 @@ def _rate_and_cpu(kind: str, spec: dict, seconds: float) -> list[tuple[float, di
         pairs = ((b[0]["images"].permute(0, 3, 1, 2) if hwc else b[0]["images"],
                   b[0]["labels"].reshape(-1)) for b in it)
     else:
-        it = endless(make_loader(spec["config"], device=device, epochs=STREAM))
+        cfg = spec["config"]
+        data = open_prepared(cfg.data, ("train",), verify=False)
+        it = endless(data.loader(cfg, "train", device=device, epochs=STREAM))
         pairs = ((b.images, b.labels) for b in it)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     out = []
@@ -335,7 +337,7 @@ def main() -> int:
             rows["baseline"] = baseline_rate(bench, info, stats,
                                              Normalization.from_stats(stats, cfg.augment))
     if gpu:
-        rows["model"] = model_step_rate(cfg, gpu, 8)
+        rows["model"] = model_step_rate(cfg, Runtime.for_device(torch.device("cuda")), 8)
     jpegs = list((work / "files_jpeg").rglob("*.jpg"))
     mean_kb = np.mean([p.stat().st_size for p in jpegs]) / 1024 if jpegs else float("nan")
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))

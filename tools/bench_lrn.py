@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alexnet_base.config import LoaderConfig  # noqa: E402
 from alexnet_pipe import model as M  # noqa: E402
 from alexnet_pipe.bench import model_step_rate  # noqa: E402
+from alexnet_pipe.runtime import Runtime  # noqa: E402
 
 
 class TorchLRN(nn.Module):
@@ -38,7 +39,8 @@ def rate(arch: str, lrn, gpu: bool, batch: int, steps: int) -> float:
     """bench-loader's synthetic step rate, with `lrn` as the model's LRN."""
     M.GroupLRN = lrn  # build_model takes the class at call time
     cfg = LoaderConfig(data=Path("."), batch_size=batch)  # only the batch and crop are read
-    return model_step_rate(cfg, gpu, 1000, steps=steps, arch=arch)
+    runtime = Runtime.for_device(torch.device("cuda" if gpu else "cpu"))
+    return model_step_rate(cfg, runtime, 1000, steps=steps, arch=arch)
 
 
 def main() -> int:

@@ -19,9 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+
 from alexnet_base.config import LoaderConfig, PrepareConfig  # noqa: E402
+from alexnet_pipe.prepared import open_prepared  # noqa: E402
 from alexnet_pipe.reading import HeapTrim  # noqa: E402
-from alexnet_pipe.pipeline import make_loader  # noqa: E402
 from preprocessing.sample import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
 
@@ -76,8 +78,10 @@ def main() -> int:
         if not (data / "manifest.json").exists():
             prepare_run(PrepareConfig(imagenet_root=tree, out=data, encoding=enc, shard_size=32,
                                       progress=False, splits=("train",)))
-        loader = make_loader(LoaderConfig(data=data, batch_size=a.batch_size, device="cpu",
-                                          readers=a.readers), epochs=a.epochs)
+        config = LoaderConfig(data=data, batch_size=a.batch_size, device="cpu",
+                              readers=a.readers)
+        loader = open_prepared(data, ("train",), verify=False).loader(
+            config, "train", device=torch.device("cpu"), epochs=a.epochs)
         mb, peak = [], []  # after each epoch; the highest within each epoch (every batch)
         for epoch in range(a.epochs):
             inside = 0.0

@@ -27,8 +27,24 @@ try:  # format 2 keeps split loading with the format; format 1 kept it in the re
     from preprocessing.shards import load_split
 except ImportError:
     from alexnet_pipe.reader import load_split
-from alexnet_pipe.reader import BatchSource  # noqa: E402
 
+
+def make_source(info, batch: int, crop: int):
+    """A train source streaming across epochs (as train's readers do), packing JPEG batches as
+    a GPU decoder is fed them: the plan and the byte reader apart (this version), or the one
+    source class of earlier commits (format 1's ended every epoch and packed nothing)."""
+    try:
+        from alexnet_pipe.plan import Plan
+        from alexnet_pipe.reader import ShardReader
+        from alexnet_pipe.source import BatchSource
+    except ImportError:
+        from alexnet_pipe.reader import BatchSource
+        fields = BatchSource.__dataclass_fields__
+        stream = {k: v for k, v in (("epochs", 10**6), ("packed", True)) if k in fields}
+        return BatchSource(split=info, batch_size=batch, train=True, crop=crop, **stream)
+    plan = Plan(total=info.total, size=info.size, batch_size=batch, train=True, crop=crop,
+                epochs=10**6)
+    return BatchSource(plan, ShardReader(info), packed=True)
 
 
 def _from_loader(name):
@@ -57,12 +73,7 @@ def reader_rate(data: Path, workers: int, batch: int, seconds: float, depth: int
                 copy_out: bool = False, crop: int = 224) -> float:
     from nvidia.dali import fn, pipeline_def
     info = load_split(data, "train")
-    # streaming across epochs as train's readers do (format 1's source ended every epoch)
-    stream = {"epochs": 10**6} if "epochs" in BatchSource.__dataclass_fields__ else {}
-    # JPEG as a GPU decoder is fed it (one padded array a batch), where the source has that
-    if "packed" in BatchSource.__dataclass_fields__:
-        stream["packed"] = True
-    source = BatchSource(split=info, batch_size=batch, train=True, crop=crop, **stream)
+    source = make_source(info, batch, crop)
     kw = {} if depth == 0 else {"prefetch_queue_depth": depth or queue_depth(2, workers)}
     # workers 0: the reads in the pipeline's own process, as the CPU default for raw shards
     kw = {"parallel": True, **kw} if workers else {"parallel": False, "no_copy": True}

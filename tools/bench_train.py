@@ -16,25 +16,24 @@ from pathlib import Path
 import torch
 
 from alexnet_base.config import AugmentConfig, LoaderConfig
+from alexnet_pipe import optim
 from alexnet_pipe.bench import STREAM
 from alexnet_pipe.model import build_model
-from alexnet_pipe.pipeline import make_loader
-from alexnet_pipe.train import train_step
-from preprocessing.shards import load_split
+from alexnet_pipe.prepared import open_prepared
+from alexnet_pipe.runtime import Runtime, train_step
 
 
-def step_rate(model, opt, batches, steps: int, warmup: int, gpu: bool, channels_last: bool):
+def step_rate(model, opt, batches, steps: int, warmup: int, runtime: Runtime) -> float:
     def sync():
-        if gpu:
+        if runtime.gpu:
             torch.cuda.synchronize()  # a CPU-GPU sync point: only around the timed region
     n = 0
     for i, (x, y) in enumerate(batches):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        if channels_last and gpu:
-            x = x.contiguous(memory_format=torch.channels_last)
-        train_step(model, opt, x, y, amp=gpu)
+        x, y = runtime.batch(x, y)
+        train_step(model, opt, x, y, runtime=runtime)
         if i >= warmup:
             n += len(y)
         if i + 1 == warmup + steps:
@@ -55,20 +54,20 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-channels-last", action="store_true")
     a = ap.parse_args()
-    gpu = a.device == "gpu"
-    dev = torch.device("cuda" if gpu else "cpu")
-    info = load_split(a.data, "train")
+    runtime = Runtime.for_device(torch.device("cuda" if a.device == "gpu" else "cpu"),
+                                 channels_last=not a.no_channels_last)
+    runtime.configure()
     cfg = LoaderConfig(data=a.data, batch_size=a.batch_size, device=a.device, threads=a.threads,
-                       readers=a.readers, augment=AugmentConfig())
-    loader = make_loader(cfg, split="train", epochs=STREAM)  # before CUDA work: readers first
-    model = build_model(num_classes=info.num_classes).to(dev)
-    channels_last = gpu and not a.no_channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                       readers=a.readers, augment=AugmentConfig(),
+                       channels_last=runtime.channels_last)
+    data = open_prepared(a.data, ("train",), verify=False)
+    classes = data.split("train").num_classes
+    loader = data.loader(cfg, "train", device=runtime.device, epochs=STREAM)  # before CUDA work
+    model = runtime.place(build_model(num_classes=classes).to(runtime.device))
+    opt = optim.sgd(model)
     fwd = torch.compile(model) if a.compile else model
-    x = torch.randn(a.batch_size, 3, 224, 224, device=dev)
-    y = torch.randint(0, info.num_classes, (a.batch_size,), device=dev)
+    x = torch.randn(a.batch_size, 3, 224, 224, device=runtime.device)
+    y = torch.randint(0, classes, (a.batch_size,), device=runtime.device)
 
     def synthetic():
         while True:
@@ -77,11 +76,11 @@ def main() -> int:
     def real():
         while True:
             for images, labels, _, _ in loader:
-                yield images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-    syn = step_rate(fwd, opt, synthetic(), a.steps, a.warmup, gpu, channels_last)
-    rl = step_rate(fwd, opt, real(), a.steps, a.warmup, gpu, channels_last)
+                yield images, labels
+    syn = step_rate(fwd, opt, synthetic(), a.steps, a.warmup, runtime)
+    rl = step_rate(fwd, opt, real(), a.steps, a.warmup, runtime)
     r = {"device": a.device, "batch_size": a.batch_size, "compile": a.compile,
-         "channels_last": channels_last, "synthetic_images_per_s": round(syn, 1),
+         "channels_last": runtime.channels_last, "synthetic_images_per_s": round(syn, 1),
          "real_images_per_s": round(rl, 1), "real_over_synthetic": round(rl / syn, 3)}
     print(json.dumps(r))
     return 0

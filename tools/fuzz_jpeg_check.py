@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does a JPEG that passes the reader's marker check (reader.jpeg_header_problem) ever crash
+"""Does a JPEG that passes the reader's marker check (jpeg.header_problem) ever crash
 DALI's decoder? DALI 2.4's CPU decoder dies with a segmentation fault when its parser rejects a
 stream while other streams of the batch are still queued (BENCHMARKS.md), which is why the
 reader checks unverified shards. This draws damaged copies of one JPEG (1-3 random bytes of
@@ -53,7 +53,7 @@ def damaged_copies(copies: int, seed: int):
     """(drawn, [damaged streams the check passes]) for one 64x64 JPEG."""
     from PIL import Image
 
-    from alexnet_pipe.reader import jpeg_header_problem
+    from alexnet_pipe.jpeg import header_problem
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG",
@@ -68,7 +68,7 @@ def damaged_copies(copies: int, seed: int):
         if bytes(d) == good:
             continue
         drawn += 1
-        if jpeg_header_problem(bytes(d)) is None:
+        if header_problem(bytes(d)) is None:
             kept.append(bytes(d))
     return drawn, kept
 

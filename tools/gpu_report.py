@@ -386,7 +386,9 @@ def report(a, todo: list[str], data: Data) -> int:
     from alexnet_base import resources
     from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig
     from alexnet_pipe.bench import bench_loader, model_step_rate
+    from alexnet_pipe.runtime import Runtime
     gpu = a.device == "gpu"
+    runtime = Runtime.for_device(torch.device("cuda" if gpu else "cpu"))
     free = resources.shm_free()
     r = {"card": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
          "cores": len(os.sched_getaffinity(0)),
@@ -405,7 +407,7 @@ def report(a, todo: list[str], data: Data) -> int:
 
     def step(batch: int, mode=None, arch="alexnet", model=None, dtype="float32", channels=3):
         c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch, "dtype": dtype})
-        return model_step_rate(c, gpu, CLASSES, steps=30, warmup=5, arch=arch,
+        return model_step_rate(c, runtime, CLASSES, steps=30, warmup=5, arch=arch,
                                compile_mode=mode, model=model, in_channels=channels,
                                settle=data.ready)
 
@@ -415,11 +417,9 @@ def report(a, todo: list[str], data: Data) -> int:
 
     def torch_lrn_model():  # the paper model with torch's LocalResponseNorm, per tower
         from bench_lrn import TorchLRN
-        from alexnet_pipe.model import GroupLRN
         m = build()
-        for i, layer in enumerate(m.features):
-            if isinstance(layer, GroupLRN):
-                m.features[i] = TorchLRN(layer.groups)
+        for name in ("lrn1", "lrn2"):
+            setattr(m.features, name, TorchLRN(getattr(m.features, name).groups))
         return m
 
     def towers_on_one_device():  # grouped convolutions as dense ones on each tower's own
@@ -432,13 +432,13 @@ def report(a, todo: list[str], data: Data) -> int:
 
     def four_channel_model():  # conv1 over RGB and a zero 4th channel (DALI's pad_output)
         m = build()
-        conv1 = m.features[1]
+        conv1 = m.features.conv1
         wide = torch.nn.Conv2d(4, conv1.out_channels, conv1.kernel_size, conv1.stride)
         with torch.no_grad():
             wide.weight.zero_()
             wide.weight[:, :3] = conv1.weight
             wide.bias.copy_(conv1.bias)
-        m.features[1] = wide
+        m.features.conv1 = wide
         return m
 
     def with_dmon(fn):  # the decode engines' use (jpg column) beside the JPEG loader's run

@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexnet_pipe.model import GroupLRN, build_model, input_dtype  # noqa: E402
-from alexnet_pipe.train import train_step  # noqa: E402
+from alexnet_pipe import optim  # noqa: E402
+from alexnet_pipe.model import GroupLRN, build_model  # noqa: E402
+from alexnet_pipe.runtime import Runtime, train_step  # noqa: E402
 
 CATEGORIES = ("lrn", "conv_grouped", "conv_dense", "fc", "optimizer", "cast_pad", "other")
 LRN_RANGE = "profile_step::lrn"  # the profiler range around each LRN module's forward
@@ -186,38 +187,36 @@ def summarise(events, wall_ms: float, steps: int, gpu: bool) -> dict:
     return result
 
 
-def profile(model, opt, x, y, *, gpu: bool, amp: bool, steps: int, warmup: int) -> dict:
+def profile(model, opt, x, y, *, runtime: Runtime, steps: int, warmup: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync = torch.cuda.synchronize if runtime.gpu else (lambda: None)
     for _ in range(warmup):  # compile, autotune, allocate
-        train_step(model, opt, x, y, amp=amp)
+        train_step(model, opt, x, y, runtime=runtime)
     sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.gpu else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            train_step(model, opt, x, y, amp=amp)
+            train_step(model, opt, x, y, runtime=runtime)
         sync()
         wall = (time.perf_counter() - t0) * 1000
-    return summarise(prof.events(), wall, steps, gpu)
+    return summarise(prof.events(), wall, steps, runtime.gpu)
 
 
 def variant(arch: str, classes: int, batch: int, *, gpu: bool, compiled: bool, steps: int,
             warmup: int) -> dict:
     """One profiled model: {"step_ms": wall time a step, category: ms a step, ...}."""
-    device = torch.device("cuda" if gpu else "cpu")
+    runtime = Runtime.for_device(torch.device("cuda" if gpu else "cpu"))
+    runtime.configure()
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224, device=device) * 50
-    y = torch.randint(0, classes, (batch,), device=device)
-    model = build_model(arch, classes).to(device)
-    if gpu:  # as the loader delivers it
-        x = x.contiguous(memory_format=torch.channels_last)
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = runtime.batch(torch.randn(batch, 3, 224, 224, device=runtime.device) * 50)
+    y = torch.randint(0, classes, (batch,), device=runtime.device)
+    model = runtime.place(build_model(arch, classes).to(runtime.device))  # as the loader
+    opt = optim.sgd(model)
     if not compiled:
         mark_lrn(model)
     run = torch.compile(model, dynamic=False) if compiled else model  # as train compiles it
-    return profile(run, opt, input_dtype(x, gpu), y, gpu=gpu, amp=gpu, steps=steps,
+    return profile(run, opt, x, y, runtime=runtime, steps=steps,
                    warmup=warmup + (2 if compiled else 0))
 
 
@@ -233,8 +232,6 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="append the JSON lines to this file")
     a = ap.parse_args()
     gpu = a.device == "gpu"
-    if gpu:
-        torch.backends.cudnn.benchmark = True
     for compiled in ([False, True] if a.compile else [False]):
         r = variant(a.arch, a.classes, a.batch_size, gpu=gpu, compiled=compiled,
                     steps=a.steps, warmup=a.warmup)
