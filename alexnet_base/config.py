@@ -180,7 +180,7 @@ class LoaderConfig:
         if not 0 <= self.hw_decoder_load <= 1:
             raise UserError(f"--hw-decoder-load {self.hw_decoder_load}: must be between 0 and 1")
 
-    def dali_group(self, batch: int) -> int:
+    def dali_batches_for(self, batch: int) -> int:
         """Batches of `batch` images (this process's) per DALI iteration."""
         return self.dali_batches or max(1, -(-DALI_IMAGES // batch))
 

@@ -70,7 +70,7 @@ def bench_loader(config: BenchConfig) -> dict:
     for _ in range(config.repeats):
         rates.append(timed_rate(it, config.batches, config.seconds,
                                 config.warmup if not rates else 0, cfg.batch_size, sync))
-    threads, readers = loader.readers  # as built: JPEG gets none where /dev/shm is small
+    threads, readers = loader.workers  # as built: JPEG gets none where /dev/shm is small
     result = {"device": "gpu" if runtime.gpu else "cpu", "encoding": info.encoding,
               "batch_size": cfg.batch_size, "threads": threads, "readers": readers,
               "mean": cfg.augment.mean, "images_per_s": statistics.median(rates),

@@ -13,8 +13,8 @@ is one line in each. What it holds:
     epoch, batch, step, best_top1_err      Progress: where the run stands
     rng             torch's CPU generator, and the CUDA one of every device the model runs on
     arch, num_classes, size (px of the shards), crop, class_names, normalization
-                                    ModelCard: what evaluate, predict and filters need, nothing from the data
-                    folder
+                    ModelCard: what evaluate, predict and filters need, nothing from the
+                    data folder
     config, version, torch      the options of the run and what wrote it, for people
     digest          sha256 of all of the above (content_digest), checked at every load
 """
@@ -254,27 +254,30 @@ class _NotTorch(Exception):
 
 
 def _unreadable(e: Exception) -> str:
-    """torch.load's error as what it says of the file, in one line. Its advice to load the file
-    with weights_only=False (running whatever code it holds) is left out: a checkpoint of ours
-    holds tensors and plain values only, so a file refused for its contents is not one."""
+    """torch.load's error as what it says of the file, in one line, decided by its type: an OS
+    error as it is; an unpickling error (weights_only refused what the file holds); torch's zip
+    reader's RuntimeError (damaged or cut short). The detail comes from the message, which is
+    all that carries it. torch's advice to load the file with weights_only=False (running
+    whatever code it holds) is left out: a checkpoint of ours holds tensors and plain values
+    only, so a file refused for its contents is not one."""
+    import pickle
     text = str(e)
+    first = (text.strip().splitlines() or [""])[0][:200]
     if isinstance(e, _NotTorch):
         return text
     if isinstance(e, OSError):  # errno and path as they are
         return f"{type(e).__name__}: {text}"
     if isinstance(e, EOFError):
         return "the file is empty or ends early"
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if found:
-        return (f"it holds an object of class {found.group(1)}, which a checkpoint of "
-                f"alexnet-pipe never does: a whole model or another tool's file?")
-    found = re.search(r"WeightsUnpickler error: ([^.\n]+)", text)
-    if found:
-        return f"not a file torch.save wrote, or a damaged one: {found.group(1)}"
-    found = re.search(r"PytorchStreamReader (failed [^.\n]+)", text)
-    if found:
-        return f"damaged or cut short: {found.group(1)}"
-    first = (text.strip().splitlines() or [""])[0][:200]
+    if isinstance(e, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"it holds an object of class {found.group(1)}, which a checkpoint of "
+                    f"alexnet-pipe never does: a whole model or another tool's file?")
+        found = re.search(r"WeightsUnpickler error: ([^.\n]+)", text)
+        return f"not a file torch.save wrote, or a damaged one: {found.group(1) if found else first}"
+    if isinstance(e, RuntimeError) and "PytorchStreamReader" in text:  # the zip reader's
+        return f"damaged or cut short: {first.split('PytorchStreamReader ')[-1].split('.')[0]}"
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
@@ -293,8 +296,8 @@ def load(path: Path) -> dict:
                             "not a file torch.save wrote: it does not begin as a zip archive")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, never a traceback
-        raise UserError(f"{path}: not a readable alexnet-pipe checkpoint ({_unreadable(e)})") \
-            from None
+        why = _unreadable(e)
+        raise UserError(f"{path}: not a readable alexnet-pipe checkpoint ({why})") from None
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise UserError(f"{path}: not an alexnet-pipe checkpoint")
     if "digest" in state and content_digest(state) != state["digest"]:  # older ones have none

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -38,9 +39,8 @@ def _click_option(f: dataclasses.Field, hint) -> click.Option:
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = None if required else (f.default if f.default is not dataclasses.MISSING
                                      else f.default_factory())
-    base = typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Union,
-                                                                   __import__("types").UnionType) \
-        else hint
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)  # X | None
+    base = typing.get_args(hint)[0] if optional else hint
     kw = {"help": meta["help"], "required": required, "show_default": default not in (None, ())}
     if base is bool:
         return click.Option([f"{name}/--no-{name[2:]}"], default=default, **kw)
@@ -62,8 +62,8 @@ def options(*classes, skip=()):
         for cls in reversed(classes):
             hints = typing.get_type_hints(cls)
             for f in reversed(dataclasses.fields(cls)):
-                if dataclasses.is_dataclass(hints[f.name]) or f.name in skip \
-                        or not f.metadata.get("cli", True):
+                if (dataclasses.is_dataclass(hints[f.name]) or f.name in skip
+                        or not f.metadata.get("cli", True)):
                     continue
                 fn.__click_params__ = getattr(fn, "__click_params__", [])
                 fn.__click_params__.append(_click_option(f, hints[f.name]))
@@ -131,7 +131,7 @@ def verify(out, workers, as_json):
     r = run(out, workers=workers or os.cpu_count() or 1)
     click.echo(json.dumps(r) if as_json else format_report(out, r))
     if failed(r):
-        named = r["damaged"] + r["missing"] + [e.split(":")[0] for e in r["unreadable"]]
+        named = r["damaged"] + r["missing"] + [e["file"] for e in r["unreadable"]]
         raise click.ClickException(
             f"{out}: {len(r['damaged'])} damaged, {len(r['missing'])} missing, "
             f"{len(r['unreadable'])} unreadable ({', '.join(map(str, named[:5]))}"

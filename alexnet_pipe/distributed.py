@@ -150,9 +150,11 @@ def describe(e: BaseException) -> str:
     frames = traceback.extract_tb(e.__traceback__)
     ours = [f for f in frames if "/alexnet_pipe/" in f.filename or "/preprocessing/" in f.filename
             or "/alexnet_base/" in f.filename] or frames
-    place = f" (at {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name})" \
-        if ours else ""
-    return f"{type(e).__name__}: {first}{place}"
+    if not ours:
+        return f"{type(e).__name__}: {first}"
+    where = ours[-1]
+    return (f"{type(e).__name__}: {first} (at {os.path.basename(where.filename)}:"
+            f"{where.lineno} in {where.name})")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ One training step's collectives, in this order on every rank:
               reduce-scatter of the feature gradients (K*B, 9216) -> own (B, 9216)
     during    all-reduces of the replicated gradients (about 6.4 M values at 1000 classes), in
               buckets started as their gradients are ready (overlapping the backward)
-against DDP's all-reduce of all 61 M. Half-precision partial sums are reduced in float32. The checkpoint holds the one-model (grouped) layout.
+against DDP's all-reduce of all 61 M. Half-precision partial sums are reduced in float32. The
+checkpoint holds the one-model (grouped) layout.
 
 Dropout masks are drawn for the whole K*B batch from a generator seeded by (seed, step, layer),
 the same on every rank, and each rank uses its part: the result does not depend on K.
@@ -104,8 +105,8 @@ class _Buckets:
     same on every rank; `finish()` waits for each and writes the averages back. The values
     are those of one all-reduce of all of them: each is the sum of the ranks' gradients."""
 
-    def __init__(self, params: list, world: int, group):
-        self.params, self.world, self.group = params, world, group
+    def __init__(self, params: list, world: int, process_group):
+        self.params, self.world, self.process_group = params, world, process_group
         self.buckets, size = [[]], 0
         for p in reversed(params):  # the backward's order: the last layer's gradients first
             if self.buckets[-1] and size + p.numel() > BUCKET_VALUES:
@@ -128,7 +129,7 @@ class _Buckets:
     def _send(self, i: int) -> None:
         grads = [p.grad.reshape(-1) for p in self.buckets[i] if p.grad is not None]
         flat = torch.cat(grads) if grads else None
-        work = dist.all_reduce(flat, group=self.group, async_op=True) if grads else None
+        work = dist.all_reduce(flat, group=self.process_group, async_op=True) if grads else None
         self._sent[i] = (work, flat)
 
     def finish(self) -> None:
@@ -151,13 +152,15 @@ class _Buckets:
 
 
 class HybridAlexNet(nn.Module):
-    """The paper's network (`AlexNet`) split across the `world` ranks of `group` as the module
-    docstring says. Input: this rank's (B, 3, H, W); output: its (B, num_classes) logits. B is
-    the same on every rank. `seed`: the dropout masks' stream; `draws`: steps drawn so far."""
+    """The paper's network (`AlexNet`) split across the `world` ranks of `process_group` (None:
+    the default group) as the module docstring says. Input: this rank's (B, 3, H, W); output:
+    its (B, num_classes) logits. B is the same on every rank. `seed`: the dropout masks'
+    stream; `draws`: steps drawn so far."""
 
-    def __init__(self, grouped: AlexNet, *, rank: int, world: int, group=None, seed: int = 0):
+    def __init__(self, grouped: AlexNet, *, rank: int, world: int, process_group=None,
+                 seed: int = 0):
         super().__init__()
-        self.rank, self.world, self.group, self.seed = rank, world, group, seed
+        self.rank, self.world, self.process_group, self.seed = rank, world, process_group, seed
         self.draws = 0
         self.part = slices(WIDTH, world)[rank]
         self.p = grouped.classifier.drop6.p  # the paper's dropout probability, both layers
@@ -174,7 +177,7 @@ class HybridAlexNet(nn.Module):
         self.grouped_count = sum(p.numel() for p in grouped.parameters())
         self._trunk = None   # a compiled trunk (compile_trunk), kept out of the state dict
         self._eval = None    # the whole classifier's weights, gathered for evaluation
-        self._buckets = _Buckets(self.replicated_parameters(), world, group)
+        self._buckets = _Buckets(self.replicated_parameters(), world, process_group)
 
     # --- layout: the one-model (grouped) state dict on disk ------------------------------------
 
@@ -231,7 +234,7 @@ class HybridAlexNet(nn.Module):
         padded = v.new_zeros((most, *v.shape[1:]))
         padded[:v.shape[0]] = v
         everyone = padded.new_empty((self.world * most, *v.shape[1:]))
-        _all_gather(everyone, padded.contiguous(), self.group)
+        _all_gather(everyone, padded.contiguous(), self.process_group)
         rows = [everyone[k * most:k * most + p.stop - p.start] for k, p in enumerate(parts)]
         return torch.cat(rows).movedim(0, dim)
 
@@ -269,10 +272,11 @@ class HybridAlexNet(nn.Module):
         keep6, keep7 = self._masks(b, h.device)
         self.draws += 1
         scale = 1.0 / (1.0 - self.p) if self.p < 1 else 0.0
-        z = _GatherBatch.apply(h, self.group, self.world)               # (K*B, 9216)
+        z = _GatherBatch.apply(h, self.process_group, self.world)       # (K*B, 9216)
         z = torch.relu(self.fc6(z))                                     # (K*B, |P_k|)
         z = z * (keep6[:, self.part] * scale).to(z.dtype)
-        z = _ScatterBatch.apply(F.linear(z, self.fc7.weight), self.group, self.world)  # (B, 4096)
+        z = F.linear(z, self.fc7.weight)                                # (K*B, 4096) partial
+        z = _ScatterBatch.apply(z, self.process_group, self.world)      # (B, 4096) summed
         z = torch.relu(z + self.fc7_bias)
         rows = slice(self.rank * b, (self.rank + 1) * b)
         z = z * (keep7[rows] * scale).to(z.dtype)

@@ -102,7 +102,7 @@ def build_pipeline(source: BatchSource, *, norm: Normalization, config: LoaderCo
                                         dtype=types.FLOAT, device=dev,
                                         output_layout="HWC" if placement.channels_last else "CHW")
 
-    @pipeline_def(batch_size=source.plan.batch_size * source.plan.group, num_threads=threads,
+    @pipeline_def(batch_size=source.plan.batch_size * source.plan.dali_batches, num_threads=threads,
                   device_id=placement.device_id, py_num_workers=processes,
                   py_start_method=placement.reader_start, prefetch_queue_depth=config.prefetch)
     def pipe():
@@ -140,6 +140,13 @@ def build_pipeline(source: BatchSource, *, norm: Normalization, config: LoaderCo
     return pipe()
 
 
+class Workers(NamedTuple):
+    """Who prepares a loader's batches: DALI's CPU threads, and the shard readers (threads for
+    raw shards, processes for JPEG; 0: the pipeline's own thread reads)."""
+    threads: int
+    readers: int
+
+
 class Batch(NamedTuple):
     """One batch as torch tensors, all on the pipeline's device.
 
@@ -157,15 +164,15 @@ class Loader:
     """Iterates `Batch`es, one epoch a `for` loop. The source streams `plan.epochs` epochs
     through one DALI epoch: the loader hands out each epoch's batches by count, so the readers
     run on into the next epoch while this one's last batches are trained on. Each DALI
-    iteration holds `plan.group` batches (fewer at an epoch's end), handed out as views."""
+    iteration holds `plan.dali_batches` batches (fewer at an epoch's end), handed out as views."""
 
     def __init__(self, pipe, source: BatchSource, *, dtype: str, start_epoch: int,
-                 readers: tuple[int, int], prefetch: int = 2, channels_last: bool = False,
+                 workers: tuple[int, int], prefetch: int = 2, channels_last: bool = False,
                  mean_windows: MeanWindows | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.source = source
         self.plan = source.plan  # which samples and draws: the loader counts its epochs by it
-        self.readers = readers  # (DALI threads, shard readers: threads (raw), processes (JPEG))
+        self.workers = Workers(*workers)
         # bytes of /dev/shm its reader processes fill once running (none when reading in-process)
         self.shm = reader_shm(source, prefetch, pipe.py_num_workers) if pipe.py_num_workers else 0
         self.epoch = start_epoch
@@ -243,7 +250,7 @@ class Loader:
         were in flight, or `error` itself when none is found."""
         plan = self.plan
         first = plan.skipped(self.epoch) + done
-        in_flight = (self._prefetch + 2) * plan.group
+        in_flight = (self._prefetch + 2) * plan.dali_batches
         for batch in range(first, min(first + in_flight, plan.num_batches())):
             found = self.source.undecodable(self.epoch, batch)
             if found is not None:
@@ -258,9 +265,8 @@ def _resource_error(error: Exception, source: BatchSource, prefetch: int) -> Use
     where = f" in {found.group(1)}" if found else ""
     if any(m in text for m in ("std::bad_alloc", "out of memory", "Out of memory")):
         return UserError(f"the data pipeline ran out of memory{where} with batches of "
-                         f"{source.plan.batch_size} images, {source.plan.group} at a time and "
-                         f"{prefetch} "
-                         f"ahead; use a smaller --batch-size, --dali-batches or --prefetch")
+                         f"{source.plan.batch_size} images, {source.plan.dali_batches} at a "
+                         f"time and {prefetch} ahead; use a smaller --batch-size, --dali-batches or --prefetch")
     if "Resource temporarily unavailable" in text:  # EAGAIN: pthread_create, fork
         return UserError(f"the data pipeline could not start its threads{where} (EAGAIN, "
                          f"Resource temporarily unavailable: a limit on processes or memory, "
@@ -294,7 +300,7 @@ def make_loader(config: LoaderConfig, split: SplitInfo, *, norm: Normalization, 
                 crop=aug.crop, flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
                 seed=config.seed, rank=ranks.rank, world=ranks.world, start_epoch=start_epoch,
                 start_batch=start_batch, epochs=epochs,
-                group=config.dali_group(config.batch_size))
+                dali_batches=config.dali_batches_for(config.batch_size))
     if plan.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
                         f"the {split.name} split ({plan.share()} images); use a smaller batch")
@@ -313,5 +319,5 @@ def make_loader(config: LoaderConfig, split: SplitInfo, *, norm: Normalization, 
     if norm.per_pixel and not placement.mean_image_in_graph:
         windows = MeanWindows(norm.mean, aug.crop, hwc=placement.channels_last, ten_crop=ten_crop)
     return Loader(pipe, source, dtype=config.dtype, start_epoch=start_epoch,
-                  readers=(threads, readers), prefetch=config.prefetch,
+                  workers=(threads, readers), prefetch=config.prefetch,
                   channels_last=placement.channels_last, mean_windows=windows)

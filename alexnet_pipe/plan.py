@@ -46,8 +46,8 @@ def batches_per_epoch(total: int, batch_size: int, *, train: bool, rank: int, wo
 @dataclass
 class Plan:
     """One rank's reading plan of one split. `batch_size` is this rank's; a val batch larger
-    than the share is cut to it (beyond the share, padding is all it would add). `group`:
-    batches one DALI iteration prepares, at most an epoch's."""
+    than the share is cut to it (beyond the share, padding is all it would add). `dali_batches`:
+    batches one DALI iteration prepares (one call of the source), at most an epoch's."""
     total: int              # images in the split
     size: int               # px, the shards' side
     batch_size: int
@@ -61,13 +61,13 @@ class Plan:
     start_epoch: int = 0    # the epoch of DALI's epoch_idx 0: resume counts from the checkpoint
     start_batch: int = 0    # batches of start_epoch already done (resume after an interrupt)
     epochs: int = 1         # epochs one DALI epoch streams through: no drain at their boundaries
-    group: int = 1
+    dali_batches: int = 1
     _epoch: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.train:
             self.batch_size = max(1, min(self.batch_size, self.share()))
-        self.group = max(1, min(self.group, self.num_batches()))
+        self.dali_batches = max(1, min(self.dali_batches, self.num_batches()))
 
     def __getstate__(self):  # the cached permutation stays behind: each process draws its own
         return {**self.__dict__, "_epoch": (None, None)}
@@ -116,15 +116,15 @@ class Plan:
         None past the stream's end. One DALI epoch streams `epochs` of ours back to back (every
         epoch has the same number of batches), so DALI's prefetch runs on into the next epoch
         instead of draining at each boundary; the first stream starts at (start_epoch,
-        start_batch). Each call takes `group` batches, fewer at an epoch's end."""
+        start_batch). Each call takes `dali_batches` batches, fewer at an epoch's end."""
         per_epoch = self.num_batches()
         epoch = self.start_epoch + epoch_idx * self.epochs
         first = self.start_batch if epoch_idx == 0 else 0
-        head = -(-(per_epoch - first) // self.group)  # calls of the stream's first epoch
+        head = -(-(per_epoch - first) // self.dali_batches)  # calls of the stream's first epoch
         if iteration >= head:
-            later, iteration = divmod(iteration - head, -(-per_epoch // self.group))
+            later, iteration = divmod(iteration - head, -(-per_epoch // self.dali_batches))
             epoch, first = epoch + 1 + later, 0
         if epoch >= self.start_epoch + (epoch_idx + 1) * self.epochs:
             return None
-        batch = first + iteration * self.group
-        return epoch, batch, min(self.group, per_epoch - batch)
+        batch = first + iteration * self.dali_batches
+        return epoch, batch, min(self.dali_batches, per_epoch - batch)

@@ -26,6 +26,8 @@ class Prepared:
     stats: ImageStats | None = None             # the train split's statistics, opened with it
 
     def split(self, name: str) -> SplitInfo:
+        """The SplitInfo of split `name` ("train", "val"): a split is a SplitInfo everywhere,
+        its name a string named so."""
         return self.splits[name]
 
     def normalization(self, aug: AugmentConfig) -> Normalization:
@@ -38,12 +40,12 @@ class Prepared:
             return None
         return augment.lighting_basis(self.stats.eigval, self.stats.eigvec, aug.lighting_scale)
 
-    def loader(self, config: LoaderConfig, split: str = "train", *, device, norm=None, **kw):
-        """pipeline.make_loader over one of its splits with its normalisation (or `norm`: a
+    def loader(self, config: LoaderConfig, name: str = "train", *, device, norm=None, **kw):
+        """pipeline.make_loader over its split `name` with its normalisation (or `norm`: a
         checkpoint's) and, for train, its lighting basis; `kw` as make_loader takes them."""
         from alexnet_pipe.pipeline import make_loader
-        lighting = self.lighting(config.augment) if split == "train" else None
-        return make_loader(config, self.split(split), device=device, lighting=lighting,
+        lighting = self.lighting(config.augment) if name == "train" else None
+        return make_loader(config, self.split(name), device=device, lighting=lighting,
                            norm=norm or self.normalization(config.augment), **kw)
 
 

@@ -298,17 +298,17 @@ def queue_depth(prefetch: int, readers: int) -> int:
 
 def reader_shm(source, prefetch: int, readers: int) -> int:
     """Bytes of /dev/shm the reader processes of one pipeline hold: DALI keeps prefetch +
-    queue-depth buffers (shared by its processes) of one iteration's batch (`plan.group` of
+    queue-depth buffers (shared by its processes) of one iteration's batch (`plan.dali_batches` of
     ours), each the size of the largest so far plus 1 MiB, doubled when one does not fit. Raw
     batches are exact. A packed JPEG batch is one row per image as long as the batch's longest
     stream: taken at four times the split's mean file bytes per image, at most a raw image's
     bytes a row; a list of streams at twice the mean."""
-    split, images = source.split, source.plan.batch_size * source.plan.group  # a DALI batch
+    split, images = source.split, source.plan.batch_size * source.plan.dali_batches  # a DALI batch
     if split.encoding == "raw":
         batch = images * split.size * split.size * 3
     else:
-        per = min(4 * split.bytes_per_image, split.size ** 2 * 3) if source.packed else \
-            2 * split.bytes_per_image
+        per = (min(4 * split.bytes_per_image, split.size ** 2 * 3) if source.packed
+               else 2 * split.bytes_per_image)
         batch = images * per
     return int((prefetch + queue_depth(prefetch, readers)) * (batch + 2**20))
 
@@ -328,7 +328,7 @@ def fit_shared_memory(source, prefetch: int, readers: int, *, default: bool, loc
     ranks = f" ({each / 2**20:.0f} MiB x {local_world} local ranks)" if local_world > 1 else ""
     what = (f"{resources.SHM_DIR}: {free / 2**20:.0f} MiB free, but {procs} about "
             f"{need / 2**20:.0f} MiB{ranks} for DALI batches of "
-            f"{source.plan.batch_size * source.plan.group} images")
+            f"{source.plan.batch_size * source.plan.dali_batches} images")
     room = f"give it more room (docker run --shm-size={-(-need // 2**30)}g)"
     if default:
         if note:

@@ -241,10 +241,10 @@ def _kaggle_zip(root: Path, splits, limit_per_class, workers: int) -> layout.Tre
                             if n.startswith(KAGGLE_PREFIX + "val/") and not n.endswith("/")),
                            key=lambda rel: rel.split("/"))
         extra = {n.rsplit("/", 1)[-1]: n for n in names if not n.startswith("ILSVRC/")}
-        mapping = zf.read(extra["LOC_synset_mapping.txt"]).decode() \
-            if "LOC_synset_mapping.txt" in extra else ""
-        solution = zf.read(extra[layout.KAGGLE_SOLUTION]).decode() \
-            if layout.KAGGLE_SOLUTION in extra else None
+        mapping = (zf.read(extra["LOC_synset_mapping.txt"]).decode()
+                   if "LOC_synset_mapping.txt" in extra else "")
+        solution = (zf.read(extra[layout.KAGGLE_SOLUTION]).decode()
+                    if layout.KAGGLE_SOLUTION in extra else None)
     classes = sorted({rel.split("/")[0] for rel in train_files if "/" in rel})
     if "train" in splits and not classes:
         raise UserError(f"{path}: no {KAGGLE_PREFIX}train/<wnid>/ images inside")

@@ -146,8 +146,8 @@ def _prepare_out(config: PrepareConfig) -> None:
     plan_path = out / shards.PARTIAL_DIR / PLAN_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    ours = [p for p in out.glob("*") if p.name == shards.MANIFEST_FILE or p.suffix == ".h5"] \
-        if out.is_dir() else []
+    ours = ([p for p in out.glob("*") if p.name == shards.MANIFEST_FILE or p.suffix == ".h5"]
+            if out.is_dir() else [])
     if config.overwrite:
         for p in ours:
             p.unlink()

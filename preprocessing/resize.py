@@ -67,8 +67,8 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 
 def load_image(source, size: int) -> np.ndarray:
     """A file -> (size, size, 3) uint8 HWC RGB. Raises SkipImage with the reason for bad files."""
-    if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0 or \
-            isinstance(source, io.BytesIO) and not source.getbuffer().nbytes:
+    if ((isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0)
+            or (isinstance(source, io.BytesIO) and not source.getbuffer().nbytes)):
         raise SkipImage("empty file (0 bytes)")
     with open_rgb(source, size) as im:
         return np.asarray(resize_center_crop(im, size))

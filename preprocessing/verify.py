@@ -40,7 +40,8 @@ def expected_digests(manifest: dict) -> dict[str, str | None]:
 
 def verify(out: Path, *, workers: int, progress: bool | None = None) -> dict:
     """{"files", "bytes", "seconds", "damaged", "missing", "unreadable", "unexpected",
-    "unchecked"}: lists of file names (unreadable: the OS error's line)."""
+    "unchecked"}: lists of file names; unreadable: {"file", "error"} each, the OS error's line
+    (os_error: the path, the errno)."""
     from tqdm import tqdm
     out = Path(out)
     expected = expected_digests(shards.read_manifest(out))
@@ -51,8 +52,8 @@ def verify(out: Path, *, workers: int, progress: bool | None = None) -> dict:
     show = sys.stderr.isatty() if progress is None else progress
     damaged, unreadable, unchecked = [], [], []
     t0 = time.perf_counter()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not show) as bar, \
-            ThreadPoolExecutor(max(1, workers)) as pool:
+    with (tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not show) as bar,
+          ThreadPoolExecutor(max(1, workers)) as pool):
         def check(name):
             try:
                 return name, sha256_file(out / name, bar.update), None
@@ -60,7 +61,7 @@ def verify(out: Path, *, workers: int, progress: bool | None = None) -> dict:
                 return name, None, str(os_error(out / name, e, "read"))
         for name, digest, error in pool.map(check, present):
             if error is not None:
-                unreadable.append(error)
+                unreadable.append({"file": name, "error": error})
             elif expected[name] is None:
                 unchecked.append(name)
             elif digest != expected[name]:
@@ -78,7 +79,7 @@ def format_report(out: Path, r: dict) -> str:
              f"{len(r['unexpected'])} unexpected"]
     lines += [f"DAMAGED {out / f}: its sha256 differs from the manifest's" for f in r["damaged"]]
     lines += [f"MISSING {out / f}" for f in r["missing"]]
-    lines += [f"UNREADABLE {e}" for e in r["unreadable"]]
+    lines += [f"UNREADABLE {e['error']}" for e in r["unreadable"]]
     lines += [f"unexpected {out / f}: not in the manifest (not read by any command; left as it "
               f"is)" for f in r["unexpected"]]
     lines += [f"unchecked {out / f}: the manifest has no digest for it (prepared by an older "
@@ -106,8 +107,9 @@ def damaged_files(data: Path, names: list[str], *, workers: int) -> list[str]:
         if want is None:
             return None
         try:
-            return None if sha256_file(data / name) == want else \
-                f"{data / name}: damaged (its sha256 differs from the manifest's)"
+            if sha256_file(data / name) == want:
+                return None
+            return f"{data / name}: damaged (its sha256 differs from the manifest's)"
         except OSError as e:
             return str(os_error(data / name, e, "read"))
     with ThreadPoolExecutor(max(1, workers)) as pool:

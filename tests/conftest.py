@@ -19,15 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tool(name: str):
-    """tools/NAME.py as the module NAME, for the tests of a benchmark tool (tools/ is no
-    package); registered, so that what it sends to a spawned process unpickles there."""
-    import importlib.util
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """tools/NAME.py, the module tools.NAME, for the tests of a benchmark tool (the project's
+    root on sys.path, as the tools put it there themselves when run as scripts)."""
+    import importlib
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"tools.{name}")
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 12, 3
 
@@ -45,6 +42,19 @@ def run_group(cmd: list, *, timeout: float = 280, **kwargs) -> subprocess.Comple
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+HARNESS = ROOT / "tests" / "harness.py"
+
+
+def launch(launcher: list, args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """torchrun LAUNCHER tests/harness.py ARGS (the harness injects what `env` asks for)."""
+    return run_group([sys.executable, "-m", "torch.distributed.run", *launcher, str(HARNESS),
+                      *map(str, args)], cwd=ROOT, timeout=timeout,
+                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+TWO = ["--standalone", "--nproc_per_node", "2"]
 
 
 def cli(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
@@ -99,17 +109,17 @@ def train_args(data, out, *extra):
 COMPILE_CHECK = ["--epochs", "2", "--max-steps", "3", "--dropout", "0", "--lr", "0.001"]
 
 
-def folder_loader(config, split: str = "train", *, rank: int = 0, world: int = 1,
+def folder_loader(config, name: str = "train", *, rank: int = 0, world: int = 1,
                   local_world: int = 1, device=None, **kw):
-    """pipeline.make_loader over `split` of config.data, opened as the commands open it
+    """pipeline.make_loader over split `name` of config.data, opened as the commands open it
     (prepared.open_prepared, without the integrity check: the fixtures are fresh), as rank
     `rank` of `world` (`local_world` of them on this machine), delivering to `device`
     (default: --device)."""
     from alexnet_pipe import distributed
     from alexnet_pipe.prepared import open_prepared
-    data = open_prepared(config.data, tuple(dict.fromkeys(("train", split))), verify=False)
+    data = open_prepared(config.data, tuple(dict.fromkeys(("train", name))), verify=False)
     device = device or distributed.device(config.device)
-    return data.loader(config, split, device=device,
+    return data.loader(config, name, device=device,
                        ranks=distributed.DistEnv(rank=rank, world=world,
                                                  local_world=local_world), **kw)
 

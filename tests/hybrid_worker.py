@@ -89,7 +89,7 @@ def check_grads(rank: int, world: int) -> dict:
     trunk = {n: p.detach().clone() for n, p in reference.named_parameters()
              if n.startswith("features.")}  # where the weights started
     ref_opt = sgd(reference)
-    splits = [(HybridAlexNet(copy.deepcopy(reference), rank=r, world=k, group=g), r, k, g)
+    splits = [(HybridAlexNet(copy.deepcopy(reference), rank=r, world=k, process_group=g), r, k, g)
               for r, k, g in groups(rank, world)]
     opts = [sgd(h) for h, *_ in splits]
     out = {"loss": 0.0, "grads": 0.0}
@@ -132,7 +132,8 @@ def check_dropout(rank: int, world: int) -> dict:
     hybrid.reduce_gradients()
     loss = loss.detach()
     dist.all_reduce(loss)
-    one = HybridAlexNet(copy.deepcopy(grouped), rank=0, world=1, group=alone[rank], seed=7)
+    one = HybridAlexNet(copy.deepcopy(grouped), rank=0, world=1, process_group=alone[rank],
+                        seed=7)
     one_loss = F.cross_entropy(one(x), y)
     one_loss.backward()
     one.reduce_gradients()

@@ -51,7 +51,7 @@ def cpu_loader(source: BatchSource, cfg: LoaderConfig):
     pipe = pipeline.build_pipeline(source, norm=norm, config=cfg, placement=placement,
                                    threads=cfg.threads, readers=cfg.readers)
     return pipeline.Loader(pipe, source, dtype="float32", start_epoch=0,
-                           readers=(cfg.threads, cfg.readers))
+                           workers=(cfg.threads, cfg.readers))
 
 
 def recording_loader(data, tmp_path, *, readers: int, delay: float, batch: int = 8,
@@ -502,9 +502,9 @@ def test_channels_last_output_is_the_same_batch_without_a_copy(shards_raw, ten_c
     CPU: the same numbers as the CHW output."""
     cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, readers=1)
     split = "val" if ten_crop else "train"
-    chw = next(iter(folder_loader(cfg, split=split, ten_crop=ten_crop))).images
+    chw = next(iter(folder_loader(cfg, name=split, ten_crop=ten_crop))).images
     cpu = pipeline.Placement.for_device(torch.device("cpu"))
-    hwc = next(iter(folder_loader(cfg, split=split, ten_crop=ten_crop,
+    hwc = next(iter(folder_loader(cfg, name=split, ten_crop=ten_crop,
                                          placement=replace(cpu, channels_last=True)))).images
     torch.testing.assert_close(hwc, chw, rtol=0, atol=0)
     if not ten_crop:

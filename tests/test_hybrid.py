@@ -14,8 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_CROP, cli, run_group, train_args
-from test_scale import TWO, launch, records, weights
+from conftest import ROOT, SMALL_CROP, TWO, cli, launch, records, run_group, train_args, weights
 
 from alexnet_base.config import LoaderConfig, TrainConfig
 from alexnet_pipe import ledger, optim

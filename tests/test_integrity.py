@@ -41,8 +41,8 @@ def test_verify_names_each_damaged_file_and_prepare_rewrites_exactly_those(tmp_p
     cli(*prepare)
     intact = {p.name: sha(p) for p in out.glob("*.h5")}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {e["file"]: e["sha256"] for e in manifest["shards"]} == \
-        {k: v for k, v in intact.items() if k != "stats.h5"}
+    assert ({e["file"]: e["sha256"] for e in manifest["shards"]}
+            == {k: v for k, v in intact.items() if k != "stats.h5"})
     assert manifest["stats"]["sha256"] == intact["stats.h5"]
     assert all(e["bytes"] == (out / e["file"]).stat().st_size for e in manifest["shards"])
     ok = json.loads(cli("verify", out, "--json").stdout)

@@ -82,8 +82,8 @@ def twin(data, *, crop, mean, sigma, scale, divide_std, seed=0, epoch=0, batch=0
     for k, i in enumerate(idx):
         x, y, flip = int(xs[k]), int(ys[k]), bool(flips[k])
         offset = st["eigvec"] @ (alphas[k] * w)
-        m = crop_window(st["pixel_mean"], x, y, crop, flip) if mean == "pixel" \
-            else st["channel_mean"]
+        m = (crop_window(st["pixel_mean"], x, y, crop, flip) if mean == "pixel"
+             else st["channel_mean"])
         pixels = crop_window(images[i].astype(np.float64), x, y, crop, flip) + offset
         out.append(((pixels - m) / std).transpose(2, 0, 1))
     return np.stack(out), labels[idx]
@@ -112,8 +112,8 @@ def test_val_centre_and_ten_crops_exact(shards_raw, mean):
     """The paper's test crops of 224 from 256: the four corners and the centre, then the same
     five mirrored; with the pixel mean, each crop (mirrored ones too) has its own window of the
     mean image subtracted."""
-    got, _, valid = first_batch(folder_loader(config(shards_raw, mean=mean), split="val"))
-    ten, _, _ = first_batch(folder_loader(config(shards_raw, mean=mean), split="val",
+    got, _, valid = first_batch(folder_loader(config(shards_raw, mean=mean), name="val"))
+    ten, _, _ = first_batch(folder_loader(config(shards_raw, mean=mean), name="val",
                                         ten_crop=True))
     images, _ = shard_images(shards_raw, "val")
     with h5py.File(shards_raw / "stats.h5", "r") as f:
@@ -146,8 +146,8 @@ def test_seed_reproduces_a_batch_and_resume_epoch(shards_raw):
 
 
 def test_raw_and_jpeg_val_images_agree(shards_raw, shards_jpeg):
-    raw, _, _ = first_batch(folder_loader(config(shards_raw), split="val"))
-    jpeg, _, _ = first_batch(folder_loader(config(shards_jpeg), split="val"))
+    raw, _, _ = first_batch(folder_loader(config(shards_raw), name="val"))
+    jpeg, _, _ = first_batch(folder_loader(config(shards_jpeg), name="val"))
     assert np.abs(raw - jpeg).mean() < 2.0
 
 
@@ -196,7 +196,7 @@ def test_cpu_defaults_read_in_process(shards_raw, shards_jpeg):
         before = set(multiprocessing.active_children())
         loader = folder_loader(LoaderConfig(data=data, batch_size=8, device="cpu", threads=1))
         assert next(iter(loader)).images.shape == (8, 3, 224, 224)
-        assert set(multiprocessing.active_children()) == before and loader.readers == (1, 0)
+        assert set(multiprocessing.active_children()) == before and loader.workers == (1, 0)
         del loader
 
 
@@ -241,10 +241,10 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
                                         rf"\({train_need / mib:.0f} MiB x 2 local ranks\)"):
         folder_loader(cfg, local_world=2)  # torchrun's second rank on this machine
     train = folder_loader(cfg)
-    assert train.readers == (1, 1) and train.shm == pytest.approx(train_need, abs=1)
+    assert train.workers == (1, 1) and train.shm == pytest.approx(train_need, abs=1)
     # train builds its val loader before either has run: both count
     with pytest.raises(UserError, match=f"needs about {(train_need + val_need) / mib:.0f} MiB"):
-        folder_loader(cfg, split="val", shm_reserved=train.shm)
+        folder_loader(cfg, name="val", shm_reserved=train.shm)
 
 
 @pytest.mark.parametrize("encoding, readers", [("raw", 2), ("jpeg", 0)])
@@ -295,7 +295,7 @@ def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shard
     cfg = LoaderConfig(data=shards_raw, batch_size=8, device="cpu", threads=1, readers=2)
     loader = folder_loader(cfg)
     assert next(iter(loader)).images.shape == (8, 3, 224, 224)
-    assert loader.readers == (1, 2) and loader.shm == 0
+    assert loader.workers == (1, 2) and loader.shm == 0
     assert not set(multiprocessing.active_children()) - before  # no reader process started
     assert any(t.name.startswith("shard-reader") for t in threading.enumerate())
 
@@ -388,7 +388,7 @@ def test_dali_iterations_take_whole_batches_within_an_epoch():
     resumed at batch 3 of epoch 0: the table written out by hand. A plan reads no file."""
     from alexnet_pipe.plan import Plan
     plan = Plan(total=48, size=256, batch_size=8, train=True, crop=224, start_batch=3,
-                epochs=2, group=4)
+                epochs=2, dali_batches=4)
     stream0 = [plan.position(0, i) for i in range(4)]
     assert stream0 == [(0, 3, 3), (1, 0, 4), (1, 4, 2), None]
     stream1 = [plan.position(1, i) for i in range(5)]
@@ -407,7 +407,7 @@ def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_ra
     def batches(k):
         data = shards_raw if encoding == "raw" else shards_jpeg
         cfg = replace(config(data, crop=112), batch_size=batch, dali_batches=k)
-        loader = folder_loader(cfg, split=split, epochs=2, start_batch=3 if split == "train" else 0)
+        loader = folder_loader(cfg, name=split, epochs=2, start_batch=3 if split == "train" else 0)
         return [[t.clone() for t in b] for _ in range(2) for b in loader]
     one, grouped = batches(1), batches(group)
     assert len(one) == len(grouped) == (3 + 6 if split == "train" else 3 + 3)

@@ -210,8 +210,8 @@ def test_two_runs_write_identical_shards(tmp_path, sample_tree, shards_jpeg):
     prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, shard_size=16, workers=1,
                               progress=False))
     assert _shard_bytes(tmp_path) == _shard_bytes(shards_jpeg)
-    assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == \
-        json.loads((shards_jpeg / "manifest.json").read_text())["shards"]
+    assert (json.loads((tmp_path / "manifest.json").read_text())["shards"]
+            == json.loads((shards_jpeg / "manifest.json").read_text())["shards"])
 
 
 def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
@@ -239,8 +239,8 @@ def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
     assert written_now <= 33 - 2  # the finished shards were not written again
     assert _shard_bytes(out) == _shard_bytes(reference)
     assert (out / "stats.h5").read_bytes() == (reference / "stats.h5").read_bytes()
-    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text() \
-        .replace(str(reference), str(out))
+    want = (reference / "manifest.json").read_text().replace(str(reference), str(out))
+    assert (out / "manifest.json").read_text() == want
     assert not list(out.glob("*.tmp-*"))
     # Another seed: the same train images in another order.
     other = tmp_path / "seed1"

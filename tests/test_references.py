@@ -106,7 +106,7 @@ def test_val_shares_cover_every_image_once(coord_shards, world):
     mean = stats_h5(data)["channel_mean"]
     ids = []
     for rank in range(world):
-        loader = folder_loader(loader_config(data, 4), split="val", rank=rank, world=world)
+        loader = folder_loader(loader_config(data, 4), name="val", rank=rank, world=world)
         for _, images, labels, valid, _ in run_epochs(loader, 1):
             for out in images[valid]:
                 d = decode(out, mean)
@@ -168,7 +168,7 @@ def test_lighting_offsets_have_the_documented_covariance(coord_shards_small, sca
 def test_ten_crops_are_the_corners_the_centre_and_their_mirrors(coord_shards):
     data, _ = coord_shards
     mean = stats_h5(data)["channel_mean"]
-    loader = folder_loader(loader_config(data, 4), split="val", ten_crop=True)
+    loader = folder_loader(loader_config(data, 4), name="val", ten_crop=True)
     batch = next(iter(loader))
     want = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # top-left, top-right, bottom-left,
     want = [(x, y, False) for x, y in want] + [(x, y, True) for x, y in want]  # ..., centre

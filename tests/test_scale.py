@@ -19,21 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, assert_compiled_like_eager, cli,
-                      overwrite_image, records, run_group, train_args, weights)
-
-HARNESS = ROOT / "tests" / "harness.py"
-
-
-def launch(launcher: list, args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """torchrun LAUNCHER tests/harness.py ARGS (the harness injects what `env` asks for)."""
-    return run_group([sys.executable, "-m", "torch.distributed.run", *launcher, str(HARNESS),
-                      *map(str, args)], cwd=ROOT, timeout=timeout,
-                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-TWO = ["--standalone", "--nproc_per_node", "2"]
-
+from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, TWO, assert_compiled_like_eager,
+                      cli, launch, overwrite_image, records, run_group, train_args, weights)
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, shards_small):

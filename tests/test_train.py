@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from alexnet_pipe.model import build_model
-from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, assert_compiled_like_eager, cli,
-                      records, run_group, small_tmpfs, train_args, weights)
+from conftest import (COMPILE_CHECK, HARNESS, ROOT, SMALL_CROP, SMALL_SIZE,
+                      assert_compiled_like_eager, cli, records, run_group, small_tmpfs,
+                      train_args, weights)
 
-HARNESS = ROOT / "tests" / "harness.py"
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import family  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_memory import family  # noqa: E402
 from preprocessing.sample import make_sample  # noqa: E402
 
 from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, PrepareConfig  # noqa: E402
@@ -313,8 +313,8 @@ def main() -> int:
                            augment=AugmentConfig(mean=a.mean))
         spec = dict(gpu=gpu, files=files, batch=a.batch_size, threads=a.threads, config=cfg,
                     step=a.step)
-        pipelines = {ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {}) | \
-            ({"source": "source"} if a.source and enc == "jpeg" else {})
+        pipelines = ({ref: ref, enc: enc} | ({f"{ref} A/A": ref} if a.control else {})
+                     | ({"source": "source"} if a.source and enc == "jpeg" else {}))
         rates, cpu = alternate(pipelines, spec, a.rounds, a.seconds)
         print(json.dumps({"rates": {k: [round(v) for v in r] for k, r in rates.items()}}),
               flush=True)

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -90,7 +89,7 @@ def main() -> int:
             mb.append(pss_mb(os.getpid()))
             peak.append(max(inside, mb[-1]))
         growth = (mb[-1] - mb[1]) / mb[1]
-        print(json.dumps({"encoding": enc, "readers": loader.readers, "epochs": a.epochs,
+        print(json.dumps({"encoding": enc, "readers": list(loader.workers), "epochs": a.epochs,
                           "trim_after": HeapTrim.after,
                           "processes": len(family(os.getpid())),
                           "pss_mb_epoch2": round(mb[1], 1), "pss_mb_last": round(mb[-1], 1),

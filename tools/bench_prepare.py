@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from preprocessing.sample import draw_image  # noqa: E402
 
 from preprocessing import resize  # noqa: E402
@@ -29,8 +29,8 @@ from preprocessing.stats import PixelSums  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 # ImageNet's sizes: most photos are Flickr "medium" (500 px long side), some larger.
-SIZES = [(500, 375)] * 6 + [(375, 500)] * 2 + [(500, 333)] * 3 + [(400, 300), (320, 240)] \
-    + [(800, 600), (1024, 768), (1600, 1200), (2048, 1365)]
+SIZES = ([(500, 375)] * 6 + [(375, 500)] * 2 + [(500, 333)] * 3 + [(400, 300), (320, 240)]
+         + [(800, 600), (1024, 768), (1600, 1200), (2048, 1365)])
 
 
 def make_photos(folder: Path, n: int, seed: int) -> list[Path]:

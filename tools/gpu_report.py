@@ -47,7 +47,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012's training set: the 90-epoch projection
 CLASSES = 8  # of the generated data: the synthetic step takes the train runs' number too
@@ -267,7 +266,7 @@ def prepare_data(a) -> None:
     """WORK/jpeg and WORK/raw shards of CLASSES classes (the train images a few distinct ones
     repeated under other names: decoding costs the same), and WORK/files_jpeg (one file per
     image, for DALI's own reader)."""
-    import bench_loader as bl
+    from tools import bench_loader as bl
     from alexnet_base.config import PrepareConfig
     from preprocessing.prepare import run as prepare_run
     from preprocessing.sample import make_sample
@@ -416,7 +415,7 @@ def report(a, todo: list[str], data: Data) -> int:
         return build_model(arch, CLASSES, a.crop)
 
     def torch_lrn_model():  # the paper model with torch's LocalResponseNorm, per tower
-        from bench_lrn import TorchLRN
+        from tools.bench_lrn import TorchLRN
         m = build()
         for name in ("lrn1", "lrn2"):
             setattr(m.features, name, TorchLRN(getattr(m.features, name).groups))
@@ -455,7 +454,7 @@ def report(a, todo: list[str], data: Data) -> int:
 
     def peers(b: int) -> float:  # ours and DALI's own pipeline, alternating fresh processes;
         # at 256 and 128 each process also trains the model on its batches (train fed by each)
-        import bench_loader as bl
+        from tools import bench_loader as bl
         data.ready()
         batch = a.batch_size // PEERS[b]
         c = LoaderConfig(**{**cfg.__dict__, "batch_size": batch,
@@ -473,7 +472,7 @@ def report(a, todo: list[str], data: Data) -> int:
         return median(rates["ours"])
 
     def reader(n):
-        from bench_reader import reader_rate
+        from tools.bench_reader import reader_rate
         data.ready()
         return reader_rate(a.work / "jpeg", n, a.batch_size, a.seconds, None, crop=a.crop)
 

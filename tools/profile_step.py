@@ -47,8 +47,8 @@ def _groups(event) -> int | None:
     backward (grad_output, input, weight, ...)."""
     shapes = [s for s in (event.input_shapes or []) if isinstance(s, list) and len(s) == 4]
     if len(shapes) >= 2:
-        inp, weight = (shapes[1], shapes[2]) if "backward" in event.name and len(shapes) >= 3 \
-            else (shapes[0], shapes[1])
+        backward = "backward" in event.name and len(shapes) >= 3
+        inp, weight = (shapes[1], shapes[2]) if backward else (shapes[0], shapes[1])
         if weight[1]:
             return max(1, inp[1] // weight[1])
     return None
