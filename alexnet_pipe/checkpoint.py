@@ -20,6 +20,7 @@ is one line in each. What it holds:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -212,7 +213,7 @@ def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.tmp-*"):  # left by a save that was killed: never complete
             stale.unlink()
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f, _without_zip_crc32():
             # through a Python file: a full disk is then an OSError (ENOSPC), where torch's own
             # writer for a path says only "unexpected pos" (a RuntimeError)
             torch.save(sealed(state), f)
@@ -229,6 +230,25 @@ def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:
         for old in epoch_checkpoints(run_dir)[:-keep]:
             old.unlink()
     return path
+
+
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """torch.save without the zip records' CRC-32: the sealed digest (sha256 of every tensor's
+    bytes, checked at every load) already proves the content, and computing the CRC took 80% of
+    a save (1.7 s of 2.1 s for 480 MB on the 2-core machine, 0.35 s without). Loading does not
+    need it."""
+    get_crc32 = getattr(torch.serialization, "get_crc32_options", None)
+    set_crc32 = getattr(torch.serialization, "set_crc32_options", None)
+    if get_crc32 is None or set_crc32 is None:
+        yield  # an older torch (before 2.6): the CRCs are computed
+        return
+    before = get_crc32()
+    set_crc32(False)
+    try:
+        yield
+    finally:
+        set_crc32(before)
 
 
 def mark_best(run_dir: Path, path: Path) -> None:
