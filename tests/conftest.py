@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,17 +68,34 @@ def cli(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """Folder `name`, made once for the whole run by build(folder) and shared by every test and
+    every pytest-xdist worker (a file lock: the first builds it, the others wait and take it).
+    Read-only: a test that writes into it copies it first."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's own is <run's>/popen-gwN
+        base = base.parent
+    folder, done = base / "shared" / name, base / "shared" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(base / "shared" / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sample_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imagenet")
-    make_sample(root, CLASSES, PER_CLASS, VAL_PER_CLASS, seed=0, val_layout="kaggle", large=1)
-    return root
+    return shared(tmp_path_factory, "imagenet", lambda root: make_sample(
+        root, CLASSES, PER_CLASS, VAL_PER_CLASS, seed=0, val_layout="kaggle", large=1))
 
 
 def _prepare(tmp_path_factory, tree, name, **options) -> Path:
-    out = tmp_path_factory.mktemp(name)
-    prepare_run(PrepareConfig(imagenet_root=tree, out=out, workers=2, progress=False, **options))
-    return out
+    return shared(tmp_path_factory, name, lambda out: prepare_run(PrepareConfig(
+        imagenet_root=tree, out=out, workers=2, progress=False, overwrite=True, **options)))
 
 
 @pytest.fixture(scope="session")
@@ -179,11 +197,19 @@ def assert_compiled_like_eager(eager: Path, compiled: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def compile_eager(tmp_path_factory, shards_small) -> Path:
+    """The eager run of COMPILE_CHECK: the one baseline of the compiled runs, one-process and
+    towers (the towers' eager model is the grouped one's to float32's reordering of sums:
+    test_model.test_towers_equal_grouped_outputs_and_gradients). Read-only: copy it first."""
+    return shared(tmp_path_factory, "compile_eager",
+                  lambda run: cli(*train_args(shards_small, run, *COMPILE_CHECK)))
+
+
+@pytest.fixture(scope="session")
 def straight_run(tmp_path_factory, shards_small) -> Path:
     """Two epochs on shards_small. Read-only: a test that writes into it copies it first."""
-    run = tmp_path_factory.mktemp("straight") / "run"
-    cli(*train_args(shards_small, run, "--epochs", "2"))
-    return run
+    return shared(tmp_path_factory, "straight_run",
+                  lambda run: cli(*train_args(shards_small, run, "--epochs", "2")))
 
 
 @contextlib.contextmanager
@@ -209,6 +235,8 @@ def has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # the slow tier first: run in parallel (pytest-xdist), the quick tests fill the end
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -264,21 +292,28 @@ def make_coord_tree(root: Path, size: int, classes: int, per_class: int,
                 Image.fromarray(coord_image(ident, size)).save(root / key)
                 truth[key] = (ident, k)
                 ident += 1
+    (root / "truth.json").write_text(json.dumps(truth))
     return truth
+
+
+def coord_truth(root: Path) -> dict[str, tuple[int, int]]:
+    """make_coord_tree's key -> (id, label), as it wrote it beside the tree."""
+    return {k: tuple(v) for k, v in json.loads((root / "truth.json").read_text()).items()}
 
 
 @pytest.fixture(scope="session")
 def coord_shards(tmp_path_factory):
     """(shard folder, key -> (id, label)): 96 train images in 12 raw shards, 12 val in 2."""
-    root = tmp_path_factory.mktemp("coord_tree")
-    truth = make_coord_tree(root, 256, COORD_CLASSES, COORD_TRAIN, COORD_VAL)
-    return _prepare(tmp_path_factory, root, "coord_shards", shard_size=8, encoding="raw"), truth
+    root = shared(tmp_path_factory, "coord_tree", lambda root: make_coord_tree(
+        root, 256, COORD_CLASSES, COORD_TRAIN, COORD_VAL))
+    return (_prepare(tmp_path_factory, root, "coord_shards", shard_size=8, encoding="raw"),
+            coord_truth(root))
 
 
 @pytest.fixture(scope="session")
 def coord_shards_small(tmp_path_factory):
     """32x32 coordinate images (64 train): many augmentation draws at little cost."""
-    root = tmp_path_factory.mktemp("coord_tree_small")
-    truth = make_coord_tree(root, 32, 2, 32, 0)
-    return _prepare(tmp_path_factory, root, "coord_shards_small", shard_size=16,
-                    encoding="raw", size=32, splits=("train",)), truth
+    root = shared(tmp_path_factory, "coord_tree_small",
+                  lambda root: make_coord_tree(root, 32, 2, 32, 0))
+    return (_prepare(tmp_path_factory, root, "coord_shards_small", shard_size=16,
+                     encoding="raw", size=32, splits=("train",)), coord_truth(root))

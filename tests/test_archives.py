@@ -20,6 +20,8 @@ from scipy.io import savemat
 from conftest import ROOT, cli
 from preprocessing import shards
 
+pytestmark = pytest.mark.slow  # the full tier: torchrun, prepare runs, damaged copies
+
 
 def _add_bytes(t: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)

@@ -42,6 +42,7 @@ def train(data, out, *extra, env=None):
                "--crop", SMALL_CROP, *extra, check=False, env=env)
 
 
+@pytest.mark.slow
 def test_truncated_shard(tmp_path, shards_small):
     data = copy(shards_small, tmp_path / "d")
     shard = data / "train-00000.h5"
@@ -51,12 +52,14 @@ def test_truncated_shard(tmp_path, shards_small):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_missing_stats(tmp_path, shards_small):
     data = copy(shards_small, tmp_path / "d")
     (data / "stats.h5").unlink()
     assert_one_line_error(train(data, tmp_path / "run"), str(data / "stats.h5"), "not found")
 
 
+@pytest.mark.slow
 def test_manifest_count_mismatch(tmp_path, shards_small):
     data = copy(shards_small, tmp_path / "d")
     manifest = json.loads((data / "manifest.json").read_text())
@@ -67,6 +70,7 @@ def test_manifest_count_mismatch(tmp_path, shards_small):
                           "the manifest says")
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, straight_run,
                                                        coord_shards):
     good = straight_run / "checkpoints/epoch-0001.pt"
@@ -80,6 +84,7 @@ def test_truncated_checkpoint_and_class_count_mismatch(tmp_path, shards_small, s
     assert_one_line_error(proc, "4 classes", "3")
 
 
+@pytest.mark.slow
 def test_a_train_split_of_unreadable_files_names_them(tmp_path):
     """Every training file undecodable (say, another format under .JPEG names): no statistics
     can be made, and the error says how many files were tried and why the first failed."""
@@ -94,6 +99,7 @@ def test_a_train_split_of_unreadable_files_names_them(tmp_path):
                           "not an image")
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_memory_allows_is_one_line_and_a_smaller_one_runs(tmp_path):
     """Under a 2 GB address-space limit (ulimit -v), a batch of 512 cannot be held by DALI
     (3 x 512 x 224 x 224 x 3 float32 outputs alone are 924 MB, besides the images): one line
@@ -119,6 +125,7 @@ def test_a_batch_larger_than_memory_allows_is_one_line_and_a_smaller_one_runs(tm
     assert ok.returncode == 0 and "images/s" in ok.stdout, ok.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, straight_run):
     """plot and filters: --out under a regular file (its folder cannot be made, whoever runs
     the test), in a folder that cannot be written, or with a suffix no picture format has: one
@@ -139,6 +146,7 @@ def test_a_picture_that_cannot_be_written_is_one_line(tmp_path, straight_run):
     assert (tmp_path / "curves.pdf").read_bytes()[:5] == b"%PDF-"
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_folder_and_no_classes(tmp_path, straight_run):
     ckpt = straight_run / "checkpoints/epoch-0002.pt"
     assert_one_line_error(cli("predict", tmp_path, "--checkpoint", ckpt, check=False),
@@ -195,6 +203,7 @@ def test_unreadable_checkpoints_say_why_in_one_line(tmp_path):
     (["--lr-factor", "2"], None, ["--lr-factor 2.0", "at most 1"]),
     (["--seed", "-1"], None, ["--seed -1", "at least 0"]),
 ])
+@pytest.mark.slow
 def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
     proc = train(shards_small, tmp_path / "run", *extra,
                  env={**os.environ, **env} if env else None)
@@ -202,6 +211,7 @@ def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_a_run_folder_that_cannot_be_made_or_a_full_log_is_one_line(tmp_path, shards_small):
     """train --out under a regular file (whoever runs the test): one line with the errno,
     before anything is written. A log write on a really full file system (a 64 KB tmpfs, root
@@ -227,6 +237,7 @@ def test_a_run_folder_that_cannot_be_made_or_a_full_log_is_one_line(tmp_path, sh
         log.jsonl.close()
 
 
+@pytest.mark.slow
 def test_malformed_val_labels(tmp_path, sample_tree):
     labels = tmp_path / "labels.txt"
     labels.write_text("ILSVRC2012_val_00000001.JPEG n01440764\nthree words here\n")
@@ -242,6 +253,7 @@ def _bogus_huffman(stream: bytes) -> bytes:
     return stream[:at] + b"\xff" * 16 + stream[at + 16:]
 
 
+@pytest.mark.slow
 def test_jpeg_marker_check_by_hand_and_against_dali():
     """jpeg.header_problem, what stands between an unverified shard and DALI's decoder:
     streams built by hand (expected answers worked out from ISO/IEC 10918-1's marker syntax),
@@ -325,6 +337,7 @@ def test_the_marker_check_reads_packed_batches_too(tmp_path, shards_jpeg):
     assert "(the segment at byte 2 has length 0)" in errors[0]  # APP1's: 2 at the least
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("readers", ["0", "1"])  # in this process, a reader process
 def test_corrupt_jpeg_inside_a_shard(tmp_path, shards_jpeg, readers):
     """Read as it is (--no-verify), a damaged JPEG is named by shard and key, the run ending
@@ -361,6 +374,7 @@ def cli_with_small_shm(size: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=180)
 
 
+@pytest.mark.slow
 def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
     """DALI's reader processes (JPEG shards) hand batches over in /dev/shm. Where they do not
     fit, DALI's worker dies of SIGBUS and the loader says only "Worker data receiving
@@ -393,6 +407,7 @@ def test_reader_processes_that_do_not_fit_in_dev_shm(shards_raw, shards_jpeg):
     assert json.loads(proc.stdout)["readers"] == 2 and "/dev/shm" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_ten_crop_readers_count_the_readers_already_running(tmp_path, shards_jpeg):
     """train --ten-crop builds its ten-crop loader while the train and val readers still hold
     their /dev/shm: with room for those two but not for a third, the ten-crop loader is

@@ -67,6 +67,7 @@ def calls(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"], ids=["reader-threads", "reader-processes"])
 def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw, shards_jpeg, encoding):
     data = shards_raw if encoding == "raw" else shards_jpeg
@@ -82,6 +83,7 @@ def test_two_workers_keep_two_reads_in_flight(tmp_path, shards_raw, shards_jpeg,
 
 @pytest.mark.parametrize("encoding, most", [("jpeg", 2 + 2 * 2 + 1), ("raw", 2 + 1 + 2 * 2 - 1)],
                          ids=["reader-processes", "reader-threads"])
+@pytest.mark.slow
 def test_each_reader_has_its_next_read_queued(tmp_path, shards_raw, shards_jpeg, encoding, most):
     """DALI hands a reader process its next read only when the pipeline takes a batch: with one
     read per worker queued, a worker that ends a read idles until then. Behind a slow trainer the
@@ -106,6 +108,7 @@ def test_each_reader_has_its_next_read_queued(tmp_path, shards_raw, shards_jpeg,
 
 @pytest.mark.parametrize("encoding, workers", [("raw", 2), ("jpeg", 2), ("raw", 0)],
                          ids=["reader-threads", "reader-processes", "in-process"])
+@pytest.mark.slow
 def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, shards_jpeg, encoding,
                                                 workers):
     """Three epochs streamed as one (resumed at batch 1), then one more: the readers start on
@@ -136,6 +139,7 @@ def test_loader_streams_across_epoch_boundaries(tmp_path, shards_raw, shards_jpe
     assert sorted(it for *_, epoch_idx, it in c if epoch_idx == 0) == list(range(17))
 
 
+@pytest.mark.slow
 def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_jpeg):
     import nvidia.dali.backend as backend
     cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
@@ -146,6 +150,7 @@ def test_cpu_loader_after_cuda_is_initialised_spawns(monkeypatch, shards_jpeg):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp_path,
                                                                  sample_tree, shards_jpeg):
     """tools/gpu_report.py prepares its shards and times the readers after its GPU work: there
@@ -174,6 +179,7 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
         np.testing.assert_array_equal(fa.index(0).labels, fb.index(0).labels)
 
 
+@pytest.mark.slow
 def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
     """The one-shot GPU report: a figure that fails (a reader process killed by a full /dev/shm)
     is one line in the table, the others stay, and the table is on disk after each figure."""
@@ -204,6 +210,7 @@ def test_gpu_report_keeps_every_figure_a_failure_leaves(tmp_path):
                                          "train_real"]
 
 
+@pytest.mark.slow
 def test_gpu_report_lists_what_a_time_limit_cut_and_measures_it_later(tmp_path):
     """The owed figures come first, in the issue's order (synthetic, compiled and one-tower steps
     at 256, the JPEG loader, train with the real pipeline, ours against DALI's pipeline alone
@@ -247,6 +254,7 @@ def test_gpu_report_lists_what_a_time_limit_cut_and_measures_it_later(tmp_path):
     assert not (tmp_path / "w").exists()  # refused before anything was made
 
 
+@pytest.mark.slow
 def test_train_figures_are_rated_from_the_steps_after_each_epochs_warm_up():
     """A train run's step records (a record every 4 steps, 12 steps an epoch, 2 epochs, batch
     10), written out: with 4 warm-up steps an epoch, the first record of each (its compile, or
@@ -266,16 +274,17 @@ def test_train_figures_are_rated_from_the_steps_after_each_epochs_warm_up():
     assert len(gpu_report.timed_steps(recs, 5)) == 2  # 5 warm-up steps: from step 8 on, not 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_gpu_check_rehearsal_cuts_the_table_in_order_and_leaves_nothing_running(tmp_path):
     """tools/gpu_check.sh --rehearse: the GPU check's steps on the CPU, small. Its report, cut
-    by a 30 s limit long before its end (SIGINT, as the check's timeout sends it), has measured
+    by a 10 s limit long before its end (SIGINT, as the check's timeout sends it), has measured
     a prefix of the plan and names the rest as not reached, in order, in the table and in
     report.json; the pytest and profile steps still run after it, and no process a step started
     (the data's preparation, compile workers, DALI's readers) outlives the check."""
     gpu_report = tool("gpu_report")
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHON": sys.executable, "WORK": str(work), "REPORT_S": "30",
+    env = {**os.environ, "PYTHON": sys.executable, "WORK": str(work), "REPORT_S": "10",
            "PYTEST_S": "60", "PROFILE_S": "60"}
     env.pop("OUT", None)
     proc = run_group(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--rehearse"], cwd=ROOT,
@@ -287,7 +296,7 @@ def test_gpu_check_rehearsal_cuts_the_table_in_order_and_leaves_nothing_running(
     todo = gpu_report.plan()
     measured = [f for f in todo if f in report]
     assert measured == todo[:len(measured)] and report["not_reached"] == todo[len(measured):]
-    assert report["not_reached"], "the 30 s limit should have cut the table"
+    assert report["not_reached"], "the 10 s limit should have cut the table"
     table = (work / "report.md").read_text().strip().splitlines()
     assert table[-1] == f"| not reached (--only these next) | {' '.join(report['not_reached'])} |"
     steps = next(line for line in out.splitlines() if line.startswith("== steps: "))
@@ -308,6 +317,7 @@ def _mapped_files(path) -> int:
     return sum(line.rstrip().endswith(" " + str(path)) for line in open("/proc/self/maps"))
 
 
+@pytest.mark.slow
 def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
     """Every image, read twice in reverse order, is the bytes h5py reads. Raw images are read
     from at most 2 open files; JPEG streams, views of the mapped shards, hold no descriptor,
@@ -336,6 +346,7 @@ def test_reads_match_h5py_and_open_files_stay_bounded(shards_jpeg, shards_raw):
         assert not any(_mapped_files(path) for path in info.files)  # unmapped with the views
 
 
+@pytest.mark.slow
 def test_a_fork_waits_for_the_reader_threads_reads(tmp_path, shards_raw):
     """A fork while a reader thread is inside a read would leave the child holding that read's
     locks (h5py's, malloc's) with no thread to release them: a forked pool that then opened a
@@ -355,6 +366,7 @@ def test_a_fork_waits_for_the_reader_threads_reads(tmp_path, shards_raw):
     assert running and all(end <= forked for end in running), (asked, forked, running)
 
 
+@pytest.mark.slow
 def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
     """13 raw shards read by 2 reader threads under a budget of 4 open files: the threads split
     it (2 each), so the process never holds more than 4 shard descriptors for reading, plus one

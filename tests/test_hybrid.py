@@ -33,6 +33,7 @@ def worker(world: int, checks: str, out) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_k_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     """Float64, 4 and 2 ranks: the loss, every gradient, the weights and momenta after 2 SGD
@@ -101,6 +102,7 @@ def test_ledger_orders_the_modes_as_the_paper_says():
     assert hybrid < ddp / 5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tmp_path,
                                                                               shards_small):
@@ -149,6 +151,7 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
                                theirs["state"][i]["momentum_buffer"]) for i in mine["state"])
 
 
+@pytest.mark.slow
 def test_hybrid_needs_torchrun_and_the_paper_model(tmp_path, shards_small):
     one = cli(*train_args(shards_small, tmp_path / "a", "--parallel", "hybrid"), check=False)
     assert one.returncode == 1 and "--parallel hybrid: launch with torchrun" in one.stderr

@@ -17,6 +17,8 @@ import torch
 
 from conftest import SMALL_CROP, SMALL_SIZE, cli, tool, train_args
 
+pytestmark = pytest.mark.slow  # the full tier: torchrun, prepare runs, damaged copies
+
 
 def flip(path: Path, where: str, n: int = 200, seed: int = 0) -> None:
     data = bytearray(path.read_bytes())

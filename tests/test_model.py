@@ -39,6 +39,7 @@ def test_other_crops_size_fc6_to_their_pool5_map(crop, side):
     assert count_parameters(TowerAlexNet(10, crop)) == count_parameters(model)
 
 
+@pytest.mark.slow
 def test_train_refuses_a_crop_below_the_smallest_pool5(tmp_path):
     from alexnet_base.config import AugmentConfig, LoaderConfig, TrainConfig
     from alexnet_base.errors import UserError
@@ -194,6 +195,7 @@ def test_towers_equal_grouped_outputs_and_gradients():
         torch.testing.assert_close(v, grouped.state_dict()[k])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["author", "uniform"])
 def test_bias_rule_learning_rates_and_decay(rule):
     from pathlib import Path
@@ -260,6 +262,7 @@ def test_fused_lrn_on_the_gpu_within_bf16_of_the_reference():
     torch.testing.assert_close(got.double(), ref, rtol=2 ** -6, atol=1e-3 * ref.abs().max().item())
 
 
+@pytest.mark.slow
 def test_an_lrn_that_cannot_compile_runs_eager_and_says_so(monkeypatch, capsys):
     """Where torch.compile fails (no Triton, no compiler), the fused LRN keeps the run going
     with the same math eager, and says so once."""
@@ -283,6 +286,7 @@ def test_an_lrn_that_cannot_compile_runs_eager_and_says_so(monkeypatch, capsys):
     assert "triton" in err
 
 
+@pytest.mark.slow
 def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
     """tools/profile_step.py's split of a CPU step. The paper model's only average pooling is
     its LRN's window sum (forward and backward), so both must count as LRN; dropout multiplies
@@ -323,6 +327,7 @@ def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
     assert sum(owt[k] for k in ps.CATEGORIES) <= owt["step_ms"]
 
 
+@pytest.mark.slow
 def test_step_profile_on_a_gpu_counts_each_kernel_once_and_adds_up_to_the_step():
     """tools/profile_step.py's GPU split, from profiler events written out here as torch's
     profiler gives them (the CPU operators listing the kernels they launched, and the device's

@@ -200,6 +200,7 @@ def test_cpu_defaults_read_in_process(shards_raw, shards_jpeg):
         del loader
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("readers", [0, 1])
 def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, readers):
     """nvJPEG is fed each JPEG batch as one padded array that the graph cuts back into streams;
@@ -247,6 +248,7 @@ def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
         folder_loader(cfg, name="val", shm_reserved=train.shm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding, readers", [("raw", 2), ("jpeg", 0)])
 def test_a_shard_cut_short_under_a_running_loader(tmp_path, shards_raw, shards_jpeg, encoding,
                                                   readers):
@@ -300,15 +302,49 @@ def test_raw_shards_are_read_in_threads_without_shared_memory(monkeypatch, shard
     assert any(t.name.startswith("shard-reader") for t in threading.enumerate())
 
 
+def assert_preview_shows_the_batch(out, data, images: int) -> None:
+    """The preview (2 columns, 8 px apart: each 256 px original, then its 224 px crop as the
+    model sees it, the normalisation undone; no lighting): the first train batch of epoch 0 is
+    the first images of the seeded permutation (seed 0, epoch 0); each original is that shard
+    image (PIL's decoding), its crop's red frame is where the shown crop came from."""
+    import io
+    from PIL import Image
+    size, crop, pad = 256, 224, 8
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    rows = -(-images // 2)
+    assert grid.shape == (rows * (size + pad) + pad, 2 * (size + crop + 3 * pad), 3)
+    info = load_split(data, "train")
+    starts = np.cumsum([0, *info.counts])
+    for i, index in enumerate(np.random.default_rng([0, 0]).permutation(info.total)[:images]):
+        s = int(np.searchsorted(starts, index, side="right") - 1)
+        with h5py.File(info.files[s], "r") as f:
+            o = f["offsets"][index - starts[s]:index - starts[s] + 2]
+            stored = bytes(f["images"][o[0]:o[1]])
+        original = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")).astype(int)
+        r, c = divmod(i, 2)
+        left, top = c * (size + crop + 3 * pad) + pad, r * (size + pad) + pad
+        shown = grid[top:top + size, left:left + size]
+        red = np.argwhere((shown == [255, 0, 0]).all(-1))
+        y, x = red.min(0)  # the frame's top-left corner; the frame is drawn over the original
+        inside = original[y + 1:y + crop, x + 1:x + crop]
+        assert np.abs(shown[y + 1:y + crop, x + 1:x + crop] - inside).max() == 0, i
+        seen = grid[top + (size - crop) // 2:top + (size - crop) // 2 + crop,
+                    left + size + pad:left + size + pad + crop]
+        window = original[y:y + crop, x:x + crop]
+        error = min(np.abs(seen - window).mean(), np.abs(seen - window[:, ::-1]).mean())
+        assert error < 2, (i, error)  # flipped or not; DALI's decoding against PIL's
+
+
+@pytest.mark.slow
 def test_bench_loader_and_preview_cli(tmp_path, shards_jpeg):
     proc = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", "--batch-size", "8",
                "--batches", "2", "--repeats", "1", "--warmup", "1", "--baseline", "--json")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["images_per_s"] > 0 and r["baseline_images_per_s"] > 0 and r["encoding"] == "jpeg"
     out = tmp_path / "grid.png"
-    cli("preview", "--data", shards_jpeg, "--out", out, "--device", "cpu", "--images", "4")
-    from PIL import Image
-    assert Image.open(out).size[0] > 2 * 256
+    cli("preview", "--data", shards_jpeg, "--out", out, "--device", "cpu", "--images", "4",
+        "--lighting-std", "0")
+    assert_preview_shows_the_batch(out, shards_jpeg, images=4)
     bad = cli("bench-loader", "--data", tmp_path, "--device", "cpu", check=False)
     assert bad.returncode == 1 and "run `alexnet-pipe prepare` first" in bad.stderr
     bad = cli("bench-loader", "--data", shards_jpeg, "--device", "cpu", "--repeats", "0",
@@ -334,6 +370,7 @@ def test_placement_is_decided_once_from_the_device():
             CPU.channels_last) == (None, "cpu", "cpu", False, False, False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_loader_benchmark_times_each_pipeline_in_its_own_process(tmp_path, shards_jpeg):
     """tools/bench_loader.py: DALI's file reader on the shard images extracted to files, and our
@@ -397,6 +434,7 @@ def test_dali_iterations_take_whole_batches_within_an_epoch():
 
 @pytest.mark.parametrize("split, batch, group, encoding", [
     ("train", 8, 4, "raw"), ("val", 5, 2, "raw"), ("train", 8, 4, "jpeg")])
+@pytest.mark.slow
 def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_raw, shards_jpeg,
                                                                        split, batch, group,
                                                                        encoding):

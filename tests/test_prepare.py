@@ -57,6 +57,7 @@ def plain_pil(path: Path, size: int = 256, resample=Image.Resampling.BICUBIC) ->
 
 # --- layouts -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("val_layout", ["kaggle", "folders", "labels"])
 def test_val_layouts_give_the_same_labels(tmp_path, val_layout):
     make_sample(tmp_path, 3, 2, 2, seed=1, val_layout=val_layout, quirks=False, large=0)
@@ -69,6 +70,7 @@ def test_val_layouts_give_the_same_labels(tmp_path, val_layout):
     assert tree.val_layout == {"labels": "labels-file"}.get(val_layout, val_layout)
 
 
+@pytest.mark.slow
 def test_kaggle_archive_layout(tmp_path):
     make_sample(tmp_path / "ILSVRC" / "Data" / "CLS-LOC", 2, 2, 1, seed=2, quirks=False, large=0)
     shutil.move(tmp_path / "ILSVRC/Data/CLS-LOC/LOC_val_solution.csv", tmp_path)
@@ -180,6 +182,7 @@ def test_raw_pixels_against_pil_reference(sample_tree, shards_raw, shards_jpeg):
     assert checked_exact >= len(raw) - 2
 
 
+@pytest.mark.slow
 def test_draft_decoding_keeps_quality(sample_tree):
     big = [p for p in sample_tree.rglob("*.JPEG") if p.stat().st_size > 0
            and _short_side(p) >= 1024]
@@ -206,6 +209,7 @@ def _shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.h5"))}
 
 
+@pytest.mark.slow
 def test_two_runs_write_identical_shards(tmp_path, sample_tree, shards_jpeg):
     prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, shard_size=16, workers=1,
                               progress=False))
@@ -214,6 +218,7 @@ def test_two_runs_write_identical_shards(tmp_path, sample_tree, shards_jpeg):
             == json.loads((shards_jpeg / "manifest.json").read_text())["shards"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
     tree = tmp_path / "tree"
     make_sample(tree, 3, 40, 2, seed=5, quirks=True, large=0)
@@ -250,6 +255,7 @@ def test_resume_after_sigkill_gives_the_same_shards(tmp_path):
     assert sorted(keys[reference]) == sorted(keys[other]) and keys[reference] != keys[other]
 
 
+@pytest.mark.slow
 def test_stray_files_unknown_classes_and_limit_per_class(tmp_path):
     tree = tmp_path / "tree"
     make_sample(tree, 3, 4, 2, seed=6, val_layout="folders", quirks=False, large=0)
@@ -280,12 +286,14 @@ def test_stray_files_unknown_classes_and_limit_per_class(tmp_path):
     (["--val-labels", "/nonexistent/labels.txt"], "--val-labels /nonexistent/labels.txt"),
     (["--workers", "0"], "--workers 0"),
 ])
+@pytest.mark.slow
 def test_bad_options(tmp_path, sample_tree, args, message):
     proc = cli("prepare", "--imagenet-root", sample_tree, "--out", tmp_path / "o", *args,
                check=False)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_other_options_in_the_same_out(tmp_path, sample_tree, shards_jpeg):
     out = tmp_path / "o"
     shutil.copytree(shards_jpeg, out)
@@ -298,6 +306,7 @@ def test_other_options_in_the_same_out(tmp_path, sample_tree, shards_jpeg):
     assert len(shards.list_shards(out, "train")) == 7  # 52 train inputs, 8 a shard
 
 
+@pytest.mark.slow
 def test_unwritable_out(tmp_path, sample_tree):
     (tmp_path / "file").write_text("x")
     proc = cli("prepare", "--imagenet-root", sample_tree, "--out", tmp_path / "file" / "o",
@@ -305,6 +314,7 @@ def test_unwritable_out(tmp_path, sample_tree):
     assert proc.returncode == 1 and "cannot write there" in proc.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_no_partial_shard(tmp_path, sample_tree):
     with small_tmpfs(tmp_path / "small", "400k") as mnt:
         proc = cli("prepare", "--imagenet-root", sample_tree, "--out", mnt / "o",
@@ -317,6 +327,7 @@ def test_full_disk_leaves_no_partial_shard(tmp_path, sample_tree):
         assert not list((mnt / "o").glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_inspect_reports_a_missing_shard(tmp_path, shards_jpeg):
     out = tmp_path / "o"
     shutil.copytree(shards_jpeg, out)

@@ -20,17 +20,21 @@ import torch
 from PIL import Image
 
 from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, TWO, assert_compiled_like_eager,
-                      cli, launch, overwrite_image, records, run_group, train_args, weights)
+                      cli, launch, overwrite_image, records, run_group, shared, train_args,
+                      weights)
+
+pytestmark = pytest.mark.slow  # the full tier: torchrun, prepare runs, damaged copies
+
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, shards_small):
     """Two ranks, two epochs, every rank's delivered indices recorded."""
-    base = tmp_path_factory.mktemp("ddp")
-    run, rec = base / "run", base / "record"
-    proc = launch(TWO, train_args(shards_small, run, "--epochs", "2", "--keep", "2"),
-                  env={"HARNESS_RECORD": str(rec)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run, rec
+    def build(base):
+        proc = launch(TWO, train_args(shards_small, base / "run", "--epochs", "2", "--keep", "2"),
+                      env={"HARNESS_RECORD": str(base / "record")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    base = shared(tmp_path_factory, "ddp_run", build)
+    return base / "run", base / "record"
 
 
 def test_torchrun_two_processes_gloo(ddp_run):
