@@ -2,9 +2,16 @@
 and tested on its own. Every DALI stage in pipeline.py has its twin here (the normalisation's
 values are normalize.py's).
 
+Each augmentation is declared here once: its per-image draw (random_params), what the DALI graph
+takes of the draws, one value per image (GRAPH_INPUTS, graph_inputs: the external source's
+outputs, by name), and its twin (reference). Adding one touches this file, its option in
+config.py (AugmentConfig) and its operator in pipeline.py, nothing else.
+
 Pixel scale everywhere: 0-255. Images are HWC uint8 on input, CHW float on output.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,16 +31,51 @@ def lighting_offsets(alphas: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return alphas @ basis.T
 
 
-def random_params(rng: np.random.Generator, n: int, *, size: int, crop: int, flip: bool,
-                  lighting_std: float) -> dict:
-    """Per-image augmentation draws: crop offsets uniform over every position, flip, alphas."""
-    span = size - crop
+def random_params(rng: np.random.Generator, n: int, *, size: int, aug) -> dict:
+    """Per-image augmentation draws (aug: an AugmentConfig): crop offsets uniform over every
+    position, flip, lighting alphas."""
+    span = size - aug.crop
     return {
         "x": rng.integers(0, span + 1, n),       # crop left edge, px
         "y": rng.integers(0, span + 1, n),       # crop top edge, px
-        "flip": rng.random(n) < 0.5 if flip else np.zeros(n, bool),
-        "alpha": rng.normal(0.0, lighting_std, (n, 3)) if lighting_std > 0 else np.zeros((n, 3)),
+        "flip": rng.random(n) < 0.5 if aug.flip else np.zeros(n, bool),
+        "alpha": (rng.normal(0.0, aug.lighting_std, (n, 3)) if aug.lighting_std > 0
+                  else np.zeros((n, 3))),
     }
+
+
+def centre_params(n: int, *, size: int, crop: int) -> dict:
+    """What random_params gives for validation: the centre crop, no flip, no lighting."""
+    centre = (size - crop) // 2
+    return {"x": np.full(n, centre), "y": np.full(n, centre), "flip": np.zeros(n, bool),
+            "alpha": np.zeros((n, 3))}
+
+
+class GraphInput(NamedTuple):
+    dtype: str   # DALI's types.<dtype>
+    ndim: int    # dimensions of one image's value
+
+
+# What the graph takes of the draws, one value an image, in the external source's order
+GRAPH_INPUTS = {
+    "crop_x": GraphInput("FLOAT", 0),     # the crop's left edge as a fraction of (size - crop)
+    "crop_y": GraphInput("FLOAT", 0),     # its top edge, likewise (DALI's crop_pos_x / _y)
+    "mirror": GraphInput("INT32", 0),     # 1: flip left-right
+    "norm_mean": GraphInput("FLOAT", 1),  # (3,) 0-255: channel mean - PCA lighting offset
+}
+
+
+def graph_inputs(params: dict, *, size: int, crop: int, channel_mean: np.ndarray,
+                 lighting_basis: np.ndarray | None) -> dict:
+    """The draws of a batch as the graph takes them: {GRAPH_INPUTS name: (n, ...) array}.
+    The lighting rides in the per-image mean (crop_mirror_normalize's), so it costs nothing."""
+    span = max(size - crop, 1)
+    shifts = (lighting_offsets(params["alpha"], lighting_basis) if lighting_basis is not None
+              else np.zeros((len(params["alpha"]), 3)))
+    return {"crop_x": (params["x"] / span).astype(np.float32),
+            "crop_y": (params["y"] / span).astype(np.float32),
+            "mirror": params["flip"].astype(np.int32),
+            "norm_mean": (channel_mean - shifts).astype(np.float32)}
 
 
 def ten_crop_positions(size: int, crop: int) -> list[tuple[int, int, bool]]:

@@ -137,8 +137,7 @@ class _TorchDataset:
         import torch
         rng = np.random.default_rng([self.seed, i])  # image i's draws, from --seed
         aug, size = self.aug, self.reader.split.size
-        p = augment.random_params(rng, 1, size=size, crop=aug.crop, flip=aug.flip,
-                                  lighting_std=aug.lighting_std)
+        p = augment.random_params(rng, 1, size=size, aug=aug)
         (data,), (label,) = self.reader.read(np.array([i]))
         image = resize.decode_jpeg(data.tobytes()) if data.ndim == 1 else data
         offset = (augment.lighting_offsets(p["alpha"], self.basis)[0] if self.basis is not None

@@ -102,8 +102,8 @@ def build_pipeline(source: BatchSource, *, norm: Normalization, config: LoaderCo
                                         dtype=types.FLOAT, device=dev,
                                         output_layout="HWC" if placement.channels_last else "CHW")
 
-    @pipeline_def(batch_size=source.plan.batch_size * source.plan.dali_batches, num_threads=threads,
-                  device_id=placement.device_id, py_num_workers=processes,
+    @pipeline_def(batch_size=source.plan.batch_size * source.plan.dali_batches,
+                  num_threads=threads, device_id=placement.device_id, py_num_workers=processes,
                   py_start_method=placement.reader_start, prefetch_queue_depth=config.prefetch)
     def pipe():
         out = SourceBatch(*fn.external_source(
@@ -297,9 +297,8 @@ def make_loader(config: LoaderConfig, split: SplitInfo, *, norm: Normalization, 
     aug.validate(split.size)
     placement = placement or Placement.for_device(device, channels_last=config.channels_last)
     plan = Plan(total=split.total, size=split.size, batch_size=config.batch_size, train=train,
-                crop=aug.crop, flip=aug.flip, lighting_std=aug.lighting_std if train else 0.0,
-                seed=config.seed, rank=ranks.rank, world=ranks.world, start_epoch=start_epoch,
-                start_batch=start_batch, epochs=epochs,
+                augment=aug, seed=config.seed, rank=ranks.rank, world=ranks.world,
+                start_epoch=start_epoch, start_batch=start_batch, epochs=epochs,
                 dali_batches=config.dali_batches_for(config.batch_size))
     if plan.num_batches() == 0:
         raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alexnet_base.config import AugmentConfig
 from alexnet_pipe import augment
 
 
@@ -52,9 +53,7 @@ class Plan:
     size: int               # px, the shards' side
     batch_size: int
     train: bool
-    crop: int
-    flip: bool = True
-    lighting_std: float = 0.0
+    augment: AugmentConfig  # what is drawn (train; val takes its crop only)
     seed: int = 0
     rank: int = 0
     world: int = 1
@@ -104,12 +103,9 @@ class Plan:
         """The augmentation draws of one batch (augment.random_params): a pure function of
         (seed, epoch, rank, batch); val: the centre crop, no flip, no lighting."""
         if not self.train:
-            centre = (self.size - self.crop) // 2
-            return {"x": np.full(n, centre), "y": np.full(n, centre), "flip": np.zeros(n, bool),
-                    "alpha": np.zeros((n, 3))}
+            return augment.centre_params(n, size=self.size, crop=self.augment.crop)
         rng = np.random.default_rng([self.seed, epoch, self.rank, batch, 1])
-        return augment.random_params(rng, n, size=self.size, crop=self.crop, flip=self.flip,
-                                     lighting_std=self.lighting_std)
+        return augment.random_params(rng, n, size=self.size, aug=self.augment)
 
     def position(self, epoch_idx: int, iteration: int) -> tuple[int, int, int] | None:
         """(epoch, first batch, batches) of DALI's call `iteration` in its epoch `epoch_idx`, or

@@ -60,12 +60,6 @@ class BatchSource:
         clone.reader = ShardReader(self.split, max_open_files)
         return clone
 
-    def lighting_shifts(self, params: dict) -> np.ndarray:
-        """(n, 3) PCA lighting offsets of a batch's draws, 0-255 scale (zeros without lighting)."""
-        if self.lighting_basis is None:
-            return np.zeros((len(params["alpha"]), 3))
-        return augment.lighting_offsets(params["alpha"], self.lighting_basis)
-
     def undecodable(self, epoch: int, batch: int) -> tuple[str, str, str] | None:
         """(shard file, key, reason) of the first image of a batch that cannot be decoded."""
         return self.reader.undecodable(self.plan.batch_indices(epoch, batch)[0])
@@ -94,16 +88,14 @@ class BatchSource:
             self._check_streams(idx, images, lengths)
         drawn = [plan.params(epoch, b, plan.batch_size) for b in batches]
         p = {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
-        span = max(plan.size - plan.crop, 1)
         columns = {"label": labels, "valid": valid, "index": idx, "nbytes": lengths,
                    "x": p["x"], "y": p["y"], "mirror": p["flip"]}
         meta = np.stack([columns[name] for name in META._fields], axis=1).astype(np.int64)
+        inputs = augment.graph_inputs(p, size=plan.size, crop=plan.augment.crop,
+                                      channel_mean=self.channel_mean,
+                                      lighting_basis=self.lighting_basis)
         # whole arrays are batches to DALI (first axis = sample), as is a list of JPEG streams
-        return SourceBatch(images=images, crop_x=(p["x"] / span).astype(np.float32),
-                           crop_y=(p["y"] / span).astype(np.float32),
-                           mirror=p["flip"].astype(np.int32),
-                           norm_mean=(self.channel_mean - self.lighting_shifts(p)).astype(
-                               np.float32), meta=meta)
+        return SourceBatch(images=images, **inputs, meta=meta)
 
     def _check_streams(self, indices: np.ndarray, images, lengths: np.ndarray) -> None:
         """Raises the damaged-image error for the first stream whose markers do not parse."""

@@ -150,9 +150,10 @@ def source_of(split, *, batch_size: int, crop: int = 224, train: bool = True,
     from alexnet_pipe.plan import Plan
     from alexnet_pipe.reader import ShardReader
     from alexnet_pipe.source import BatchSource
+    from alexnet_base.config import AugmentConfig
     return (cls or BatchSource)(
-        Plan(total=split.total, size=split.size, batch_size=batch_size, train=train, crop=crop,
-             **plan),
+        Plan(total=split.total, size=split.size, batch_size=batch_size, train=train,
+             augment=AugmentConfig(crop=crop), **plan),
         ShardReader(split, max_open_files), lighting_basis=lighting_basis, packed=packed,
         check_jpeg=check_jpeg)
 

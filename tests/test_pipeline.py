@@ -424,8 +424,8 @@ def test_dali_iterations_take_whole_batches_within_an_epoch():
     """Plan.position with 6 batches an epoch, 4 a DALI iteration, two epochs a stream,
     resumed at batch 3 of epoch 0: the table written out by hand. A plan reads no file."""
     from alexnet_pipe.plan import Plan
-    plan = Plan(total=48, size=256, batch_size=8, train=True, crop=224, start_batch=3,
-                epochs=2, dali_batches=4)
+    plan = Plan(total=48, size=256, batch_size=8, train=True, augment=AugmentConfig(),
+                start_batch=3, epochs=2, dali_batches=4)
     stream0 = [plan.position(0, i) for i in range(4)]
     assert stream0 == [(0, 3, 3), (1, 0, 4), (1, 4, 2), None]
     stream1 = [plan.position(1, i) for i in range(5)]

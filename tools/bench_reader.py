@@ -42,8 +42,9 @@ def make_source(info, batch: int, crop: int):
         fields = BatchSource.__dataclass_fields__
         stream = {k: v for k, v in (("epochs", 10**6), ("packed", True)) if k in fields}
         return BatchSource(split=info, batch_size=batch, train=True, crop=crop, **stream)
-    plan = Plan(total=info.total, size=info.size, batch_size=batch, train=True, crop=crop,
-                epochs=10**6)
+    from alexnet_base.config import AugmentConfig
+    plan = Plan(total=info.total, size=info.size, batch_size=batch, train=True,
+                augment=AugmentConfig(crop=crop), epochs=10**6)
     return BatchSource(plan, ShardReader(info), packed=True)
 
 
