@@ -222,7 +222,7 @@ def test_a_run_folder_that_cannot_be_made_or_a_full_log_is_one_line(tmp_path, sh
     assert_one_line_error(proc, f"--out {blocker / 'run'}: cannot make the run folder (ENOTDIR")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     from alexnet_base.errors import UserError
-    from alexnet_pipe.train import Log
+    from alexnet_pipe.meters import Log
     with small_tmpfs(tmp_path / "small", "64k") as mnt:
         log = Log(mnt, True)
         log.record(kind="step", loss=1.0)

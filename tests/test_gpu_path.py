@@ -440,7 +440,7 @@ def test_step_timer_splits_the_gpus_time_into_steps_and_the_gaps_between():
     towers' step on two devices: device A busy 0-10 and 12-22, device B 0-6 and 12-30 (24 ms
     in 2 steps, idle 6): the step's time is the longer device's (12 ms), the idle share the
     less idle device's (A: 2 of 22 ms)."""
-    from alexnet_pipe.train import StepTimer
+    from alexnet_pipe.meters import StepTimer
     synced = []
 
     def events(times):
