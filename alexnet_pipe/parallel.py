@@ -23,6 +23,7 @@ from alexnet_base.config import TrainConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import checkpoint, distributed
 from alexnet_pipe.model import TowerAlexNet, build_model
+from alexnet_pipe.runtime import Runtime
 
 MODES = ("none", "ddp", "towers", "hybrid")
 
@@ -85,21 +86,18 @@ class Parallel:
 
     # --- the model ------------------------------------------------------------------------------
 
-    def build(self, config: TrainConfig, num_classes: int, channels_last: bool) -> torch.nn.Module:
-        """The unwrapped model on its device(s), initialised from torch's generator (seeded by
-        the caller) as the one-process model is, whatever the mode: the same weights in all."""
+    def build(self, config: TrainConfig, num_classes: int, runtime: Runtime) -> torch.nn.Module:
+        """The unwrapped model on its device(s) in the runtime's layout, initialised from torch's
+        generator (seeded by the caller) as the one-process model is, whatever the mode: the
+        same weights in all."""
         from alexnet_pipe.hybrid import HybridAlexNet
         crop = config.loader.augment.crop
         model = build_model(config.arch, num_classes, crop, config.bias_init, config.dropout)
         if self.mode == "towers":
             towers = TowerAlexNet(num_classes, crop, config.dropout, config.tower_devices)
             towers.load_grouped_state_dict(model.state_dict())
-            if channels_last and any(d.type == "cuda" for d in towers.devices):
-                towers = towers.to(memory_format=torch.channels_last)  # on their own devices
-            return towers
-        model = model.to(self.device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            return runtime.place(towers)  # each tower on its own device
+        model = runtime.place(model.to(self.device))
         if self.mode == "hybrid":
             model = HybridAlexNet(model, rank=self.env.rank, world=self.env.world,
                                   seed=config.loader.seed)

@@ -80,7 +80,7 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
                                               "parallel": parallel.mode, "world_size": env.world})
     distributed.barrier()
     torch.manual_seed(config.loader.seed)  # the weight initialisation
-    model = parallel.build(config, train.num_classes, runtime.channels_last)
+    model = parallel.build(config, train.num_classes, runtime)
     optimizer = optim.sgd(model, config)
     card = checkpoint.ModelCard(arch=config.arch, num_classes=train.num_classes,
                                 size=train.size, crop=aug.crop, class_names=train.class_names,
