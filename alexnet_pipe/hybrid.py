@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from alexnet_pipe.model import FC_WIDTH as WIDTH, AlexNet, layer, param_name
+from alexnet_pipe.model import FC_WIDTH as WIDTH, AlexNet, keep_mask, layer, param_name
 
 
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
@@ -255,14 +255,9 @@ class HybridAlexNet(nn.Module):
 
     def _masks(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Dropout keep-masks (K*rows, 4096) for fc6's and fc7's outputs, the same on every rank
-        and for every K: drawn for the whole batch from (seed, step, layer)."""
-        g = torch.Generator(device=device)
-        out = []
-        for layer in (6, 7):
-            g.manual_seed(hash((self.seed, self.draws, layer)) & (2**63 - 1))
-            out.append(torch.rand((self.world * rows, WIDTH), generator=g, device=device)
-                       >= self.p)
-        return out[0], out[1]
+        and for every K: the one-process model's (model.keep_mask: (seed, step, layer))."""
+        return tuple(keep_mask(self.seed, self.draws, layer, self.world * rows, WIDTH, self.p,
+                               device) for layer in (6, 7))
 
     def forward(self, x):
         h = torch.flatten((self._trunk or self.features)(x), 1)   # (B, 9216)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +24,7 @@ from torch import nn
 from alexnet_base.config import MIN_CROP
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # alpha divided by n, as torch and cuda-convnet2
+FC_WIDTH = 4096  # fc6's and fc7's outputs (the paper)
 
 
 def _window_mean(v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -142,6 +144,45 @@ class LRNFunction(torch.autograd.Function):
         return bwd(x, grad, ctx.groups), None, None
 
 
+def keep_mask(seed: int, step: int, layer: int, rows: int, cols: int, p: float,
+              device) -> torch.Tensor:
+    """The dropout keep-mask (rows, cols) bool of layer `layer` (6: fc6's outputs, 7: fc7's) at
+    optimiser step `step`, for the `rows` rows of the global batch: from a generator on `device`
+    seeded by (seed, step, layer), the same on every rank and for any number of ranks."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, step, layer]).generate_state(1, np.uint64)[0]
+                      & (2**63 - 1)))
+    return torch.rand((rows, cols), generator=g, device=device) >= p
+
+
+class GlobalDropout(nn.Module):
+    """Dropout whose mask is a function of the seed, the step and the row of the global batch
+    (keep_mask), not of the rank or the number of ranks: this rank's rows are the rank-th of
+    `world` equal slices of the global batch, its columns `cols` of the `width` the mask is
+    drawn for (a tower: its half of fc6's or fc7's outputs). `layer` keys the mask (6: before
+    fc7 in the paper's model, 7: before fc8; the one-tower model drops fc6's and fc7's inputs).
+    Scaled by 1 / (1 - p) in training, the identity in evaluation. `seed`, `rank`, `world` are
+    set by the parallel mode (parallel.Parallel.build); `draws` counts the steps drawn, set
+    from the step on resume."""
+
+    def __init__(self, p: float, layer: int, width: int = FC_WIDTH, cols: slice = slice(None)):
+        super().__init__()
+        self.p, self.layer, self.width, self.cols = p, layer, width, cols
+        self.seed, self.rank, self.world, self.draws = 0, 0, 1, 0
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * self._scaled_mask(x.shape[0], x.device).to(x.dtype)
+
+    @torch.compiler.disable  # a Python counter and a seeded generator: outside any graph
+    def _scaled_mask(self, rows: int, device) -> torch.Tensor:
+        mask = keep_mask(self.seed, self.draws, self.layer, rows * self.world, self.width, self.p,
+                         device)[self.rank * rows:(self.rank + 1) * rows, self.cols]
+        self.draws += 1
+        return mask * (1.0 / (1.0 - self.p))
+
+
 def _conv1_pad(crop: int) -> nn.Module:
     return nn.ZeroPad2d((0, 3, 0, 3)) if crop == 224 else nn.Identity()
 
@@ -158,7 +199,6 @@ def pooled_side(crop: int) -> int:
     return side
 
 
-FC_WIDTH = 4096  # fc6's and fc7's outputs (the paper)
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")  # the layers with weights, in order:
 FCS = ("fc6", "fc7", "fc8")                             # every model's names for them
 LAYERS = CONVS + FCS
@@ -196,9 +236,9 @@ class AlexNet(nn.Module):
         )
         self.classifier = _named(
             ("fc6", nn.Linear(256 * pooled_side(crop) ** 2, FC_WIDTH)), ("relu6", relu()),
-            ("drop6", nn.Dropout(dropout)),
+            ("drop6", GlobalDropout(dropout, 6)),
             ("fc7", nn.Linear(FC_WIDTH, FC_WIDTH)), ("relu7", relu()),
-            ("drop7", nn.Dropout(dropout)),
+            ("drop7", GlobalDropout(dropout, 7)),
             ("fc8", nn.Linear(FC_WIDTH, num_classes)),
         )
 
@@ -224,9 +264,11 @@ class AlexNetOWT(nn.Module):
             ("avgpool", nn.AdaptiveAvgPool2d((6, 6))),
         )
         self.classifier = _named(
-            ("drop6", nn.Dropout(dropout)), ("fc6", nn.Linear(256 * 6 * 6, 4096)),
+            ("drop6", GlobalDropout(dropout, 6, 256 * 6 * 6)),
+            ("fc6", nn.Linear(256 * 6 * 6, 4096)),
             ("relu6", relu()),
-            ("drop7", nn.Dropout(dropout)), ("fc7", nn.Linear(4096, 4096)), ("relu7", relu()),
+            ("drop7", GlobalDropout(dropout, 7)), ("fc7", nn.Linear(4096, 4096)),
+            ("relu7", relu()),
             ("fc8", nn.Linear(4096, num_classes)),
         )
 
@@ -305,7 +347,7 @@ def count_parameters(model: nn.Module) -> int:
 class _Tower(nn.Module):
     """Half of every layer, on one device. conv3 and the FC layers take both towers' inputs."""
 
-    def __init__(self, num_out: int, crop: int, dropout: float):
+    def __init__(self, num_out: int, crop: int, dropout: float, tower: int):
         super().__init__()
         self.lower = _named(   # conv1, conv2: own tower only
             ("pad", _conv1_pad(crop)), ("conv1", nn.Conv2d(3, 48, 11, stride=4)),
@@ -317,10 +359,12 @@ class _Tower(nn.Module):
             ("relu3", relu()), ("conv4", nn.Conv2d(192, 192, 3, padding=1)), ("relu4", relu()),
             ("conv5", nn.Conv2d(192, 128, 3, padding=1)), ("relu5", relu()),
             ("pool5", nn.MaxPool2d(3, 2)))
-        self.fc6 = nn.Linear(256 * pooled_side(crop) ** 2, 2048)
-        self.fc7 = nn.Linear(4096, 2048)
-        self.fc8 = nn.Linear(4096, num_out)
-        self.drop = nn.Dropout(dropout)
+        self.fc6 = nn.Linear(256 * pooled_side(crop) ** 2, FC_WIDTH // 2)
+        self.fc7 = nn.Linear(FC_WIDTH, FC_WIDTH // 2)
+        self.fc8 = nn.Linear(FC_WIDTH, num_out)
+        half = slice(0, FC_WIDTH // 2) if tower == 0 else slice(FC_WIDTH // 2, FC_WIDTH)
+        self.drop6 = GlobalDropout(dropout, 6, cols=half)  # its neurons' columns of the masks
+        self.drop7 = GlobalDropout(dropout, 7, cols=half)
 
 
 class TowerAlexNet(nn.Module):
@@ -331,8 +375,8 @@ class TowerAlexNet(nn.Module):
         super().__init__()
         self.devices = [torch.device(d) for d in devices]
         self.logits_a = (num_classes + 1) // 2  # tower A computes the first half of the logits
-        self.towers = nn.ModuleList([_Tower(self.logits_a, crop, dropout),
-                                     _Tower(num_classes - self.logits_a, crop, dropout)])
+        self.towers = nn.ModuleList([_Tower(self.logits_a, crop, dropout, 0),
+                                     _Tower(num_classes - self.logits_a, crop, dropout, 1)])
         for tower, device in zip(self.towers, self.devices):
             tower.to(device)
 
@@ -349,8 +393,8 @@ class TowerAlexNet(nn.Module):
         h = [t.lower(x.to(d)) for t, d in zip(self.towers, self.devices)]
         h = self._both(h, lambda t, z: t.upper(t.conv3(z)))
         h = [torch.flatten(z, 1) for z in h]
-        h = self._both(h, lambda t, z: t.drop(torch.relu(t.fc6(z))))
-        h = self._both(h, lambda t, z: t.drop(torch.relu(t.fc7(z))))
+        h = self._both(h, lambda t, z: t.drop6(torch.relu(t.fc6(z))))
+        h = self._both(h, lambda t, z: t.drop7(torch.relu(t.fc7(z))))
         out = self._both(h, lambda t, z: t.fc8(z))
         return torch.cat([out[0], out[1].to(self.devices[0])], 1)
 

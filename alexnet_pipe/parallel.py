@@ -22,7 +22,8 @@ import torch
 from alexnet_base.config import TrainConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import checkpoint, distributed
-from alexnet_pipe.model import TowerAlexNet, build_model
+from alexnet_pipe.hybrid import HybridAlexNet
+from alexnet_pipe.model import GlobalDropout, TowerAlexNet, build_model
 from alexnet_pipe.runtime import Runtime
 
 MODES = ("none", "ddp", "towers", "hybrid")
@@ -89,18 +90,22 @@ class Parallel:
     def build(self, config: TrainConfig, num_classes: int, runtime: Runtime) -> torch.nn.Module:
         """The unwrapped model on its device(s) in the runtime's layout, initialised from torch's
         generator (seeded by the caller) as the one-process model is, whatever the mode: the
-        same weights in all."""
-        from alexnet_pipe.hybrid import HybridAlexNet
-        crop = config.loader.augment.crop
+        same weights in all. Its dropout masks are the global batch's (model.GlobalDropout):
+        this rank takes its rows."""
+        crop, seed = config.loader.augment.crop, config.loader.seed
         model = build_model(config.arch, num_classes, crop, config.bias_init, config.dropout)
         if self.mode == "towers":
             towers = TowerAlexNet(num_classes, crop, config.dropout, config.tower_devices)
             towers.load_grouped_state_dict(model.state_dict())
-            return runtime.place(towers)  # each tower on its own device
-        model = runtime.place(model.to(self.device))
-        if self.mode == "hybrid":
-            model = HybridAlexNet(model, rank=self.env.rank, world=self.env.world,
-                                  seed=config.loader.seed)
+            model = runtime.place(towers)  # each tower on its own device
+        else:
+            model = runtime.place(model.to(self.device))
+        ranks = (0, 1) if self.mode == "towers" else (self.env.rank, self.env.world)
+        for m in model.modules():
+            if isinstance(m, GlobalDropout):
+                m.seed, (m.rank, m.world) = seed, ranks
+        if self.mode == "hybrid":  # its own masks, drawn alike for the whole global batch
+            model = HybridAlexNet(model, rank=self.env.rank, world=self.env.world, seed=seed)
         return model
 
     def devices(self, model: torch.nn.Module) -> list[torch.device]:
@@ -165,6 +170,7 @@ class Parallel:
         progress = checkpoint.restore(state, weights=model, optimizer=optimizer,
                                       scheduler=scheduler, devices=self.devices(model),
                                       split=self.split)
-        if self.mode == "hybrid":  # its dropout stream goes on from this step
-            model.draws = progress.step
+        for m in model.modules():  # the dropout masks go on from this step
+            if isinstance(m, (GlobalDropout, HybridAlexNet)):
+                m.draws = progress.step
         return progress

@@ -300,9 +300,10 @@ def make_loader(config: LoaderConfig, split: SplitInfo, *, norm: Normalization, 
                 augment=aug, seed=config.seed, rank=ranks.rank, world=ranks.world,
                 start_epoch=start_epoch, start_batch=start_batch, epochs=epochs,
                 dali_batches=config.dali_batches_for(config.batch_size))
-    if plan.num_batches() == 0:
-        raise UserError(f"--batch-size {config.batch_size}: larger than this process's share of "
-                        f"the {split.name} split ({plan.share()} images); use a smaller batch")
+    if plan.num_batches() == 0:  # val batches are cut to the share: train's alone can be empty
+        raise UserError(f"--batch-size {config.batch_size * ranks.world}: larger than the "
+                        f"{split.total} images of the {split.name} split (the global batch, "
+                        f"{ranks.world} x {config.batch_size}); use a smaller batch")
     source = BatchSource(plan, ShardReader(split), lighting_basis=lighting if train else None,
                          channel_mean=norm.channel_mean(), packed=placement.packed,
                          check_jpeg=not config.verify)

@@ -1,15 +1,18 @@
 """Which images each rank reads at each step of each epoch, and their augmentation draws: the
 sampling plan, a pure value (no files, picklable), apart from the code that reads the bytes.
 
-    train  a fresh seeded permutation of all images every epoch, cut into `world` equal disjoint
-           shares (the remainder, fewer than `world` images, sits out this epoch); each share in
-           batches, the last partial batch dropped
+    train  a fresh seeded permutation of all images every epoch, cut into global batches of
+           world x batch_size images (the remainder, less than a global batch, sits out this
+           epoch); step s's global batch is the permutation's s-th slice, rank r's share of it
+           its r-th contiguous slice. The draws of the global batch come from (seed, epoch, s)
+           and each rank takes its rows: what step s sees, images and draws, is a function of
+           (seed, epoch, s) alone, whatever the number of ranks
     val    the images in order, cut into `world` contiguous shares of nearly equal size (together
            exactly the split); the last batch of a share padded with its last image, masked out
 
-Batch k of epoch e is a function of the seed, e, k and the rank alone: a run resumed at epoch e,
-batch k, sees exactly the batches and draws of an uninterrupted run, whatever DALI's own epoch
-counter says (`position` maps DALI's to ours).
+A run resumed at epoch e, step k, on any number of ranks with the same global batch, sees
+exactly the batches and draws of an uninterrupted run, whatever DALI's own epoch counter says
+(`position` maps DALI's to ours).
 """
 from __future__ import annotations
 
@@ -21,27 +24,32 @@ from alexnet_base.config import AugmentConfig
 from alexnet_pipe import augment
 
 
-def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int,
-                  world: int) -> np.ndarray:
-    """Global sample indices that `rank` reads in `epoch`, in reading order."""
+def epoch_samples(total: int, *, train: bool, seed: int, epoch: int, rank: int, world: int,
+                  batch_size: int) -> np.ndarray:
+    """Global sample indices that `rank` reads in `epoch`, in reading order (train: its slice
+    of each global batch, step after step)."""
     if train:
         order = np.random.default_rng([seed, epoch]).permutation(total)
-        share = total // world
-        return order[rank * share:(rank + 1) * share]
+        steps = total // (batch_size * world)
+        shares = order[:steps * batch_size * world].reshape(steps, world, batch_size)
+        return shares[:, rank].reshape(-1)
     return np.array_split(np.arange(total), world)[rank]
 
 
-def share(total: int, *, train: bool, rank: int, world: int) -> int:
+def share(total: int, *, train: bool, rank: int, world: int, batch_size: int) -> int:
     """How many samples `rank` reads each epoch: len(epoch_samples(...)) for any epoch."""
     if train:
-        return total // world
+        return total // (batch_size * world) * batch_size
     return total // world + (rank < total % world)
 
 
 def batches_per_epoch(total: int, batch_size: int, *, train: bool, rank: int, world: int) -> int:
-    """The same every epoch: train drops the remainder of a share, val pads its last batch."""
-    n = share(total, train=train, rank=rank, world=world)
-    return n // batch_size if train else -(-n // batch_size)
+    """The same every epoch: train's steps (whole global batches), val's batches of a share
+    (the last one padded)."""
+    if train:
+        return total // (batch_size * world)
+    return -(-share(total, train=False, rank=rank, world=world, batch_size=batch_size)
+             // batch_size)
 
 
 @dataclass
@@ -65,14 +73,16 @@ class Plan:
 
     def __post_init__(self):
         if not self.train:
-            self.batch_size = max(1, min(self.batch_size, self.share()))
+            self.batch_size = max(1, min(self.batch_size, share(
+                self.total, train=False, rank=self.rank, world=self.world, batch_size=1)))
         self.dali_batches = max(1, min(self.dali_batches, self.num_batches()))
 
     def __getstate__(self):  # the cached permutation stays behind: each process draws its own
         return {**self.__dict__, "_epoch": (None, None)}
 
     def share(self) -> int:
-        return share(self.total, train=self.train, rank=self.rank, world=self.world)
+        return share(self.total, train=self.train, rank=self.rank, world=self.world,
+                     batch_size=self.batch_size)
 
     def num_batches(self) -> int:
         return batches_per_epoch(self.total, self.batch_size, train=self.train, rank=self.rank,
@@ -86,7 +96,8 @@ class Plan:
         """epoch_samples of this rank, one permutation an epoch (cached), not one a batch."""
         if self._epoch[0] != epoch:
             self._epoch = (epoch, epoch_samples(self.total, train=self.train, seed=self.seed,
-                                                epoch=epoch, rank=self.rank, world=self.world))
+                                                epoch=epoch, rank=self.rank, world=self.world,
+                                                batch_size=self.batch_size))
         return self._epoch[1]
 
     def batch_indices(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +111,15 @@ class Plan:
         return idx, valid
 
     def params(self, epoch: int, batch: int, n: int) -> dict:
-        """The augmentation draws of one batch (augment.random_params): a pure function of
-        (seed, epoch, rank, batch); val: the centre crop, no flip, no lighting."""
+        """The augmentation draws of this rank's n images of step `batch`: the global batch's
+        (augment.random_params, from (seed, epoch, step)), this rank's rows of them; val: the
+        centre crop, no flip, no lighting."""
         if not self.train:
             return augment.centre_params(n, size=self.size, crop=self.augment.crop)
-        rng = np.random.default_rng([self.seed, epoch, self.rank, batch, 1])
-        return augment.random_params(rng, n, size=self.size, aug=self.augment)
+        rng = np.random.default_rng([self.seed, epoch, batch, 1])
+        drawn = augment.random_params(rng, n * self.world, size=self.size, aug=self.augment)
+        rows = slice(self.rank * n, (self.rank + 1) * n)
+        return {k: v[rows] for k, v in drawn.items()}
 
     def position(self, epoch_idx: int, iteration: int) -> tuple[int, int, int] | None:
         """(epoch, first batch, batches) of DALI's call `iteration` in its epoch `epoch_idx`, or

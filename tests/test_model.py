@@ -300,6 +300,14 @@ def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
     torch.manual_seed(0)
     model = build_model("alexnet", 10)
     ps.mark_lrn(model)
+    ranges = {}  # dropout's forward inside a profiler range of the test's own
+
+    def enter(module, args):
+        ranges[module] = torch.autograd.profiler.record_function("test::dropout")
+        ranges[module].__enter__()
+    for m in (model.classifier.drop6, model.classifier.drop7):
+        m.register_forward_pre_hook(enter)
+        m.register_forward_hook(lambda module, args, out: ranges[module].__exit__(None, None, None))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(2, 3, 224, 224) * 50, torch.tensor([3, 7])
     cpu = Runtime.for_device(torch.device("cpu"))
@@ -311,7 +319,8 @@ def test_step_profile_counts_the_lrn_modules_work_and_nothing_else(tmp_path):
     pools = [e for e in events if "avg_pool2d" in e.name]
     assert {e.name for e in pools} >= {"aten::avg_pool2d", "aten::avg_pool2d_backward"}
     assert all(ps.category(e, lrn) == "lrn" for e in pools)
-    dropout = [e for e in events if any(c.name == "aten::dropout" for c in ps._chain(e))]
+    dropout = [e for e in events if any(c.name == "test::dropout" for c in ps._chain(e))
+               and e.name != "test::dropout"]
     made = {e.sequence_nr for e in dropout} - {-1}
     backward = [e for e in events if any(c.name.startswith(ps._BACKWARD)
                                          and c.sequence_nr in made for c in ps._chain(e))]

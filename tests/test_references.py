@@ -69,33 +69,49 @@ def run_epochs(loader, epochs: int):
 # --- 1. sharding through the real loaders -----------------------------------------------------
 
 @pytest.mark.parametrize("readers", [0, 1], ids=["in-process", "reader-process"])
-def test_train_shards_of_two_ranks_are_the_prefix_of_one_seeded_permutation(coord_shards,
-                                                                             readers):
+def test_each_step_is_one_seeded_global_batch_whatever_the_number_of_ranks(coord_shards,
+                                                                          readers):
+    """A global batch of 12 over 1, 2, 3 and 4 ranks (batches of 12, 6, 4, 3), two epochs. The
+    documented order: a permutation of all 96 samples seeded by (seed, epoch), step s's global
+    batch its s-th slice of 12 (8 steps), rank r reading the r-th contiguous part of it. Each
+    image's crop and flip, read back from its pixels, are the same for every number of ranks:
+    what a step sees depends on (seed, epoch, step) alone."""
     data, truth = coord_shards
     keys = shard_keys(data, "train")
     mean = stats_h5(data)["channel_mean"]
-    total, world, per_rank = len(keys), 2, 8
+    total, batch = len(keys), 12
     assert total == 96
-    seen = {}  # (rank, epoch) -> global indices in reading order
-    for rank in range(world):
-        cfg = loader_config(data, per_rank, readers, crop=SIZE, flip=False, lighting_std=0)
-        loader = folder_loader(cfg, rank=rank, world=world)
-        for epoch, images, labels, valid, index in run_epochs(loader, 2):
-            assert images.shape == (per_rank, 3, SIZE, SIZE) and valid.all()
-            for out, label, i in zip(images, labels, index):
-                ident, want_label = truth[keys[i]]
-                assert decode(out, mean)["id"] == ident  # index names the image it delivered
-                assert label == want_label
-            seen.setdefault((rank, epoch), []).extend(index.tolist())
-    share = total // world
-    for epoch in range(2):
-        # The documented order: a permutation of all samples seeded by (seed, epoch), cut into
-        # equal contiguous shares, rank r reading the r-th.
-        order = np.random.default_rng([0, epoch]).permutation(total)
+    seen = {}  # world -> epoch -> step -> [(index, x, y, flip)] of the global batch
+    for world in (1, 2, 3, 4) if readers == 0 else (2,):
         for rank in range(world):
-            assert seen[rank, epoch] == order[rank * share:(rank + 1) * share].tolist()
-        assert not set(seen[0, epoch]) & set(seen[1, epoch])
-    assert seen[0, 0] != seen[0, 1]  # a fresh order each epoch
+            cfg = loader_config(data, batch // world, readers, crop=CROP, lighting_std=0)
+            loader = folder_loader(cfg, rank=rank, world=world)
+            steps = {}
+            for epoch, images, labels, valid, index in run_epochs(loader, 2):
+                assert images.shape == (batch // world, 3, CROP, CROP) and valid.all()
+                rows = []
+                for out, label, i in zip(images, labels, index):
+                    d = decode(out, mean)
+                    assert (d["id"], label) == truth[keys[i]]  # index names its image
+                    rows.append((int(i), d["x"], d["y"], d["flip"]))
+                step = len(steps.setdefault(epoch, []))
+                steps[epoch].append(rows)
+            for epoch, batches in steps.items():  # this rank's part of each global batch
+                for step, rows in enumerate(batches):
+                    seen.setdefault(world, {}).setdefault(epoch, {}).setdefault(
+                        step, []).extend(rows)  # ranks in order: the global batch's rows
+    for world, epochs in seen.items():
+        for epoch in range(2):
+            order = np.random.default_rng([0, epoch]).permutation(total)
+            assert sorted(epochs[epoch]) == list(range(8))
+            for step in range(8):
+                got = [i for i, *_ in epochs[epoch][step]]
+                assert got == order[step * batch:(step + 1) * batch].tolist(), (world, step)
+        if 1 in seen:  # an image's crop and flip do not depend on the number of ranks
+            assert epochs == seen[1], world
+    draws = [(x, y, f) for e in seen[next(iter(seen))].values() for rows in e.values()
+             for _, x, y, f in rows]
+    assert len(set(draws)) > 100  # the draws are draws: not one window for all
 
 
 @pytest.mark.parametrize("world", [2, 5])
