@@ -61,7 +61,7 @@ PAPER = dict(crop=224, mean="pixel", sigma=0.1, scale="stdev", divide_std=False)
 def twin(data, *, crop, mean, sigma, scale, divide_std, seed=0, epoch=0, batch=0, size=8):
     """The numpy reference of one train batch, from what the README documents: the samples are
     a permutation of the split seeded by (seed, epoch), cut into batches; each batch's draws come
-    from a generator seeded by (seed, epoch, rank, batch, 1): crop x, then y, uniform over every
+    from a generator seeded by (seed, epoch, batch, 1): crop x, then y, uniform over every
     position, then the flips (p = 0.5), then the lighting alphas ~ N(0, sigma); the lighting
     offset is P (alpha * w), w = sqrt(eigenvalue) (stdev) or eigenvalue / 255 (eigval); then
     (crop(image) + offset - crop(mean)) / std on the 0-255 scale, CHW."""
@@ -72,7 +72,7 @@ def twin(data, *, crop, mean, sigma, scale, divide_std, seed=0, epoch=0, batch=0
     order = np.random.default_rng([seed, epoch]).permutation(len(images))
     idx = order[batch * size:(batch + 1) * size]
     span = 256 - crop
-    rng = np.random.default_rng([seed, epoch, 0, batch, 1])
+    rng = np.random.default_rng([seed, epoch, batch, 1])
     xs, ys = rng.integers(0, span + 1, size), rng.integers(0, span + 1, size)
     flips = rng.random(size) < 0.5
     alphas = rng.normal(0, sigma, (size, 3))
