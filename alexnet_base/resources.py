@@ -3,10 +3,13 @@ heap, the shared memory of DALI's reader processes, and how worker processes are
 act on the calling process only and leave a user's own settings alone."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+import signal
 import sys
+import threading
 
 SHM_DIR = "/dev/shm"  # where DALI's reader processes put their batches (shm_open)
 
@@ -56,6 +59,25 @@ def shm_free(path: str = SHM_DIR) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+@contextlib.contextmanager
+def children_deaf_to(signals=(signal.SIGUSR1,)):
+    """Processes started inside (DALI's reader processes) never take `signals`: Slurm signals
+    every process of a job step (scancel --signal, --signal=USR1@N), and SIGUSR1 must stop the
+    trainer, which stops at a step with a checkpoint and then ends its readers, not kill the
+    readers under it mid-epoch (their default action). The signals are blocked meanwhile, not
+    ignored: one that arrives here is delivered on leaving, and the children keep them blocked
+    (a signal mask survives fork and exec). Not SIGTERM: DALI ends a reader that does not
+    leave by itself with it. In the main thread only (elsewhere: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def start_method() -> str:

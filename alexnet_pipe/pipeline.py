@@ -183,8 +183,10 @@ class Loader:
         # reset by hand at the start of the next stream: nothing is read past the last one
         with warnings.catch_warnings():  # ten crops leave the crop draws unused, by design
             warnings.filterwarnings("ignore", message="The external source node .* not used")
-            try:  # it runs the first iteration already
-                self._iter = DALIGenericIterator([pipe], ["images", "meta"], auto_reset=False)
+            try:  # it starts the reader processes and runs the first iteration already
+                with resources.children_deaf_to():
+                    self._iter = DALIGenericIterator([pipe], ["images", "meta"],
+                                                     auto_reset=False)
             except UserError:  # the reader's own, in this process
                 raise
             except Exception as e:  # noqa: BLE001 - DALI's, whichever class: see _explain

@@ -220,6 +220,44 @@ def test_packed_jpeg_batches_give_the_batches_of_the_list(shards_jpeg, readers):
         assert torch.equal(a.index, b.index)
 
 
+def children() -> set[int]:
+    """This process's child processes, from /proc."""
+    found = set()
+    for stat in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(fields[1]) == os.getpid():
+            found.add(int(stat))
+    return found
+
+
+@pytest.mark.slow
+def test_reader_processes_read_on_through_a_schedulers_sigusr1(shards_jpeg):
+    """Slurm signals every process of a job step (docs/slurm): SIGUSR1 must reach the trainer
+    (which stops at a step) and must not kill its reader processes (the default action).
+    Each reader gets SIGUSR1 after the first batch, and the epoch reads on to its end; the
+    readers hold it blocked (SigBlk, bit 10) while this process takes it as before."""
+    import signal
+    before = children()
+    loader = folder_loader(replace(config(shards_jpeg), readers=2))
+    batches = iter(loader)
+    next(batches)
+    readers = children() - before
+    assert len(readers) == 2, readers
+    for pid in readers:
+        with open(f"/proc/{pid}/status") as f:
+            blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+        assert blocked >> (signal.SIGUSR1 - 1) & 1, hex(blocked)
+        os.kill(pid, signal.SIGUSR1)
+    assert len(list(batches)) == load_split(shards_jpeg, "train").total // 8 - 1
+    assert children() - before == readers  # all alive
+    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    del loader
+
+
 def test_shared_memory_need_counts_every_local_rank(monkeypatch, shards_jpeg):
     """Reader processes (JPEG shards) hand batches over in /dev/shm: DALI keeps 2 (prefetch) + 2
     (queue) buffers of a DALI batch (here 2 batches of 8), each taken at twice the split's file
