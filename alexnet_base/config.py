@@ -27,11 +27,26 @@ PARALLEL = ("auto", "none", "ddp", "towers", "hybrid")
 DALI_IMAGES = 128  # images per DALI iteration by default: where its per-iteration costs fade
 MIN_CROP = 67  # the smallest crop to train on: both models' pool5 map is empty below it
 COMPILE_MODES = ("default", "reduce-overhead")
+RESUME = ("no", "yes", "auto")
+# What a relaunch of a run may change (train --resume): how long it runs, how often it saves
+# and logs, where and how fast it runs (devices, ranks, readers, the parallel mode, compiling).
+# Every other option of train is the recipe, the data, the seed or the global batch: another
+# run, which --resume auto refuses. The data is compared by its manifest, not its path (each
+# node may read a copy of its own).
+RELAUNCH_MAY_CHANGE = frozenset({
+    "out", "epochs", "save_every", "keep", "log_every", "max_steps", "ten_crop", "resume",
+    "flat_check_steps", "dist_timeout", "progress", "parallel", "tower_devices", "amp",
+    "compile", "compile_mode", "deterministic", "loader.data", "loader.device",
+    "loader.threads", "loader.readers", "loader.prefetch", "loader.dali_batches",
+    "loader.hw_decoder_load", "loader.verify", "loader.channels_last", "loader.dtype"})
 
 
 def opt(default=None, help: str = "", *, choices=None, cli: bool = True, csv: bool = False,
-        required: bool = False, metavar: str | None = None):
-    meta = {"help": help, "choices": choices, "cli": cli, "csv": csv, "metavar": metavar}
+        required: bool = False, metavar: str | None = None, flag: tuple | None = None):
+    """flag=(bare, off): an option given bare means `bare` (--resume: "yes"), a value one of
+    `choices` (--resume auto), --no-NAME means `off`."""
+    meta = {"help": help, "choices": choices, "cli": cli, "csv": csv, "metavar": metavar,
+            "flag": flag}
     if required:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -228,7 +243,20 @@ class TrainConfig:
     deterministic: bool = opt(False, "Deterministic cuDNN algorithms: a resumed GPU run repeats "
                               "an uninterrupted one exactly, at some speed; by default cuDNN "
                               "picks the fastest (benchmark mode, not bit-reproducible).")
-    resume: bool = opt(False, "Continue the run in --out from its last checkpoint.")
+    resume: str = opt("no", "--resume: continue the run in --out from its newest intact "
+                      "checkpoint. --resume auto: continue it if it has one, start it if not "
+                      "(the same command after any restart: torchrun --max-restarts, a "
+                      "requeued job); it refuses a run folder whose run had other options. A "
+                      "relaunch may change " + ", ".join(sorted(
+                          "--" + name.split(".")[-1].replace("_", "-")
+                          for name in RELAUNCH_MAY_CHANGE if name not in ("resume", "out")))
+                      + " and the number of ranks; the recipe, the data (its manifest), the "
+                      "seed and the global batch stay.",
+                      choices=RESUME, flag=("yes", "no"), metavar="[auto]")
+    save_every: int | None = opt(None, "Also a resumable checkpoint every N optimiser steps, "
+                                 "mid-epoch (step-NNNNNNNN.pt, the last --keep kept): the step "
+                                 "waits for the state's copy off the device only, the file is "
+                                 "written in the background.")
     keep: int = opt(3, "Epoch checkpoints kept (best.pt is kept besides).")
     log_every: int = opt(10, "Steps between log records (each is a CPU-GPU sync point).")
     flat_check_steps: int = opt(300, "Warn if the loss is still ln(classes) after this many steps.")
@@ -269,6 +297,8 @@ class TrainConfig:
         _at_least("keep", self.keep, 1)
         _at_least("log-every", self.log_every, 1)
         _at_least("max-steps", self.max_steps, 1)
+        _at_least("save-every", self.save_every, 1)
+        _choose("resume", self.resume, RESUME)
         if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout {self.dist_timeout}: must be positive")
 

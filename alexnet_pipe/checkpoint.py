@@ -1,7 +1,9 @@
 """The checkpoint: its schema, written atomically by rank 0, read back with weights_only=True.
 
     RUN/checkpoints/epoch-0003.pt   after each epoch (the last `keep` are kept)
-    RUN/checkpoints/interrupt.pt    on SIGTERM/SIGINT or --max-steps, mid-epoch
+    RUN/checkpoints/step-00001200.pt  every --save-every steps, mid-epoch (the last `keep` of
+                                    them, until an epoch's checkpoint supersedes them)
+    RUN/checkpoints/interrupt.pt    on SIGTERM/SIGINT/SIGUSR1 or --max-steps, mid-epoch
     RUN/checkpoints/best.pt         the lowest validation top-1 error so far
 
 This module alone builds the dict (`build`) and reads it (`restore`, `load_model`): a new field
@@ -39,6 +41,11 @@ from alexnet_pipe.normalize import Normalization
 
 CHECKPOINT_DIR = "checkpoints"
 _EPOCH = re.compile(r"epoch-(\d{4,})\.pt$")
+_STEP = re.compile(r"step-(\d{8,})\.pt$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
 
 
 @dataclass
@@ -225,11 +232,26 @@ def save(run_dir: Path, state: dict, *, name: str, keep: int = 3) -> Path:
             raise
         raise UserError(f"{os_error(path, cause, 'write the checkpoint')}; the earlier "
                         f"checkpoints in {folder} are intact") from None
-    if _EPOCH.search(name):
-        (folder / "interrupt.pt").unlink(missing_ok=True)  # superseded by a complete epoch
-        for old in epoch_checkpoints(run_dir)[:-keep]:
+    if _EPOCH.search(name):  # superseded by a complete epoch: the interrupt, the steps
+        (folder / "interrupt.pt").unlink(missing_ok=True)
+        for old in epoch_checkpoints(run_dir)[:-keep] + _numbered(folder, "step-*.pt", _STEP):
+            old.unlink()
+    elif _STEP.search(name):
+        for old in _numbered(folder, "step-*.pt", _STEP)[:-keep]:
             old.unlink()
     return path
+
+
+def host_copy(state):
+    """`state` with every tensor copied to the host: what a background write may hold while
+    training changes the weights in place (on a GPU the step waits for this copy only)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: host_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(host_copy(v) for v in state)
+    return state
 
 
 @contextlib.contextmanager
@@ -257,15 +279,24 @@ def mark_best(run_dir: Path, path: Path) -> None:
         shutil.copyfile(path, tmp)
 
 
+def _numbered(folder: Path, pattern: str, number: re.Pattern) -> list[Path]:
+    return sorted(folder.glob(pattern), key=lambda p: int(number.search(p.name).group(1)))
+
+
 def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    return _numbered(Path(run_dir) / CHECKPOINT_DIR, "epoch-*.pt", _EPOCH)
+
+
+def _resumable(run_dir: Path) -> list[Path]:
+    """Every checkpoint a run may continue from: the epochs', the steps', an interrupt."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    return sorted(folder.glob("epoch-*.pt"), key=lambda p: int(_EPOCH.search(p.name).group(1)))
+    return (epoch_checkpoints(run_dir) + _numbered(folder, "step-*.pt", _STEP)
+            + [p for p in [folder / "interrupt.pt"] if p.exists()])
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: an interrupt (newer than any epoch) or the last epoch."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    candidates = epoch_checkpoints(run_dir) + [p for p in [folder / "interrupt.pt"] if p.exists()]
+    """The checkpoint to resume from: the newest of the epochs', the steps' and an interrupt."""
+    candidates = _resumable(run_dir)
     return max(candidates, key=os.path.getmtime) if candidates else None
 
 
@@ -333,8 +364,7 @@ def load_latest(run_dir: Path, warn) -> tuple[Path, dict]:
     named through warn(line) and kept, renamed NAME.damaged so that training on does not write
     over it; none intact is an error naming each (and renames nothing)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    candidates = epoch_checkpoints(run_dir) + [p for p in [folder / "interrupt.pt"]
-                                               if p.exists()]
+    candidates = _resumable(run_dir)
     damaged = []
     for path in sorted(candidates, key=os.path.getmtime, reverse=True):
         try:

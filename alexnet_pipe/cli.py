@@ -34,6 +34,22 @@ def user_errors(fn):
     return wrapper
 
 
+def _click_options(f: dataclasses.Field, hint) -> list[click.Option]:
+    """The field's option; a `flag` field (opt(flag=(bare, off))) also gets --no-NAME."""
+    option = _click_option(f, hint)
+    flag = f.metadata.get("flag")
+    if not flag:
+        return [option]
+    name = f.name
+
+    def off(ctx, param, value):
+        if value:
+            ctx.params[name] = flag[1]
+    return [option, click.Option([f"--no-{name.replace('_', '-')}"], is_flag=True,
+                                 expose_value=False, callback=off,
+                                 help=f"--{name.replace('_', '-')} {flag[1]} (the default)")]
+
+
 def _click_option(f: dataclasses.Field, hint) -> click.Option:
     meta, name = f.metadata, "--" + f.name.replace("_", "-")
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -46,6 +62,10 @@ def _click_option(f: dataclasses.Field, hint) -> click.Option:
         return click.Option([f"{name}/--no-{name[2:]}"], default=default, **kw)
     if meta["csv"]:
         return click.Option([name], default=",".join(default), callback=_csv, **kw)
+    if meta.get("flag"):  # bare: flag[0]; or one of the choices
+        return click.Option([name], type=click.Choice(meta["choices"]), default=default,
+                            is_flag=False, flag_value=meta["flag"][0], metavar=meta["metavar"],
+                            **kw)
     if meta["choices"]:
         return click.Option([name], type=click.Choice(meta["choices"]), default=default, **kw)
     typ = click.Path(path_type=Path) if base is Path else base
@@ -66,7 +86,7 @@ def options(*classes, skip=()):
                         or not f.metadata.get("cli", True)):
                     continue
                 fn.__click_params__ = getattr(fn, "__click_params__", [])
-                fn.__click_params__.append(_click_option(f, hints[f.name]))
+                fn.__click_params__.extend(reversed(_click_options(f, hints[f.name])))
         return fn
     return decorate
 

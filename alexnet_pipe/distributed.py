@@ -70,13 +70,30 @@ def check_devices(names) -> None:
 
 def init(env: DistEnv, dev: torch.device, timeout_s: float = 600) -> None:
     """The process group. A collective that waits longer than `timeout_s` (a rank died without
-    torchrun noticing) ends the process with an error instead of hanging."""
+    torchrun noticing) ends the process with an error instead of hanging.
+
+    Under torchrun's c10d rendezvous the workers share the agent's store, which outlives a
+    restart: the addresses the previous attempt's ranks published there would be read again
+    (gloo: "connection refused"; NCCL: an old unique id). The group's keys are kept apart per
+    attempt (TORCHELASTIC_RESTART_COUNT, the same for every worker that restarts together);
+    where agents restarted a different number of times rejoin one group, torchrun needs
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store a round: README, "On a cluster")."""
     if env.enabled and not dist.is_initialized():
         from datetime import timedelta
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        environ = os.environ
+        if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]),
+                                  env.world, is_master=False, timeout=timeout)
+            attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(
+                f"alexnet-pipe/attempt-{attempt}", store), rank=env.rank,
+                world_size=env.world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
 
 
 def shutdown() -> None:

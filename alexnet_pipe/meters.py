@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alexnet_base.errors import UserError, os_error
+from alexnet_base.files import atomic_path
 
 
 class Log:
@@ -48,17 +49,53 @@ class Log:
         if self.main:
             self._append(self.jsonl, json.dumps(rec) + "\n")
 
+    def replay_from(self, step: int) -> list[dict]:
+        """metrics.jsonl without the records of steps after `step` (a relaunch trains them
+        again and writes them anew) and without a record cut short by a kill, replaced whole
+        or not at all; the records kept (rank 0: it alone writes the log; others: none)."""
+        if not self.main:
+            return []
+        path = Path(self.jsonl.name)
+        self.jsonl.close()
+        try:
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # cut short by a kill
+                if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                    kept.append(rec)
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
+        except OSError as e:
+            raise UserError(f"{os_error(path, e, 'rewrite the log')}; the run's checkpoints are "
+                            f"intact (continue with --resume)") from None
+        self.jsonl = self._open(path)
+        return kept
+
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGTERM, SIGINT and SIGUSR1 (Slurm's warning before a job's time limit or preemption,
+    --signal=USR1@120) set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.signal = signum
+
+    @staticmethod
+    def exit_status(signum: int) -> int:
+        """What the process exits with once stopped by `signum` (agreed: the ranks' largest)
+        and checkpointed: 128 + N, as a shell reports a signal, except SIGUSR1, a scheduler's
+        "stop here, you will be continued" (docs/slurm): 0, so that torchrun ends as asked
+        instead of restarting the workers (--max-restarts), and the job script requeues."""
+        return 0 if signum == signal.SIGUSR1 else 128 + signum
 
 
 class StepTimer:

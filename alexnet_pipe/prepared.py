@@ -16,7 +16,8 @@ from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_pipe import augment
 from alexnet_pipe.normalize import Normalization
 from preprocessing import verify as integrity
-from preprocessing.shards import ImageStats, SplitInfo, load_split, load_stats
+from preprocessing.shards import (ImageStats, SplitInfo, content_digest, load_split,
+                                  load_stats)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Prepared:
     path: Path
     splits: dict = field(default_factory=dict)  # {"train": SplitInfo, "val": ...} as opened
     stats: ImageStats | None = None             # the train split's statistics, opened with it
+    digest: str = ""                            # the manifest's: names the content, not the path
 
     def split(self, name: str) -> SplitInfo:
         """The SplitInfo of split `name` ("train", "val"): a split is a SplitInfo everywhere,
@@ -62,4 +64,4 @@ def open_prepared(data: Path, splits=("train",), *, verify: bool = True,
     if verify:
         integrity.check_inputs(data, tuple(splits), share=share, gather=gather,
                                workers=max(1, resources.usable_cores() // share[1]))
-    return Prepared(data, infos, stats)
+    return Prepared(data, infos, stats, content_digest(data))

@@ -8,7 +8,7 @@ learning rate and no decay (the author's rule, `--bias-rule`). The update is tor
 The run, top to bottom: `set_up` (options, data, model, optimiser, log: a frozen `Setup`),
 `runs.restore` (a `Progress`: all that carries from step to step), then each epoch
 `train_one_epoch` (around runtime.train_step, the one training step the benchmarks time too),
-`runs.evaluate_run` and `runs.save`; `runs.finish` at the end. The parallel mode is
+`runs.evaluate_run` and `runs.Saver`; `runs.finish` at the end. The parallel mode is
 parallel.py's, how the model runs runtime.py's, the instruments meters.py's. A run directory
 describes itself:
     RUN/config.json        the resolved options and the version
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -61,8 +62,7 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     device = distributed.device(config.loader.device, env)
     parallel = Parallel.decide(config, env, device)
     if config.loader.batch_size % env.world:
-        raise UserError(f"--batch-size {config.loader.batch_size}: the global batch must divide "
-                        f"by the {env.world} processes")
+        raise UserError(runs.unsplittable(config.loader.batch_size, env.world))
     resume_from = runs.resume_point(config)
     distributed.init(env, device, config.dist_timeout)
     # each node checks its own copy, its ranks sharing the hashing; every rank stops together
@@ -75,9 +75,10 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
                                  channels_last=config.loader.channels_last,
                                  deterministic=config.deterministic)
     runtime.configure()
-    if env.is_main:  # resolved: parallel is never "auto"
+    if env.is_main:  # resolved: parallel is never "auto"; the data named by its manifest
         runs.start_run_dir(Path(config.out), {**runs.plain(config), "version": __version__,
-                                              "parallel": parallel.mode, "world_size": env.world})
+                                              "parallel": parallel.mode, "world_size": env.world,
+                                              "data_manifest": data.digest})
     distributed.barrier()
     torch.manual_seed(config.loader.seed)  # the weight initialisation
     model = parallel.build(config, train.num_classes, runtime)
@@ -111,10 +112,12 @@ class EpochResult:
 
 def train_one_epoch(model, optimizer, loader, progress: Progress, config: TrainConfig, *,
                     runtime: Runtime, log: Log, stop: StopRequest, num_classes: int,
-                    ranks: bool, bar=None, devices=None, after_backward=None) -> EpochResult:
+                    ranks: bool, bar=None, devices=None, after_backward=None,
+                    save_step=None) -> EpochResult:
     """Train `model` over the rest of epoch `progress.epoch`; `progress.step` and
     `progress.batch` advance. ranks: several processes, which agree on a stop. devices: those
-    a step runs on (the towers: two), timed on each; default the runtime's."""
+    a step runs on (the towers: two), timed on each; default the runtime's. save_step(): the
+    mid-epoch checkpoint of every --save-every steps (every rank reaches the same steps)."""
     model.train()
     device = runtime.device
     lr = optimizer.param_groups[0]["lr"]
@@ -147,6 +150,9 @@ def train_one_epoch(model, optimizer, loader, progress: Progress, config: TrainC
         if log_point:
             _log_point(log, progress, config, num_classes, interval, len(labels), lr, bar, timer)
         if progress.batch < n_batches:  # at the epoch's end: finish it, then checkpoint
+            if save_step is not None and config.save_every and (
+                    progress.step % config.save_every == 0):
+                save_step()
             signum = _agreed_stop(stop, log_point, ranks, device)
             if signum:
                 return EpochResult(stopped=signum, images=done)
@@ -199,7 +205,16 @@ def run(config: TrainConfig) -> dict:
         with distributed.failures_shared():  # a rank's error is every rank's one line
             setup, resume_from = set_up(config)
             progress = runs.restore(setup) if resume_from is not None else Progress()
+            runs.begin(setup, progress, resumed=resume_from is not None)
             return _epochs(setup, progress)
+    except BaseException as e:  # sys.exit after a stop too
+        # The frames it unwound hold the DDP model, whose reducer holds the process group:
+        # freed now, while the group is registered, the group ends in destroy_process_group
+        # (distributed.shutdown). Left to the interpreter's exit, the reducer ends the group
+        # holding the GIL that a gloo thread still releasing a collective's tensors waits
+        # for: the process hung at exit (about 1 stop in 5 under torchrun).
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         distributed.shutdown()
 
@@ -237,7 +252,10 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
         return {"epoch": progress.epoch, "step": progress.step}
     model = parallel.wrap(setup.model, cfg)
     per_rank, train_loader, val_loader = _loaders(setup, progress)
-    stop, result = StopRequest(), {}
+    stop, result, saver = StopRequest(), {}, runs.Saver(setup)
+
+    def save_step():
+        saver.save(progress, checkpoint.step_name(progress.step), background=True)
     while progress.epoch < cfg.epochs:
         lr = setup.optimizer.param_groups[0]["lr"]
         bar = progress_bar(cfg, env, len(train_loader), progress.epoch)
@@ -245,16 +263,17 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
                               runtime=setup.runtime, log=log, stop=stop,
                               num_classes=setup.card.num_classes, ranks=env.enabled, bar=bar,
                               devices=parallel.devices(setup.model),
-                              after_backward=parallel.after_backward(setup.model))
+                              after_backward=parallel.after_backward(setup.model),
+                              save_step=save_step)
         if bar is not None:
             bar.close()
         if out.stopped:
-            runs.save(setup, progress, "interrupt.pt")
+            saver.save(progress, "interrupt.pt")
             log.line(f"signal {out.stopped}: saved interrupt.pt at epoch {progress.epoch + 1}, "
                      f"batch {progress.batch}; continue with --resume")
-            sys.exit(128 + out.stopped)
+            sys.exit(stop.exit_status(out.stopped))
         if progress.batch < train_loader.plan.num_batches():  # --max-steps, mid-epoch
-            return runs.stop_at_max_steps(setup, progress, model, val_loader)
+            return runs.stop_at_max_steps(setup, saver, progress, model, val_loader)
         metrics = runs.evaluate_run(setup, model, val_loader)
         setup.scheduler.step(metrics["top1_err"])
         steps = progress.batch - train_loader.plan.skipped(progress.epoch)
@@ -276,16 +295,17 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
         is_best = metrics["top1_err"] < progress.best
         progress.best = min(progress.best, metrics["top1_err"])
         progress.epoch, progress.batch = progress.epoch + 1, 0
-        path = runs.save(setup, progress, f"epoch-{progress.epoch:04d}.pt")
+        path = saver.save(progress, f"epoch-{progress.epoch:04d}.pt")
         if env.is_main and is_best:
             checkpoint.mark_best(Path(cfg.out), path)
         signum = distributed.max_over_ranks(stop.signal or 0, device)  # every epoch
         if signum:  # arrived during the epoch's last steps or evaluation, on some rank
             log.line(f"signal {signum}: stopped after epoch {progress.epoch}; continue with "
                      f"--resume")
-            sys.exit(128 + signum)
+            sys.exit(stop.exit_status(signum))
         if cfg.max_steps and progress.step >= cfg.max_steps:
             break
+    saver.finish()
     # the ten-crop readers' shared memory comes on top of the train and val readers' (running)
     return runs.finish(setup, progress, model, per_rank, result,
                        train_loader.shm + val_loader.shm)

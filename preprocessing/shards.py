@@ -164,6 +164,13 @@ def manifest_digest(m: dict) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
+def content_digest(out: Path) -> str:
+    """What names a prepared folder's content wherever it lies (each node may read a copy of
+    its own): its manifest's digest."""
+    m = read_manifest(out)
+    return m.get("digest") or manifest_digest(m)
+
+
 def read_manifest(out: Path) -> dict:
     path = Path(out) / MANIFEST_FILE
     if not path.is_file():

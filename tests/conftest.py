@@ -207,6 +207,25 @@ def compile_eager(tmp_path_factory, shards_small) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, shards_small) -> tuple[Path, Path]:
+    """straight_run's command on two ranks (torchrun), every rank's delivered indices recorded:
+    (the run, the records). Read-only."""
+    def build(base):
+        proc = launch(TWO, train_args(shards_small, base / "run", "--epochs", "2", "--keep", "2"),
+                      env={"HARNESS_RECORD": str(base / "record")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    base = shared(tmp_path_factory, "ddp_run", build)
+    return base / "run", base / "record"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
 def straight_run(tmp_path_factory, shards_small) -> Path:
     """Two epochs on shards_small. Read-only: a test that writes into it copies it first."""
     return shared(tmp_path_factory, "straight_run",

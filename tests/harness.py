@@ -8,10 +8,14 @@ Configured by environment variables, so that torchrun can pass them to every ran
     HARNESS_RECORD=DIR      each rank appends {"epoch", "index": [...]} per train batch it received
                             to DIR/rank-R.jsonl (the indices the loader yielded, read on the host)
     HARNESS_FAULT=KIND@N    after optimizer step N (1-based, counted in this process):
-                              sigterm / sigint  the process sends itself that signal
+                              sigterm / sigint / sigusr1  the process sends itself that signal
                               sigkill           the process kills itself outright
+                              sigkill-node      it kills its torchrun agent, then itself (with
+                                                one worker an agent: a node lost)
                               nan               every parameter becomes NaN (the next loss is NaN)
     HARNESS_FAULT_RANK=R    only rank R (RANK from torchrun) injects; default every rank
+    HARNESS_FAULT_ATTEMPT=A only in torchrun's attempt A (TORCHELASTIC_RESTART_COUNT); default
+                            every attempt
     HARNESS_PREPARE_KILL=N  prepare: once a worker has written N shards, SIGKILL the whole process
                             group (run it with start_new_session), as a crash mid-run would
     HARNESS_SYNC_DEBUG=1    train epochs run under torch.cuda.set_sync_debug_mode("error") except
@@ -49,6 +53,10 @@ def _install_step_fault(spec: str) -> None:
     only = os.environ.get("HARNESS_FAULT_RANK")
     if only is not None and int(only) != RANK:
         return
+    attempt = os.environ.get("HARNESS_FAULT_ATTEMPT")
+    if attempt is not None and int(attempt) != int(os.environ.get("TORCHELASTIC_RESTART_COUNT",
+                                                                    0)):
+        return
     count = [0]
 
     def hook(optimizer, args, kwargs):
@@ -60,9 +68,12 @@ def _install_step_fault(spec: str) -> None:
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.fill_(float("nan"))
+        elif kind == "sigkill-node":  # torchrun starts each worker in a session of its own
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
         else:
             os.kill(os.getpid(), {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT,
-                                  "sigkill": signal.SIGKILL}[kind])
+                                  "sigusr1": signal.SIGUSR1, "sigkill": signal.SIGKILL}[kind])
     register_optimizer_step_post_hook(hook)
 
 

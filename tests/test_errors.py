@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_CROP, cli, overwrite_image, small_tmpfs, source_of
+from conftest import (ROOT, SMALL_CROP, cli, overwrite_image, small_tmpfs, source_of,
+                      train_args)
 
 CPU = ["--device", "cpu", "--threads", "1", "--readers", "1"]
 
@@ -192,7 +193,9 @@ def test_unreadable_checkpoints_say_why_in_one_line(tmp_path):
 @pytest.mark.parametrize("extra, env, needles", [
     (["--device", "gpu"], None, ["--device gpu", "no CUDA GPU"]),
     (["--batch-size", "7"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
-     ["--batch-size 7", "2 processes"]),
+     ["--batch-size 7", "2 processes", "--batch-size 6 or 8 would", "on 1, 7 processes"]),
+    (["--save-every", "0"], None, ["--save-every 0", "at least 1"]),
+    (["--save-every", "-3"], None, ["--save-every -3", "at least 1"]),
     (["--parallel", "ddp"], None, ["--parallel ddp", "torchrun"]),
     (["--divide-std"], None, ["--divide-std", "--mean channel"]),
     (["--hw-decoder-load", "1.5"], None, ["--hw-decoder-load 1.5", "between 0 and 1"]),
@@ -209,6 +212,64 @@ def test_bad_train_options(tmp_path, shards_small, extra, env, needles):
                  env={**os.environ, **env} if env else None)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_what_a_relaunch_may_change_is_options_of_train_and_never_the_recipe():
+    """config.RELAUNCH_MAY_CHANGE names options of train as runs.same_run compares them
+    (a renamed option left there would silently become part of the recipe), and none of the
+    recipe, the seed or the global batch, written out here from the paper's and README's."""
+    from pathlib import Path
+    from alexnet_base.config import RELAUNCH_MAY_CHANGE, LoaderConfig, TrainConfig
+    from alexnet_pipe import runs
+    options = runs._flat(runs.plain(TrainConfig(loader=LoaderConfig(data=Path("d")),
+                                                out=Path("o"))))
+    assert RELAUNCH_MAY_CHANGE <= options.keys()
+    recipe = {"arch", "bias_init", "bias_rule", "dropout", "lr", "lr_factor", "lr_patience",
+              "max_lr_drops", "momentum", "weight_decay", "loader.seed", "loader.batch_size",
+              "loader.augment.crop", "loader.augment.mean", "loader.augment.flip",
+              "loader.augment.divide_std", "loader.augment.lighting_std",
+              "loader.augment.lighting_scale"}
+    assert recipe <= options.keys() and not recipe & RELAUNCH_MAY_CHANGE
+    assert options.keys() - RELAUNCH_MAY_CHANGE == recipe  # nothing else is the recipe
+
+
+def contents(folder) -> dict:
+    """Every file under `folder`: its bytes' sha256 (what "nothing written over" compares)."""
+    import hashlib
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_auto_refuses_another_run_in_one_line(tmp_path, shards_small, shards_raw,
+                                                     straight_run):
+    """train --resume auto on a run folder whose run had other options (the recipe, the seed,
+    the global batch, other data), whose config.json is damaged or cannot be read, or with a
+    number of ranks that cannot split its global batch: one line each, naming the options and
+    what to do, and the folder as it was, byte for byte."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    before = contents(run)
+
+    def resume(*extra, data=shards_small, env=None):
+        return cli(*train_args(data, run, "--epochs", "3", "--resume", "auto", *extra),
+                   check=False, env={**os.environ, **env} if env else None)
+    assert_one_line_error(resume("--lr", "0.01", "--seed", "2"), "--resume auto:",
+                          "--lr 0.005 (now 0.01)", "--seed 0 (now 2)", "another --out")
+    assert_one_line_error(resume("--batch-size", "4"), "--batch-size 8 (now 4)")
+    assert_one_line_error(resume(data=shards_raw), f"--data {shards_raw}: other data")
+    assert_one_line_error(resume(env={"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}),
+                          "--batch-size 8: the global batch does not divide by the 3 processes",
+                          "keep 8 (a run that continues keeps its batch) on 1, 2, 4, 8 processes")
+    assert contents(run) == before
+    config = run / "config.json"
+    config.write_text('{"loader": {"data": ')  # cut short
+    assert_one_line_error(resume(), f"{config}: damaged", "--resume")
+    config.unlink()
+    config.mkdir()  # unreadable whoever runs the test, root included
+    assert_one_line_error(resume(), f"{config}: cannot read the run configuration (EISDIR")
+    config.rmdir()
+    assert contents(run) == {k: v for k, v in before.items() if k.name != "config.json"}
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,21 +21,10 @@ import torch
 from PIL import Image
 
 from conftest import (COMPILE_CHECK, ROOT, SMALL_CROP, SMALL_SIZE, TWO, assert_compiled_like_eager,
-                      cli, launch, overwrite_image, records, run_group, shared, train_args,
-                      weights)
+                      cli, free_port, launch, overwrite_image, records, run_group, shared,
+                      train_args, weights)
 
 pytestmark = pytest.mark.slow  # the full tier: torchrun, prepare runs, damaged copies
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, shards_small):
-    """Two ranks, two epochs, every rank's delivered indices recorded."""
-    def build(base):
-        proc = launch(TWO, train_args(shards_small, base / "run", "--epochs", "2", "--keep", "2"),
-                      env={"HARNESS_RECORD": str(base / "record")})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    base = shared(tmp_path_factory, "ddp_run", build)
-    return base / "run", base / "record"
 
 
 def test_torchrun_two_processes_gloo(ddp_run):
@@ -56,22 +46,31 @@ def test_torchrun_two_processes_gloo(ddp_run):
             assert batches == [order[s * 8 + r * 4:s * 8 + (r + 1) * 4] for s in range(2)]
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, shards_small, ddp_run, rank):
+@pytest.mark.parametrize("rank, sig", [(0, signal.SIGTERM), (1, signal.SIGUSR1)])
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, shards_small, ddp_run, rank,
+                                                           sig):
+    """SIGTERM (torchrun's, a scheduler's) or SIGUSR1 (Slurm's warning, --signal=USR1@120) to
+    one rank: every rank stops after the same step, with a checkpoint. The SIGUSR1 case runs
+    the command a requeued Slurm job runs (--resume auto) twice, as is: the second launch
+    continues and ends with the weights of the uninterrupted run."""
     run = tmp_path / "run"
+    args = train_args(shards_small, run, "--epochs", "2", "--keep", "2",
+                      *(["--resume", "auto"] if sig == signal.SIGUSR1 else []))
     t0 = time.monotonic()
-    # Only `rank` gets SIGTERM, after its step 1 of epoch 1; the others must stop there too.
-    proc = launch(TWO, train_args(shards_small, run, "--epochs", "2", "--keep", "2"),
-                  env={"HARNESS_FAULT": "sigterm@1", "HARNESS_FAULT_RANK": str(rank),
-                       "HARNESS_SYNC_DEBUG": "1"},  # and no host read outside log points
+    # Only `rank` gets the signal, after its step 1 of epoch 1; the others must stop there too.
+    proc = launch(TWO, args, env={"HARNESS_FAULT": f"{sig.name.lower()}@1",
+                                  "HARNESS_FAULT_RANK": str(rank),
+                                  "HARNESS_SYNC_DEBUG": "1"},  # and no host read outside log points
                   timeout=120)
-    assert proc.returncode != 0 and time.monotonic() - t0 < 90, proc.stderr[-3000:]
+    # SIGUSR1's stop exits 0: torchrun ends as asked, instead of restarting the workers
+    assert (proc.returncode == 0) == (sig == signal.SIGUSR1), proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 90
     state = torch.load(run / "checkpoints/interrupt.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 1, 1)
-    assert "signal 15: saved interrupt.pt at epoch 1, batch 1" in (run / "train.log").read_text()
-    if rank == 1:  # resumed, it ends with the weights of the uninterrupted run
-        proc = launch(TWO, train_args(shards_small, run, "--epochs", "2", "--keep", "2",
-                                      "--resume"), env={"HARNESS_SYNC_DEBUG": "1"})
+    assert (f"signal {int(sig)}: saved interrupt.pt at epoch 1, batch 1"
+            in (run / "train.log").read_text())
+    if sig == signal.SIGUSR1:  # the same command again: it continues, to the very same weights
+        proc = launch(TWO, args, env={"HARNESS_SYNC_DEBUG": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         a, b = weights(run / "checkpoints/epoch-0002.pt"), weights(ddp_run[0] / "checkpoints/epoch-0002.pt")
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -99,17 +98,11 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_stays(tmp_path, shar
     assert state["epoch"] == 1 and not list((run / "checkpoints").glob("*.tmp-*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_nodes(args_of, logs: Path | None = None, timeout: float = 240) -> list:
     """torchrun on two "nodes" over loopback, one process each, node N running the harness with
     args_of(N) (its own --data: a node-local copy). logs: each worker's output in
     logs/node-N/.../stderr.log, apart from its torchrun agent's."""
-    port = _free_port()
+    port = free_port()
     with ThreadPoolExecutor(2) as pool:  # each node's torchrun in a process group of its own
         nodes = [pool.submit(launch, ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
                                       str(node), "--master_addr", "127.0.0.1", "--master_port",
