@@ -226,7 +226,7 @@ def test_gpu_report_lists_what_a_time_limit_cut_and_measures_it_later(tmp_path):
             "peer_ours_256", "model_synthetic_128", "train_real_128", "peer_ours_128",
             "model_graphed_128", "model_graphed"]
     everything = gpu_report.plan()
-    assert everything[:len(owed)] == owed and len(everything) == len(set(everything)) == 25
+    assert everything[:len(owed)] == owed and len(everything) == len(set(everything)) == 26
     cost = gpu_report.COST  # 25 + 50 + 5 + 12 = 92 s for the first four
     assert gpu_report.reach(owed, 92) == (owed[:4], owed[4:])
     assert gpu_report.reach(owed, 91.9) == (owed[:3], owed[3:])
@@ -291,7 +291,7 @@ def test_gpu_check_rehearsal_cuts_the_table_in_order_and_leaves_nothing_running(
                      env=env, timeout=280)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "plan: 25 figures" in out and "expected to reach" in out
+    assert "plan: 26 figures" in out and "expected to reach" in out
     report = json.loads((work / "report.json").read_text())
     todo = gpu_report.plan()
     measured = [f for f in todo if f in report]

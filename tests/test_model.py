@@ -377,3 +377,16 @@ def test_step_profile_on_a_gpu_counts_each_kernel_once_and_adds_up_to_the_step()
                  "fc": 0.15, "optimizer": 0.05, "cast_pad": 0.0, "other": 0.005,
                  "gpu_idle": 0.925}  # busy: 1,150 us in 2 steps = 0.575 ms a step
     assert sum(r[k] for k in ps.CATEGORIES) + r["gpu_idle"] == pytest.approx(r["step_ms"])
+
+
+@pytest.mark.slow
+def test_the_save_benchmark_writes_the_whole_state_beside_the_steps(tmp_path):
+    """tools/bench_save.py times what train --save-every costs: its file holds the paper
+    model's 60,965,224 parameters at 1,000 classes and their momentum, float32 (2 x 4 bytes
+    each: 487.7 MB, written out here from the README's count, plus the pickle's few KB), and at
+    least one step ran while it was written."""
+    r = tool("bench_save").save_cost("cpu", classes=1000, crop=224, batch=2, steps=1,
+                                     out=tmp_path)
+    assert r["file_mb"] == pytest.approx(2 * 4 * 60_965_224 / 1e6, abs=0.1), r  # not half
+    assert r["steps_while_writing"] >= 1 and r["copy_ms"] > 0 and r["write_s"] > 0
+    assert not list(tmp_path.iterdir())  # its folder removed, nothing left half-written

@@ -72,6 +72,7 @@ COST = {
     "model_graphed_128": 45,    # a compile and the graphs' capture
     "model_graphed": 45,
     # then the rest
+    "save_step": 10,            # train --save-every: the state's copy off the GPU, the write
     "model_torch_lrn": 6,
     "loader_raw": 10,
     "train_real_raw": 22,
@@ -125,7 +126,8 @@ ROWS = ("dev_shm_free_mib", "model_synthetic", "synthetic_step_ms", "model_compi
             "train_ours_over_dali")),
         "model_synthetic_128", "train_real_128", "real_128_over_synthetic", "gpu_wait_128",
         "gpu_step_ms_128", "projected_90_epochs_h_128", "model_graphed_128",
-        "graphed_128_over_eager", "model_graphed", "graphed_over_eager", "model_torch_lrn",
+        "graphed_128_over_eager", "model_graphed", "graphed_over_eager", "save_step",
+        "save_write_s", "save_writing_over_alone", "model_torch_lrn",
         "eager_over_torch_lrn", "loader_raw", "train_real_raw", "real_raw_over_synthetic",
         "gpu_wait_raw", "gpu_step_ms_raw",
         *(f"{k}_{b}" for b in (64, 32) for k in ("peer_ours", "peer_dali", "ours_over_dali")),
@@ -476,6 +478,14 @@ def report(a, todo: list[str], data: Data) -> int:
         data.ready()
         return reader_rate(a.work / "jpeg", n, a.batch_size, a.seconds, None, crop=a.crop)
 
+    def save_step():  # what train --save-every costs a step of the paper model at 1,000
+        # classes: the state's copy to the host (ms, the step waits for it); the write beside
+        # the steps (s) and their time meanwhile over their time alone
+        from tools.bench_save import save_cost
+        s = save_cost(a.device, classes=1000, crop=a.crop, batch=a.batch_size, steps=8)
+        r.update(save_write_s=s["write_s"], save_writing_over_alone=s["writing_over_alone"])
+        return s["copy_ms"]
+
     figures = {
         "model_synthetic": lambda: step(a.batch_size),
         "model_compiled": lambda: step(a.batch_size, "default"),
@@ -488,6 +498,7 @@ def report(a, todo: list[str], data: Data) -> int:
         "peer_ours_128": lambda: peers(128),
         "model_graphed_128": lambda: step(half, "reduce-overhead"),
         "model_graphed": lambda: step(a.batch_size, "reduce-overhead"),
+        "save_step": save_step,
         "model_torch_lrn": lambda: step(a.batch_size, model=torch_lrn_model()),
         "loader_raw": lambda: loader_rate("raw"),
         "train_real_raw": lambda: train_rate(a, r, data, "raw", "_raw"),
