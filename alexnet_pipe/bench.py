@@ -20,7 +20,7 @@ from alexnet_base.config import ENCODINGS, BenchConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, distributed
 from alexnet_pipe.normalize import Normalization
-from alexnet_pipe.prepared import Prepared, open_prepared
+from alexnet_pipe.prepared import Shards, open_shards
 from alexnet_pipe.reader import ShardReader
 from alexnet_pipe.runtime import Runtime, train_step
 from preprocessing import resize
@@ -57,14 +57,14 @@ def bench_loader(config: BenchConfig) -> dict:
     config.validate()
     cfg = config.loader
     runtime = Runtime.for_device(distributed.device(cfg.device), channels_last=cfg.channels_last)
-    data = open_prepared(cfg.data, ("train",), verify=cfg.verify)
+    data = open_shards(cfg.data, ("train",), verify=cfg.verify)
     info, norm = data.split("train"), data.normalization(cfg.augment)
     sync = _cuda_sync if runtime.gpu else (lambda: None)
     # the baseline first, while this process has no reader threads or pipelines of ours: its
     # DataLoader may fork (a fork during a read is held off by reading.FORK_GATE as well)
     baseline = baseline_rate(config, data, norm) if config.baseline else None
     rates = []
-    loader = data.loader(cfg, "train", device=runtime.device, epochs=STREAM)  # across epochs,
+    loader = data.loader("train", cfg, device=runtime.device, epochs=STREAM)  # across epochs,
     # as a long run reads
     it = endless(loader)
     for _ in range(config.repeats):
@@ -156,7 +156,7 @@ def _exit_as_forked(_worker: int) -> None:
     atexit.register(os._exit, 0)
 
 
-def baseline_rate(config: BenchConfig, data: Prepared, norm: Normalization) -> float:
+def baseline_rate(config: BenchConfig, data: Shards, norm: Normalization) -> float:
     import torch
     cfg, aug = config.loader, config.loader.augment
     dataset = _TorchDataset(ShardReader(data.split("train")), aug, cfg.seed, data.lighting(aug),

@@ -15,9 +15,9 @@ def evaluate(model, loader, *, runtime: Runtime, ten_crop: bool = False) -> dict
     model.eval()
     device = runtime.device
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1, top-5, loss
-    for images, labels, valid, _ in loader:
-        images, labels = runtime.batch(images, labels)
-        valid = valid.to(device, non_blocking=True)
+    for batch in loader:
+        images, labels = runtime.batch(batch.images, batch.labels)
+        valid = batch.valid.to(device, non_blocking=True)
         with runtime.autocast():
             if ten_crop:  # (B, 10, C, H, W): the paper averages the ten softmax outputs
                 b = images.shape[0]

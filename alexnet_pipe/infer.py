@@ -13,7 +13,7 @@ from alexnet_base.config import AugmentConfig, EvalConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
-from alexnet_pipe.prepared import open_prepared
+from alexnet_pipe.prepared import open_shards
 from alexnet_pipe.runtime import Runtime
 from preprocessing import resize
 
@@ -26,7 +26,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     model = runtime.place(model)
     if config.compile:
         model = torch.compile(model, dynamic=False)
-    data = open_prepared(config.loader.data, ("val",), verify=config.loader.verify)
+    data = open_shards(config.loader.data, ("val",), verify=config.loader.verify)
     info = data.split("val")
     if info.num_classes != card.num_classes:
         raise UserError(f"{config.checkpoint}: a checkpoint for {card.num_classes} classes; "
@@ -34,7 +34,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     if info.size != card.size:
         raise UserError(f"{config.checkpoint}: trained on {card.size} px shards; "
                         f"{config.loader.data} holds {info.size} px")
-    loader = data.loader(replace(config.loader, augment=AugmentConfig(crop=card.crop)), "val",
+    loader = data.loader("val", replace(config.loader, augment=AugmentConfig(crop=card.crop)),
                          norm=card.norm, ten_crop=config.ten_crop, device=runtime.device)
     return evaluate(model, loader, runtime=runtime, ten_crop=config.ten_crop)
 

@@ -147,8 +147,10 @@ class Workers(NamedTuple):
     readers: int
 
 
-class Batch(NamedTuple):
-    """One batch as torch tensors, all on the pipeline's device.
+@dataclass(frozen=True)
+class Batch:
+    """One batch as torch tensors, all on the pipeline's device. It unpacks as (images,
+    labels), what a model trains on: `for images, labels in loader`.
 
     images: (B, 3, H, W) or (B, 10, 3, H, W), in the loader's dtype;
     labels: (B,) int64; valid: (B,) bool (False only for val padding);
@@ -158,6 +160,9 @@ class Batch(NamedTuple):
     labels: object
     valid: object
     index: object
+
+    def __iter__(self):
+        return iter((self.images, self.labels))
 
 
 class Loader:
@@ -192,11 +197,18 @@ class Loader:
             except Exception as e:  # noqa: BLE001 - DALI's, whichever class: see _explain
                 raise self._explain(e, 0) from None
         self._ended = False  # the stream's end was taken from DALI: reset before reading on
+        self._done = 0       # batches handed out of the current epoch
         self._ready = []     # (images, meta) of the current DALI iteration's batches to come
         self._trim = HeapTrim()
 
     def __len__(self) -> int:
         return self.plan.num_batches() - self.plan.skipped(self.epoch)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch) of the next batch: a loader made with start_epoch, start_batch at
+        this position goes on from it with the very batches and draws this one would give."""
+        return self.epoch, self.plan.skipped(self.epoch) + self._done
 
     def __iter__(self):
         import torch
@@ -212,7 +224,7 @@ class Loader:
                 if not self._ready:
                     self._ready = self._split(self._next()[0], cast)
                 images, meta = self._ready.pop(0)
-                done += 1
+                done = self._done = done + 1
                 yield Batch(images, meta[:, META.label], meta[:, META.valid].bool(),
                             meta[:, META.index])
             if self._ready:
@@ -226,7 +238,7 @@ class Loader:
         except Exception as e:  # noqa: BLE001 - DALI's errors name no file (a RuntimeError, or
             # an Exception carrying a reader process's traceback): find the image that failed
             raise self._explain(e, done) from None
-        self.epoch += 1
+        self.epoch, self._done = self.epoch + 1, 0
         self._trim.epoch_done(done)
 
     def _split(self, outputs: dict, cast) -> list:
@@ -282,7 +294,7 @@ def make_loader(config: LoaderConfig, split: SplitInfo, *, norm: Normalization, 
                 start_batch: int = 0, epochs: int = 1, ten_crop: bool = False,
                 placement: Placement | None = None, shm_reserved: int = 0) -> Loader:
     """A train (random crop, flip, lighting) or val (centre crop or ten crops) loader over
-    `split` (a SplitInfo: prepared.Prepared opens them) delivering to `device` (a torch.device).
+    `split` (a SplitInfo: prepared.Shards opens them) delivering to `device` (a torch.device).
 
     norm: the normalisation (the run's, or a checkpoint's); lighting: the PCA lighting basis
     (augment.lighting_basis; None: none). ranks: a distributed.DistEnv, this process's place

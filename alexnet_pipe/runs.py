@@ -255,7 +255,7 @@ def finish(setup: Setup, progress: Progress, model, per_rank, result: dict,
         raise UserError("the ranks' weights differ after training: a DDP fault; do not use this run")
     if setup.config.ten_crop:
         # the ten-crop readers' shared memory comes on top of the train and val readers'
-        ten = setup.data.loader(per_rank, "val", ranks=parallel.env, ten_crop=True,
+        ten = setup.data.loader("val", per_rank, ranks=parallel.env, ten_crop=True,
                                 device=parallel.device, norm=setup.card.norm,
                                 shm_reserved=shm_reserved)
         tc = evaluate_run(setup, model, ten, ten_crop=True)

@@ -34,7 +34,7 @@ from alexnet_pipe import __version__, checkpoint, distributed, optim, runs
 from alexnet_pipe.checkpoint import Progress
 from alexnet_pipe.meters import Interval, Log, StepTimer, StopRequest, progress_bar
 from alexnet_pipe.parallel import Parallel
-from alexnet_pipe.prepared import Prepared, open_prepared
+from alexnet_pipe.prepared import Shards, open_shards
 from alexnet_pipe.plan import batches_per_epoch
 from alexnet_pipe.runtime import Runtime, train_step
 
@@ -46,7 +46,7 @@ class Setup(NamedTuple):
     config: TrainConfig
     parallel: Parallel           # the mode, this process's place among the ranks, its device
     runtime: Runtime             # how the model runs: autocast, memory layout, cuDNN
-    data: Prepared               # the prepared folder, opened and checked once
+    data: Shards               # the prepared folder, opened and checked once
     model: torch.nn.Module       # the unwrapped network (model_without_ddp): checkpointed
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -66,7 +66,7 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     resume_from = runs.resume_point(config)
     distributed.init(env, device, config.dist_timeout)
     # each node checks its own copy, its ranks sharing the hashing; every rank stops together
-    data = open_prepared(config.loader.data, ("train", "val"), verify=config.loader.verify,
+    data = open_shards(config.loader.data, ("train", "val"), verify=config.loader.verify,
                          share=(env.local_rank, env.local_world),
                          gather=distributed.gather_objects)
     aug, train = config.loader.augment, data.split("train")
@@ -132,7 +132,7 @@ def train_one_epoch(model, optimizer, loader, progress: Progress, config: TrainC
             return EpochResult(stopped=0, images=done, seconds=time.perf_counter() - t_epoch)
         t0 = time.perf_counter()
         try:
-            images, labels, _, _ = next(it)
+            images, labels = next(it)
         except StopIteration:
             break
         wait += time.perf_counter() - t0
@@ -224,11 +224,11 @@ def _loaders(setup: Setup, progress: Progress):
     cfg, env, data = setup.config, setup.parallel.env, setup.data
     per_rank = runs.per_rank_loader(cfg, env.world)
     common = dict(ranks=env, device=setup.parallel.device, norm=setup.card.norm)
-    train = data.loader(per_rank, "train", start_epoch=progress.epoch,
+    train = data.loader("train", per_rank, start_epoch=progress.epoch,
                         start_batch=progress.batch,
                         epochs=_stream_epochs(setup, progress, per_rank.batch_size), **common)
     # the val readers' shared memory comes on top of the train readers' (neither has run yet)
-    return per_rank, train, data.loader(per_rank, "val", shm_reserved=train.shm, **common)
+    return per_rank, train, data.loader("val", per_rank, shm_reserved=train.shm, **common)
 
 
 def _stream_epochs(setup: Setup, progress: Progress, batch: int) -> int:

@@ -40,11 +40,11 @@ def preview_grid(config, out: Path) -> Path:
     """PNG: each original shard image of a train batch (config.batch_size of them) beside its
     augmented crop, the normalisation undone."""
     from alexnet_pipe import distributed
-    from alexnet_pipe.prepared import open_prepared
+    from alexnet_pipe.prepared import open_shards
     n = config.batch_size
-    data = open_prepared(config.data, ("train",), verify=config.verify)
+    data = open_shards(config.data, ("train",), verify=config.verify)
     norm = data.normalization(config.augment)
-    loader = data.loader(config, "train", device=distributed.device(config.device))
+    loader = data.loader("train", config, device=distributed.device(config.device))
     images = next(iter(loader)).images
     plan, reader = loader.plan, loader.source.reader
     idx, _ = plan.batch_indices(0, 0)

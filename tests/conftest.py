@@ -130,14 +130,14 @@ COMPILE_CHECK = ["--epochs", "2", "--max-steps", "3", "--dropout", "0", "--lr", 
 def folder_loader(config, name: str = "train", *, rank: int = 0, world: int = 1,
                   local_world: int = 1, device=None, **kw):
     """pipeline.make_loader over split `name` of config.data, opened as the commands open it
-    (prepared.open_prepared, without the integrity check: the fixtures are fresh), as rank
+    (prepared.open_shards, without the integrity check: the fixtures are fresh), as rank
     `rank` of `world` (`local_world` of them on this machine), delivering to `device`
     (default: --device)."""
     from alexnet_pipe import distributed
-    from alexnet_pipe.prepared import open_prepared
-    data = open_prepared(config.data, tuple(dict.fromkeys(("train", name))), verify=False)
+    from alexnet_pipe.prepared import open_shards
+    data = open_shards(config.data, tuple(dict.fromkeys(("train", name))), verify=False)
     device = device or distributed.device(config.device)
-    return data.loader(config, name, device=device,
+    return data.loader(name, config, device=device,
                        ranks=distributed.DistEnv(rank=rank, world=world,
                                                  local_world=local_world), **kw)
 

@@ -17,7 +17,7 @@ import torch
 from alexnet_base.config import BenchConfig, LoaderConfig, PrepareConfig
 from alexnet_pipe import bench, pipeline, reading
 from alexnet_pipe.normalize import Normalization
-from alexnet_pipe.prepared import open_prepared
+from alexnet_pipe.prepared import open_shards
 from alexnet_pipe.source import BatchSource
 from conftest import ROOT, folder_loader, run_group, source_of, tool, train_args
 from preprocessing import shards
@@ -165,7 +165,7 @@ def test_prepare_and_the_reader_benchmark_spawn_once_cuda_is_up(monkeypatch, tmp
     assert resources.start_method() == "spawn"
     assert reader_rate(shards_jpeg, 1, 8, 0.2, None) > 0  # fork: DALI's RuntimeError
     cfg = LoaderConfig(data=shards_jpeg, batch_size=8, device="cpu", threads=1, readers=1)
-    data = open_prepared(shards_jpeg, ("train",), verify=False)
+    data = open_shards(shards_jpeg, ("train",), verify=False)
     assert bench.baseline_rate(BenchConfig(loader=cfg, batches=2, repeats=1, warmup=1), data,
                                data.normalization(cfg.augment)) > 0
     prepare_run(PrepareConfig(imagenet_root=sample_tree, out=tmp_path, workers=2,
@@ -382,7 +382,7 @@ def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
     loader = cpu_loader(source, cfg)
     shard_paths = {str(p) for p in info.files}
 
-    def open_shards():
+    def open_shard_files():
         fds = []
         for fd in os.listdir("/proc/self/fd"):
             try:
@@ -393,7 +393,7 @@ def test_reader_threads_share_one_open_file_budget(tmp_path, sample_tree):
     most, seen = 0, set()
     for _ in range(2):
         for batch in loader:
-            most = max(most, open_shards())
+            most = max(most, open_shard_files())
             seen.update(batch.index.tolist())
     starts = np.cumsum(info.counts)
     read = {int(np.searchsorted(starts, i, side="right")) for i in seen}

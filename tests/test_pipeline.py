@@ -16,7 +16,7 @@ from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import reading
 from alexnet_pipe.pipeline import Placement
-from conftest import cli, folder_loader, source_of, tool
+from conftest import ROOT, cli, folder_loader, source_of, tool
 from preprocessing import resize
 from preprocessing.shards import load_split
 
@@ -29,8 +29,8 @@ def config(data, **aug) -> LoaderConfig:
 
 
 def first_batch(loader):
-    for images, labels, valid, _ in loader:
-        return images.numpy().astype(np.float64), labels.numpy(), valid.numpy()
+    for b in loader:
+        return b.images.numpy().astype(np.float64), b.labels.numpy(), b.valid.numpy()
 
 
 def shard_images(data, split="train"):
@@ -484,8 +484,69 @@ def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_ra
         data = shards_raw if encoding == "raw" else shards_jpeg
         cfg = replace(config(data, crop=112), batch_size=batch, dali_batches=k)
         loader = folder_loader(cfg, name=split, epochs=2, start_batch=3 if split == "train" else 0)
-        return [[t.clone() for t in b] for _ in range(2) for b in loader]
+        return [[t.clone() for t in (b.images, b.labels, b.valid, b.index)]
+                for _ in range(2) for b in loader]
     one, grouped = batches(1), batches(group)
     assert len(one) == len(grouped) == (3 + 6 if split == "train" else 3 + 3)
     for a, b in zip(one, grouped):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def readme_snippet(heading: str) -> str:
+    """The first ```python block after README's `heading`: what a user copies."""
+    text = (ROOT / "README.md").read_text()
+    part = text[text.index(heading):]
+    start = part.index("```python\n") + len("```python\n")
+    return part[start:part.index("```", start)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_the_readmes_own_model_snippet_runs_as_written(tmp_path, shards_jpeg):
+    """README, "Your own model": the snippet, as the README has it, run where `make demo` left
+    its shards (demo/shards: here the JPEG fixture, 48 train images, batches of 16): two epochs
+    of 3 steps, a finite loss, and the position after each epoch the start of the next."""
+    import subprocess
+    import sys
+    code = readme_snippet("## Your own model")
+    assert len(code.strip().splitlines()) <= 15
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "shards").symlink_to(shards_jpeg)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(", next ")[1] for line in lines] == ["(1, 0)", "(2, 0)"], lines
+    assert all(np.isfinite(float(line.split("loss ")[1].split(",")[0])) for line in lines)
+
+
+def test_the_library_loader_takes_its_place_from_torchrun_and_goes_on_from_a_position(
+        monkeypatch, shards_raw):
+    """open_shards + Shards.loader as a user calls them: under torchrun's RANK=1 of
+    WORLD_SIZE=2 with batch_size=4, step s gives the second 4 of the s-th 8 of the epoch's
+    permutation seeded by (seed, epoch) (README); a loader started at another's `position`
+    (epoch 0, batch 2) gives the batches it would have given next, pixel for pixel."""
+    from alexnet_pipe import open_shards
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shards = open_shards(shards_raw, verify=False)
+    assert set(shards.splits) == {"train", "val"} and shards.num_classes == 4
+    total = shards.split("train").total
+    order = np.random.default_rng([0, 0]).permutation(total)
+    first = shards.loader("train", batch_size=4, device="cpu", threads=1, readers=0)
+    got = []
+    for images, labels in first:
+        got.append(images.clone())
+        if len(got) == 3:
+            break
+    assert first.position == (0, 3)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # and not from the environment: given
+    from alexnet_pipe.distributed import DistEnv
+    again = shards.loader("train", batch_size=4, device="cpu", threads=1, readers=0,
+                          start_batch=2, ranks=DistEnv(rank=1, world=2))
+    batch = next(iter(again))
+    assert torch.equal(batch.images, got[2])
+    assert batch.index.tolist() == order[2 * 8 + 4:3 * 8].tolist()
+    with pytest.raises(TypeError, match="beside a config"):
+        shards.loader("train", LoaderConfig(data=shards_raw), batch_size=4)

@@ -48,7 +48,7 @@ from alexnet_base.config import AugmentConfig, BenchConfig, LoaderConfig, Prepar
 from alexnet_pipe.bench import (STREAM, baseline_rate, endless, model_step_rate,  # noqa: E402
                                 timed_rate)
 from alexnet_pipe.normalize import Normalization  # noqa: E402
-from alexnet_pipe.prepared import open_prepared  # noqa: E402
+from alexnet_pipe.prepared import open_shards  # noqa: E402
 from alexnet_pipe.runtime import Runtime, train_step  # noqa: E402
 from alexnet_pipe.reading import ShardFiles  # noqa: E402
 from preprocessing import shards  # noqa: E402
@@ -199,8 +199,8 @@ def _rate_and_cpu(kind: str, spec: dict, seconds: float) -> list[tuple[float, di
                   b[0]["labels"].reshape(-1)) for b in it)
     else:
         cfg = spec["config"]
-        data = open_prepared(cfg.data, ("train",), verify=False)
-        it = endless(data.loader(cfg, "train", device=device, epochs=STREAM))
+        data = open_shards(cfg.data, ("train",), verify=False)
+        it = endless(data.loader("train", cfg, device=device, epochs=STREAM))
         pairs = ((b.images, b.labels) for b in it)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     out = []

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from alexnet_base.config import LoaderConfig, PrepareConfig  # noqa: E402
-from alexnet_pipe.prepared import open_prepared  # noqa: E402
+from alexnet_pipe.prepared import open_shards  # noqa: E402
 from alexnet_pipe.reading import HeapTrim  # noqa: E402
 from preprocessing.sample import make_sample  # noqa: E402
 from preprocessing.prepare import run as prepare_run  # noqa: E402
@@ -79,8 +79,8 @@ def main() -> int:
                                       progress=False, splits=("train",)))
         config = LoaderConfig(data=data, batch_size=a.batch_size, device="cpu",
                               readers=a.readers)
-        loader = open_prepared(data, ("train",), verify=False).loader(
-            config, "train", device=torch.device("cpu"), epochs=a.epochs)
+        loader = open_shards(data, ("train",), verify=False).loader(
+            "train", config, device=torch.device("cpu"), epochs=a.epochs)
         mb, peak = [], []  # after each epoch; the highest within each epoch (every batch)
         for epoch in range(a.epochs):
             inside = 0.0

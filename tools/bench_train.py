@@ -19,7 +19,7 @@ from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_pipe import optim
 from alexnet_pipe.bench import STREAM
 from alexnet_pipe.model import build_model
-from alexnet_pipe.prepared import open_prepared
+from alexnet_pipe.prepared import open_shards
 from alexnet_pipe.runtime import Runtime, train_step
 
 
@@ -60,9 +60,9 @@ def main() -> int:
     cfg = LoaderConfig(data=a.data, batch_size=a.batch_size, device=a.device, threads=a.threads,
                        readers=a.readers, augment=AugmentConfig(),
                        channels_last=runtime.channels_last)
-    data = open_prepared(a.data, ("train",), verify=False)
+    data = open_shards(a.data, ("train",), verify=False)
     classes = data.split("train").num_classes
-    loader = data.loader(cfg, "train", device=runtime.device, epochs=STREAM)  # before CUDA work
+    loader = data.loader("train", cfg, device=runtime.device, epochs=STREAM)  # before CUDA work
     model = runtime.place(build_model(num_classes=classes).to(runtime.device))
     opt = optim.sgd(model)
     fwd = torch.compile(model) if a.compile else model
@@ -75,8 +75,7 @@ def main() -> int:
 
     def real():
         while True:
-            for images, labels, _, _ in loader:
-                yield images, labels
+            yield from loader
     syn = step_rate(fwd, opt, synthetic(), a.steps, a.warmup, runtime)
     rl = step_rate(fwd, opt, real(), a.steps, a.warmup, runtime)
     r = {"device": a.device, "batch_size": a.batch_size, "compile": a.compile,
