@@ -34,8 +34,8 @@ RESUME = ("no", "yes", "auto")
 # run, which --resume auto refuses. The data is compared by its manifest, not its path (each
 # node may read a copy of its own).
 RELAUNCH_MAY_CHANGE = frozenset({
-    "out", "epochs", "save_every", "keep", "log_every", "max_steps", "ten_crop", "resume",
-    "flat_check_steps", "dist_timeout", "progress", "parallel", "tower_devices", "amp",
+    "out", "epochs", "save_every", "keep", "log_every", "tensorboard", "max_steps", "ten_crop",
+    "resume", "flat_check_steps", "dist_timeout", "progress", "parallel", "tower_devices", "amp",
     "compile", "compile_mode", "deterministic", "loader.data", "loader.device",
     "loader.threads", "loader.readers", "loader.prefetch", "loader.dali_batches",
     "loader.hw_decoder_load", "loader.verify", "loader.channels_last", "loader.dtype"})
@@ -259,6 +259,10 @@ class TrainConfig:
                                  "written in the background.")
     keep: int = opt(3, "Epoch checkpoints kept (best.pt is kept besides).")
     log_every: int = opt(10, "Steps between log records (each is a CPU-GPU sync point).")
+    tensorboard: bool = opt(True, "TensorBoard's event files in --out (tensorboard --logdir "
+                            "OUT/..): the log's numbers at its records, the first train batch "
+                            "as the model sees it, conv1's filters at each epoch's end, the "
+                            "options.")
     flat_check_steps: int = opt(300, "Warn if the loss is still ln(classes) after this many steps.")
     ten_crop: bool = opt(False, "A ten-crop evaluation after the last epoch.")
     max_steps: int | None = opt(None, "Stop after this many steps in all (smoke runs): evaluate, "

@@ -16,12 +16,30 @@ from alexnet_base.files import atomic_path
 
 
 class Log:
-    """Human lines to stdout and train.log, JSON lines to metrics.jsonl (rank 0 only)."""
+    """Human lines to stdout and train.log, JSON lines to metrics.jsonl and, once opened, their
+    numbers to TensorBoard (board.py), rank 0 only."""
 
     def __init__(self, run_dir: Path, main: bool):
-        self.main = main
+        self.main, self.run_dir = main, run_dir
         self.text = self._open(run_dir / "train.log") if main else None
         self.jsonl = self._open(run_dir / "metrics.jsonl") if main else None
+        self.board = None
+
+    def open_board(self, first_step: int) -> None:
+        """TensorBoard's event files in the run folder, its steps from `first_step` on."""
+        if self.main:
+            from alexnet_pipe.board import Board
+            try:
+                self.board = Board(self.run_dir, first_step)
+            except OSError as e:
+                raise os_error(e.filename or self.run_dir, e, "write TensorBoard's events") \
+                    from None
+
+    def close(self) -> None:
+        """The board's last events written (the text logs are flushed at every write)."""
+        if self.board is not None:
+            board, self.board = self.board, None
+            board.close()
 
     @staticmethod
     def _open(path: Path):
@@ -48,6 +66,8 @@ class Log:
     def record(self, **rec) -> None:
         if self.main:
             self._append(self.jsonl, json.dumps(rec) + "\n")
+            if self.board is not None:
+                self.board.record(rec)
 
     def replay_from(self, step: int) -> list[dict]:
         """metrics.jsonl without the records of steps after `step` (a relaunch trains them
@@ -193,6 +213,7 @@ class Interval:
         self.first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss
         self.loss = torch.zeros((), device=device)        # loss sum since the last log record
         self.steps, self.t0 = 0, time.perf_counter()
+        self.wait = 0.0  # seconds the host was blocked in the loader since the last record
 
     def add(self, loss) -> None:
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step,
@@ -203,7 +224,7 @@ class Interval:
 
     def restart(self, t0: float) -> None:
         self.loss.zero_()
-        self.steps, self.t0 = 0, t0
+        self.steps, self.t0, self.wait = 0, t0, 0.0
 
 
 

@@ -23,7 +23,7 @@ from alexnet_base.config import TrainConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import checkpoint, distributed
 from alexnet_pipe.hybrid import HybridAlexNet
-from alexnet_pipe.model import GlobalDropout, TowerAlexNet, build_model
+from alexnet_pipe.model import GlobalDropout, TowerAlexNet, build_model, layer, param_name
 from alexnet_pipe.runtime import Runtime
 
 MODES = ("none", "ddp", "towers", "hybrid")
@@ -144,6 +144,15 @@ class Parallel:
         if self.mode == "hybrid":
             return model.replicated_parameters()
         return list(model.parameters())
+
+    def conv1_weight(self, model: torch.nn.Module) -> torch.Tensor:
+        """conv1's kernels, whole (the towers: both halves joined on the host); no collective
+        (the hybrid holds conv1 whole on every rank)."""
+        if not self.split:
+            return layer(model, "conv1").weight
+        key = param_name("conv1")
+        halves = [p for p, name in model.grouped_layout().items() if name == key]
+        return model.gather_grouped({p: p for p in halves})[key]
 
     # --- the collectives a split model needs, where every rank reaches them -----------------------
 

@@ -118,13 +118,19 @@ def start_run_dir(run_dir: Path, resolved: dict) -> None:
 
 
 def begin(setup: Setup, progress: Progress, resumed: bool) -> None:
-    """The run's records from where it stands: metrics.jsonl keeps each step's record once
-    (records of steps a relaunch trains again are dropped: it writes them anew), and a
+    """The run's records from where it stands: metrics.jsonl and TensorBoard's curves keep each
+    step's record once (records of steps a relaunch trains again are dropped: it writes them
+    anew), and a
     relaunch records which one it is in the run (1, 2, ...; torchrun's own count besides,
     which a change of membership does not advance), the step it continues from and its
     number of ranks."""
     log, env = setup.log, setup.parallel.env
     kept = log.replay_from(progress.step)
+    if setup.config.tensorboard:  # its curves, like metrics.jsonl, from the step after this one
+        log.open_board(progress.step + 1)
+        if log.board is not None:
+            log.board.text("config", {**plain(setup.config), "parallel": setup.parallel.mode,
+                                      "world_size": env.world}, progress.step + 1)
     if resumed:
         restart = 1 + sum(rec.get("kind") == "restart" for rec in kept)
         torchrun = os.environ.get("TORCHELASTIC_RESTART_COUNT")

@@ -14,6 +14,7 @@ describes itself:
     RUN/config.json        the resolved options and the version
     RUN/metrics.jsonl      one JSON line every --log-every steps ("step") and per epoch ("epoch")
     RUN/train.log          the same, for people
+    RUN/events.out.tfevents.*  the same numbers and the run's pictures for TensorBoard (board.py)
     RUN/checkpoints/       see checkpoint.py
 """
 from __future__ import annotations
@@ -85,6 +86,7 @@ def set_up(config: TrainConfig) -> tuple[Setup, Path | None]:
     optimizer = optim.sgd(model, config)
     card = checkpoint.ModelCard(arch=config.arch, num_classes=train.num_classes,
                                 size=train.size, crop=aug.crop, class_names=train.class_names,
+                                wnids=train.wnids,
                                 norm=data.normalization(aug))
     setup = Setup(config=config, parallel=parallel, runtime=runtime, data=data, model=model,
                   optimizer=optimizer, scheduler=optim.scheduler(optimizer, config),
@@ -113,11 +115,12 @@ class EpochResult:
 def train_one_epoch(model, optimizer, loader, progress: Progress, config: TrainConfig, *,
                     runtime: Runtime, log: Log, stop: StopRequest, num_classes: int,
                     ranks: bool, bar=None, devices=None, after_backward=None,
-                    save_step=None) -> EpochResult:
+                    save_step=None, first_batch=None) -> EpochResult:
     """Train `model` over the rest of epoch `progress.epoch`; `progress.step` and
     `progress.batch` advance. ranks: several processes, which agree on a stop. devices: those
     a step runs on (the towers: two), timed on each; default the runtime's. save_step(): the
-    mid-epoch checkpoint of every --save-every steps (every rank reaches the same steps)."""
+    mid-epoch checkpoint of every --save-every steps (every rank reaches the same steps).
+    first_batch(images, epoch, batch): shown the epoch's first batch (the loader's output)."""
     model.train()
     device = runtime.device
     lr = optimizer.param_groups[0]["lr"]
@@ -135,7 +138,12 @@ def train_one_epoch(model, optimizer, loader, progress: Progress, config: TrainC
             images, labels = next(it)
         except StopIteration:
             break
-        wait += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        wait += waited
+        interval.wait += waited
+        if first_batch is not None:
+            first_batch(images, progress.epoch, progress.batch)
+            first_batch = None
         timer.mark()
         images, labels = runtime.batch(images, labels)
         loss = train_step(model, optimizer, images, labels, runtime=runtime,
@@ -182,7 +190,8 @@ def _log_point(log: Log, progress: Progress, config: TrainConfig, num_classes: i
     loss = interval.loss.item() / interval.steps
     now = time.perf_counter()
     log.record(kind="step", epoch=progress.epoch + 1, step=progress.step, loss=loss, lr=lr,
-               images_per_s=interval.steps * batch / (now - interval.t0), **gpu)
+               images_per_s=interval.steps * batch / (now - interval.t0),
+               data_wait=interval.wait / (now - interval.t0), **gpu)
     if bar is not None:
         bar.set_postfix(loss=f"{loss:.3f}")
     _warn_if_flat(log, progress.step, config, num_classes, loss)
@@ -206,7 +215,10 @@ def run(config: TrainConfig) -> dict:
             setup, resume_from = set_up(config)
             progress = runs.restore(setup) if resume_from is not None else Progress()
             runs.begin(setup, progress, resumed=resume_from is not None)
-            return _epochs(setup, progress)
+            try:
+                return _epochs(setup, progress)
+            finally:
+                setup.log.close()
     except BaseException as e:  # sys.exit after a stop too
         # The frames it unwound hold the DDP model, whose reducer holds the process group:
         # freed now, while the group is registered, the group ends in destroy_process_group
@@ -256,6 +268,10 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
 
     def save_step():
         saver.save(progress, checkpoint.step_name(progress.step), background=True)
+
+    def first_batch(images, epoch: int, batch: int):  # TensorBoard: the launch's first batch
+        log.board.batch(train_loader, images, setup.card.norm, epoch, batch, progress.step + 1)
+    show = first_batch if log.board is not None else None
     while progress.epoch < cfg.epochs:
         lr = setup.optimizer.param_groups[0]["lr"]
         bar = progress_bar(cfg, env, len(train_loader), progress.epoch)
@@ -264,7 +280,8 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
                               num_classes=setup.card.num_classes, ranks=env.enabled, bar=bar,
                               devices=parallel.devices(setup.model),
                               after_backward=parallel.after_backward(setup.model),
-                              save_step=save_step)
+                              save_step=save_step, first_batch=show)
+        show = None
         if bar is not None:
             bar.close()
         if out.stopped:
@@ -296,6 +313,8 @@ def _epochs(setup: Setup, progress: Progress) -> dict:
         progress.best = min(progress.best, metrics["top1_err"])
         progress.epoch, progress.batch = progress.epoch + 1, 0
         path = saver.save(progress, f"epoch-{progress.epoch:04d}.pt")
+        if log.board is not None:
+            log.board.filters(parallel.conv1_weight(setup.model), progress.step)
         if env.is_main and is_best:
             checkpoint.mark_best(Path(cfg.out), path)
         signum = distributed.max_over_ranks(stop.signal or 0, device)  # every epoch

@@ -41,17 +41,25 @@ def preview_grid(config, out: Path) -> Path:
     augmented crop, the normalisation undone."""
     from alexnet_pipe import distributed
     from alexnet_pipe.prepared import open_shards
-    n = config.batch_size
     data = open_shards(config.data, ("train",), verify=config.verify)
-    norm = data.normalization(config.augment)
     loader = data.loader("train", config, device=distributed.device(config.device))
-    images = next(iter(loader)).images
+    picture = batch_picture(loader, next(iter(loader)).images, data.normalization(config.augment))
+    return save_picture(out, PIL_FORMATS, lambda tmp, fmt: picture.save(tmp, format=fmt))
+
+
+def batch_picture(loader, images, norm, epoch: int = 0, batch: int = 0,
+                  n: int | None = None) -> Image.Image:
+    """The first n (default all) images of this rank's train batch `batch` of `epoch` as the
+    model sees them (`images`, the loader's output for it; normalised with `norm`), each
+    beside its shard original with the crop's window framed in red."""
+    n = len(images) if n is None else min(n, len(images))
     plan, reader = loader.plan, loader.source.reader
-    idx, _ = plan.batch_indices(0, 0)
-    originals, _ = reader.read(idx)
-    p = plan.params(0, 0, n)
+    idx, _ = plan.batch_indices(epoch, batch)
+    originals, _ = reader.read(idx[:n])
+    p = plan.params(epoch, batch, len(images))
+    seen_all = images[:n].float().cpu().numpy().transpose(0, 2, 3, 1)  # one copy to the host
     mean, std = norm.mean, norm.std
-    size, crop, pad = plan.size, config.augment.crop, 8
+    size, crop, pad = plan.size, plan.augment.crop, 8
     cols = 2
     canvas = Image.new("RGB", (cols * (size + crop + 3 * pad), -(-n // cols) * (size + pad) + pad),
                        (255, 255, 255))
@@ -62,15 +70,14 @@ def preview_grid(config, out: Path) -> Path:
             original = decode_jpeg(original.tobytes())
         x, y, flip = int(p["x"][i]), int(p["y"][i]), bool(p["flip"][i])
         m = augment.crop_flip(mean, x, y, crop, flip) if norm.per_pixel else mean
-        seen = images[i].float().cpu().numpy().transpose(1, 2, 0) * std + m
-        seen = np.clip(seen, 0, 255).astype(np.uint8)
+        seen = np.clip(seen_all[i] * std + m, 0, 255).astype(np.uint8)
         r, c = divmod(i, cols)
         left, top = c * (size + crop + 3 * pad) + pad, r * (size + pad) + pad
         canvas.paste(Image.fromarray(original), (left, top))
         canvas.paste(Image.fromarray(seen), (left + size + pad, top + (size - crop) // 2))
         ImageDraw.Draw(canvas).rectangle((left + x, top + y, left + x + crop, top + y + crop),
                                          outline=(255, 0, 0))
-    return save_picture(out, PIL_FORMATS, lambda tmp, fmt: canvas.save(tmp, format=fmt))
+    return canvas
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -134,6 +141,12 @@ def draw_checkpoint_filters(checkpoint_path: Path, out: Path) -> Path:
 
 
 def conv1_filters(weight: np.ndarray, out: Path, scale: int = 4) -> Path:
+    """filters_picture written to `out`."""
+    picture = filters_picture(weight, scale)
+    return save_picture(out, PIL_FORMATS, lambda tmp, fmt: picture.save(tmp, format=fmt))
+
+
+def filters_picture(weight: np.ndarray, scale: int = 4) -> Image.Image:
     """The paper's Figure 3: conv1's 96 kernels (96, 3, 11, 11), 48 a row block per tower."""
     n = weight.shape[0]
     towers = 2 if n == 96 else 1
@@ -150,4 +163,4 @@ def conv1_filters(weight: np.ndarray, out: Path, scale: int = 4) -> Path:
         w = (w - w.min()) / max(float(np.ptp(w)), 1e-12) * 255  # each kernel on its own range
         tile = Image.fromarray(w.astype(np.uint8)).resize((k, k), Image.Resampling.NEAREST)
         canvas.paste(tile, (gap + c * (k + gap), t * (rows * (k + gap) + 3 * gap) + gap + r * (k + gap)))
-    return save_picture(out, PIL_FORMATS, lambda tmp, fmt: canvas.save(tmp, format=fmt))
+    return canvas

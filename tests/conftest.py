@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alexnet_base.config import PrepareConfig
@@ -172,6 +173,50 @@ def overwrite_image(shard: Path, i: int, damage) -> str:
 def records(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def readme_snippet(heading: str) -> str:
+    """The first ```python block after README's `heading`: what a user copies."""
+    text = (ROOT / "README.md").read_text()
+    part = text[text.index(heading):]
+    start = part.index("```python\n") + len("```python\n")
+    return part[start:part.index("```", start)]
+
+
+def board(run: Path) -> dict:
+    """A run folder's TensorBoard events as TensorBoard's own reader gives them (purges of
+    relaunches applied): {"scalars": {tag: [(step, value)]}, "images": {tag: [(step, RGB
+    array)]}, "text": {tag: [step]}}."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {
+        "scalars": {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]},
+        "images": {t: [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string))
+                                           .convert("RGB"))) for e in acc.Images(t)]
+                   for t in tags["images"]},
+        "text": {t: [e.step for e in acc.Tensors(t)] for t in tags["tensors"]}}
+
+
+def assert_board_filters(run: Path, tmp: Path) -> None:
+    """TensorBoard's conv1 picture at each epoch's end is `filters`' of that epoch's checkpoint
+    (a split model's halves joined), pixel for pixel."""
+    shown = board(run)["images"]["conv1/filters"]
+    ends = [r["step"] for r in records(run, "epoch")]
+    assert [s for s, _ in shown] == ends and ends
+    for epoch, (_, image) in enumerate(shown, 1):
+        out = tmp / f"conv1-{epoch}.png"
+        cli("filters", "--checkpoint", run / f"checkpoints/epoch-{epoch:04d}.pt", "--out", out)
+        assert (image == picture(out)).all(), epoch
+
+
+def picture(path: Path) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def weights(path: Path) -> dict:

@@ -14,7 +14,8 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_CROP, TWO, cli, launch, records, run_group, train_args, weights
+from conftest import (ROOT, SMALL_CROP, TWO, assert_board_filters, cli, launch, records,
+                      run_group, train_args, weights)
 
 from alexnet_base.config import LoaderConfig, TrainConfig
 from alexnet_pipe import ledger, optim
@@ -118,6 +119,7 @@ def test_hybrid_training_resumes_exactly_and_its_checkpoint_serves_every_mode(tm
     assert config["parallel"] == "hybrid" and config["world_size"] == 2
     done, = records(straight, "done")
     assert done["ranks_in_sync"] is True
+    assert_board_filters(straight, tmp_path)  # rank 0's TensorBoard: conv1, whole
     proc = launch(TWO, train_args(shards_small, cut, *hybrid, "--max-steps", "1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     interrupt = torch.load(cut / "checkpoints/interrupt.pt", weights_only=True)

@@ -17,8 +17,8 @@ import torch
 
 from alexnet_pipe.model import build_model
 from conftest import (COMPILE_CHECK, HARNESS, ROOT, SMALL_CROP, SMALL_SIZE,
-                      assert_compiled_like_eager, cli, records, run_group, small_tmpfs,
-                      train_args, weights)
+                      assert_board_filters, assert_compiled_like_eager, cli, records, run_group,
+                      small_tmpfs, train_args, weights)
 
 
 
@@ -237,6 +237,7 @@ def test_towers_on_the_cpu_compiled(tmp_path, shards_small, compile_eager):
     compiled = tmp_path / "compiled"
     cli(*train_args(shards_small, compiled, *COMPILE_CHECK, *towers, "--compile"), timeout=280)
     assert_compiled_like_eager(compile_eager, compiled)
+    assert_board_filters(compiled, tmp_path)  # TensorBoard's conv1: both towers' halves
     ckpt = compiled / "checkpoints/epoch-0001.pt"
     r = json.loads(cli("evaluate", "--checkpoint", ckpt, "--data", shards_small, "--device", "cpu",
                        "--batch-size", "6", "--json").stdout)
