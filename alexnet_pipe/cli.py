@@ -104,7 +104,32 @@ def build(cls, values: dict, **given):
     return cls(**kwargs)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """click's group, a usage error (an unknown option, a value outside an option's choices)
+    said in one line like every other error: what was wrong and where the help is."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # the help: more than one line
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"Error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="alexnet-pipe")
 def main():
     """AlexNet (2012) on a GPU data pipeline: prepare shards, bench the loader, train."""
