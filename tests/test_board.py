@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from conftest import (SMALL_CROP, assert_board_filters, board, cli, picture, records,
-                      train_args, weights)
+import torch
+
+from conftest import (SMALL_CROP, assert_board_filters, board, cli, picture, tool, train_args,
+                      weights)
 
 # every number of these log records is a curve (board.py); everything else is not
 CURVES = ("step", "epoch", "max_steps")
@@ -88,13 +90,16 @@ def test_tensorboard_shows_the_log_the_pictures_and_one_run_through_a_relaunch(
 @pytest.mark.timeout(200)
 def test_tensorboard_off_writes_no_events_and_the_same_weights(tmp_path, shards_small,
                                                                straight_run):
-    """--no-tensorboard: no event file, and the weights of straight_run (TensorBoard on, the
-    same command), bit for bit: the board reads what the log has read, nothing else."""
-    run = tmp_path / "run"
-    cli(*train_args(shards_small, run, "--epochs", "2", "--no-tensorboard"))
-    assert not list(run.glob("events.out.tfevents.*"))
-    assert list(straight_run.glob("events.out.tfevents.*"))
-    a, b = (weights(r / "checkpoints/epoch-0002.pt") for r in (run, straight_run))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert records(run, "epoch") and [r["train_loss"] for r in records(run, "epoch")] == [
-        r["train_loss"] for r in records(straight_run, "epoch")]
+    """tools/bench_board.py's pair of launches (the same command with TensorBoard and with
+    --no-tensorboard): events in the first folder only, and both end with straight_run's
+    weights (the same command, earlier), bit for bit: the board reads what the log has read,
+    nothing else. The tool says so too, and reports a rate for each side."""
+    args = train_args(shards_small, "unused", "--epochs", "2")[5:]  # the options after --out
+    r = tool("bench_board").board_cost(shards_small, args, 1, tmp_path)
+    assert list((tmp_path / "on-0").glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "off-0").glob("events.out.tfevents.*"))
+    want = weights(straight_run / "checkpoints/epoch-0002.pt")
+    for side in ("on-0", "off-0"):
+        got = weights(tmp_path / side / "checkpoints/epoch-0002.pt")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert r["same_weights"] is True and r["on"][0] > 0 and r["off"][0] > 0
