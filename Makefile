@@ -13,7 +13,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[export,test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -40,6 +40,7 @@ demo: venv
 	$(BIN)/alexnet-pipe filters --checkpoint $(DEMO)/run/checkpoints/best.pt --out $(DEMO)/conv1.png
 	$(BIN)/alexnet-pipe predict $(DEMO)/imagenet/val/ILSVRC2012_val_00000001.JPEG \
 		--checkpoint $(DEMO)/run/checkpoints/best.pt
+	$(BIN)/alexnet-pipe export --checkpoint $(DEMO)/run/checkpoints/best.pt --out $(DEMO)/alexnet.onnx
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -24,6 +24,7 @@ ARCHS = ("alexnet", "alexnet-owt")
 BIAS_INITS = ("paper", "caffe")
 BIAS_RULES = ("author", "uniform")
 PARALLEL = ("auto", "none", "ddp", "towers", "hybrid")
+EXPORT_FORMATS = ("onnx", "torchvision")
 DALI_IMAGES = 128  # images per DALI iteration by default: where its per-iteration costs fade
 MIN_CROP = 67  # the smallest crop to train on: both models' pool5 map is empty below it
 COMPILE_MODES = ("default", "reduce-overhead")
@@ -334,3 +335,23 @@ class EvalConfig:
     checkpoint: Path = opt(required=True, help="A checkpoint written by train.")
     ten_crop: bool = opt(False, "The paper's ten-crop test-time augmentation.")
     compile: bool = opt(False, "torch.compile the model (one graph per batch shape).")
+    probabilities: Path | None = opt(None, "Also write each val image's class probabilities "
+                                     "to this .npz: index (the image's position in the val "
+                                     "split), probs (images x classes, float32; ten crops: "
+                                     "their mean).")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: Path = opt(required=True, help="A checkpoint written by train.")
+    out: Path = opt(required=True, help="The file to write (model.onnx, alexnet.pth).")
+    format: str = opt("onnx", "onnx: one graph, uint8 NHWC images of the shard size in, class "
+                      "probabilities out, the crop and normalisation inside; torchvision: "
+                      "a state dict for torchvision.models.alexnet (--arch alexnet-owt runs).",
+                      choices=EXPORT_FORMATS)
+    ten_crop: bool = opt(False, "onnx: the paper's ten crops averaged, instead of the centre "
+                         "crop.")
+
+    def validate(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise UserError(f"--format {self.format}: one of {', '.join(EXPORT_FORMATS)}")

@@ -14,7 +14,7 @@ is one line in each. What it holds:
     scheduler       its state dict
     epoch, batch, step, best_top1_err      Progress: where the run stands
     rng             torch's CPU generator, and the CUDA one of every device the model runs on
-    arch, num_classes, size (px of the shards), crop, class_names, normalization
+    arch, num_classes, size (px of the shards), crop, class_names, wnids, normalization
                     ModelCard: what evaluate, predict and filters need, nothing from the
                     data folder
     config, version, torch      the options of the run and what wrote it, for people
@@ -66,6 +66,7 @@ class ModelCard:
     crop: int                   # px, its input
     class_names: tuple[str, ...]
     norm: Normalization
+    wnids: tuple[str, ...] = ()  # the classes' WordNet ids (checkpoints before 2026-12-07: none)
 
 
 def rng_state(devices: list[torch.device]) -> dict:
@@ -84,7 +85,7 @@ def build(*, card: ModelCard, weights: dict, optimizer: dict, scheduler, progres
     collective here); `devices`: those a step runs on, whose generators it keeps."""
     return {"arch": card.arch, "num_classes": card.num_classes, "size": card.size,
             "crop": card.crop, "class_names": list(card.class_names),
-            "normalization": card.norm.to_state(), "config": config, "version": __version__,
+            "wnids": list(card.wnids), "normalization": card.norm.to_state(), "config": config, "version": __version__,
             "torch": str(torch.__version__),
             "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
             "best_top1_err": progress.best, "rng": rng_state(devices),
@@ -198,7 +199,8 @@ def load_grouped_optimizer_state(optimizer, weights: torch.nn.Module, state: dic
 def card_of(state: dict) -> ModelCard:
     return ModelCard(arch=state["arch"], num_classes=state["num_classes"], size=state["size"],
                  crop=state["crop"], class_names=tuple(state["class_names"]),
-                 norm=Normalization.from_state(state["normalization"]))
+                 norm=Normalization.from_state(state["normalization"]),
+                 wnids=tuple(state.get("wnids", ())))
 
 
 def load_model(path: Path, device) -> tuple[torch.nn.Module, ModelCard]:

@@ -233,6 +233,15 @@ def evaluate(as_json, **o):
 
 
 @main.command()
+@options(C.ExportConfig)
+@user_errors
+def export(**o):
+    """A checkpoint as a file for other tools: ONNX (preprocessing inside) or torchvision's."""
+    from alexnet_pipe.export import export as run
+    click.echo(f"wrote {run(build(C.ExportConfig, o))}")
+
+
+@main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--top", default=5, show_default=True, help="Classes listed per image.")

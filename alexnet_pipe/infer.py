@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from alexnet_base.config import AugmentConfig, EvalConfig
-from alexnet_base.errors import UserError
+from alexnet_base.errors import UserError, os_error
+from alexnet_base.files import atomic_path
 from alexnet_pipe import augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.prepared import open_shards
@@ -36,7 +37,24 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
                         f"{config.loader.data} holds {info.size} px")
     loader = data.loader("val", replace(config.loader, augment=AugmentConfig(crop=card.crop)),
                          norm=card.norm, ten_crop=config.ten_crop, device=runtime.device)
-    return evaluate(model, loader, runtime=runtime, ten_crop=config.ten_crop)
+    probabilities = [] if config.probabilities is not None else None
+    result = evaluate(model, loader, runtime=runtime, ten_crop=config.ten_crop,
+                      probabilities=probabilities)
+    if probabilities is not None:
+        index = torch.cat([i for i, _ in probabilities]).numpy()
+        probs = torch.cat([p for _, p in probabilities]).numpy().astype(np.float32)
+        order = np.argsort(index, kind="stable")
+        _write_npz(Path(config.probabilities), index=index[order], probs=probs[order])
+    return result
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    """An .npz under its final name when complete; an OS error as one line naming it."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as e:
+        raise UserError(f"--probabilities {os_error(path, e, 'write')}") from None
 
 
 @torch.no_grad()

@@ -225,6 +225,7 @@ class SplitInfo:
     num_classes: int
     class_names: tuple[str, ...]
     train_images: int | None        # images in the train split: what stats.h5 must have counted
+    wnids: tuple[str, ...] = ()     # the classes' WordNet ids, in label order
 
     @property
     def total(self) -> int:
@@ -261,7 +262,8 @@ def load_split(data: Path, split: str) -> SplitInfo:
                      counts=tuple(e["images"] for e in entries), encoding=m["encoding"],
                      size=m["size"], num_classes=len(m["classes"]),
                      class_names=tuple(c["name"] for c in m["classes"]),
-                     train_images=m["counts"].get("train"))
+                     train_images=m["counts"].get("train"),
+                     wnids=tuple(c["wnid"] for c in m["classes"]))
 
 
 def load_stats(data: Path, split: SplitInfo) -> ImageStats:

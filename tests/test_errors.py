@@ -482,3 +482,33 @@ def test_ten_crop_readers_count_the_readers_already_running(tmp_path, shards_jpe
                               "--bias-init", "caffe")
     assert_one_line_error(proc, "--readers 1", "/dev/shm", "needs about")
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_export_refuses_in_one_line_and_writes_nothing(tmp_path, straight_run):
+    """Not a checkpoint, an --out that cannot be written (a folder; under a file), an unknown
+    --format (click's usage error, one line too, exit 2), torchvision's format for the paper's
+    arch: one line naming the file or option, and the folder as it was."""
+    ckpt = straight_run / "checkpoints/epoch-0002.pt"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a-file").write_text("mine\n")
+    cases = [
+        (["--checkpoint", straight_run / "metrics.jsonl", "--out", out / "m.onnx"],
+         [str(straight_run / "metrics.jsonl"), "not a readable alexnet-pipe checkpoint"]),
+        (["--checkpoint", ckpt, "--out", out], ["--out", str(out), "a folder"]),
+        (["--checkpoint", ckpt, "--out", out / "a-file" / "m.onnx"], ["--out", "a-file"]),
+        (["--checkpoint", ckpt, "--out", out / "m.pth", "--format", "torchvision"],
+         [str(ckpt), "alexnet-owt"]),
+    ]
+    for args, needles in cases:
+        assert_one_line_error(cli("export", *args, check=False), *needles)
+        assert sorted(p.name for p in out.iterdir()) == ["a-file"], args
+    proc = cli("export", "--checkpoint", ckpt, "--out", out / "m.onnx", "--format", "bogus",
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and "'--format'" in line and "onnx" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["a-file"]
+    assert (out / "a-file").read_text() == "mine\n"

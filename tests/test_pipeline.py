@@ -16,7 +16,7 @@ from alexnet_base.config import AugmentConfig, LoaderConfig
 from alexnet_base.errors import UserError
 from alexnet_pipe import reading
 from alexnet_pipe.pipeline import Placement
-from conftest import ROOT, cli, folder_loader, source_of, tool
+from conftest import ROOT, cli, folder_loader, readme_snippet, source_of, tool
 from preprocessing import resize
 from preprocessing.shards import load_split
 
@@ -490,14 +490,6 @@ def test_batches_prepared_together_are_the_batches_prepared_one_by_one(shards_ra
     assert len(one) == len(grouped) == (3 + 6 if split == "train" else 3 + 3)
     for a, b in zip(one, grouped):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def readme_snippet(heading: str) -> str:
-    """The first ```python block after README's `heading`: what a user copies."""
-    text = (ROOT / "README.md").read_text()
-    part = text[text.index(heading):]
-    start = part.index("```python\n") + len("```python\n")
-    return part[start:part.index("```", start)]
 
 
 @pytest.mark.slow
