@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from alexnet_base.config import ExportConfig
-from alexnet_base.errors import UserError, os_error
-from alexnet_base.files import atomic_path
+from alexnet_base.errors import UserError
+from alexnet_base.files import write_output
 from alexnet_pipe import augment, checkpoint
 from alexnet_pipe.model import TORCHVISION_KEYS
 
@@ -90,7 +90,7 @@ def export(config: ExportConfig) -> Path:
                             f"is the one-tower model: --format torchvision takes a run of "
                             f"--arch alexnet-owt (use --format onnx)")
         weights = {TORCHVISION_KEYS[k]: v for k, v in state["model"].items()}
-        return _write(out, lambda tmp: torch.save(weights, tmp))
+        return write_output(out, lambda tmp: torch.save(weights, tmp), what="model")
     try:
         import onnx  # noqa: F401  torch's exporter builds the graph with onnxscript, in onnx
         import onnxscript  # noqa: F401
@@ -107,7 +107,7 @@ def export(config: ExportConfig) -> Path:
             verbose=False)
     for key, value in metadata(card, state, ten_crop=config.ten_crop).items():
         program.model.metadata_props[key] = value
-    return _write(out, lambda tmp: program.save(str(tmp)))
+    return write_output(out, lambda tmp: program.save(str(tmp)), what="model")
 
 
 @contextlib.contextmanager
@@ -123,18 +123,3 @@ def _quiet():
             yield
     finally:
         log.setLevel(level)
-
-
-def _write(out: Path, write) -> Path:
-    """write(temporary path) under out's final name when complete; an OS error as one line."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: {os_error(e.filename or out.parent, e, 'make the folder')}"
-                        ) from None
-    try:
-        with atomic_path(out) as tmp:
-            write(tmp)
-    except OSError as e:
-        raise UserError(f"--out {os_error(out, e, 'write the model')}") from None
-    return out

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from alexnet_base.config import AugmentConfig, EvalConfig
-from alexnet_base.errors import UserError, os_error
-from alexnet_base.files import atomic_path
+from alexnet_base.errors import UserError
+from alexnet_base.files import write_output
 from alexnet_pipe import augment, checkpoint, distributed
 from alexnet_pipe.evaluate import evaluate
 from alexnet_pipe.prepared import open_shards
@@ -44,17 +44,12 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
         index = torch.cat([i for i, _ in probabilities]).numpy()
         probs = torch.cat([p for _, p in probabilities]).numpy().astype(np.float32)
         order = np.argsort(index, kind="stable")
-        _write_npz(Path(config.probabilities), index=index[order], probs=probs[order])
+
+        def write(tmp: Path):  # a file object: np.savez would add .npz to the temporary name
+            with open(tmp, "wb") as f:
+                np.savez(f, index=index[order], probs=probs[order])
+        write_output(config.probabilities, write, option="--probabilities")
     return result
-
-
-def _write_npz(path: Path, **arrays) -> None:
-    """An .npz under its final name when complete; an OS error as one line naming it."""
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    except OSError as e:
-        raise UserError(f"--probabilities {os_error(path, e, 'write')}") from None
 
 
 @torch.no_grad()

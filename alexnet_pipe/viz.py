@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from alexnet_base.errors import UserError, os_error
-from alexnet_base.files import atomic_path
+from alexnet_base.errors import UserError
+from alexnet_base.files import write_output
 from alexnet_pipe import augment
 
 PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -23,17 +23,7 @@ def save_picture(out: Path, formats: dict, write) -> Path:
     if fmt is None:
         raise UserError(f"--out {out}: a picture is written as {', '.join(sorted(formats))}; "
                         f"end the name with one of them")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # e.filename: the folder that could not be made (a file there?)
-        raise UserError(f"--out {out}: "
-                        f"{os_error(e.filename or out.parent, e, 'make the folder')}") from None
-    try:
-        with atomic_path(out) as tmp:
-            write(tmp, fmt)
-    except OSError as e:
-        raise UserError(f"--out {os_error(out, e, 'write the picture')}") from None
-    return out
+    return write_output(out, lambda tmp: write(tmp, fmt), what="picture")
 
 
 def preview_grid(config, out: Path) -> Path:
