@@ -205,7 +205,11 @@ def card_of(state: dict) -> ModelCard:
 
 def load_model(path: Path, device) -> tuple[torch.nn.Module, ModelCard]:
     """The trained network of a checkpoint on `device`, in eval mode, and what it expects."""
-    state = load(path)
+    return model_of(load(path), device)
+
+
+def model_of(state: dict, device) -> tuple[torch.nn.Module, ModelCard]:
+    """load_model's, from a checkpoint dict already loaded."""
     card = card_of(state)
     net = build_model(card.arch, card.num_classes, card.crop)
     net.load_state_dict(state["model"])

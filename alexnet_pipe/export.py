@@ -97,7 +97,7 @@ def export(config: ExportConfig) -> Path:
     except ImportError as e:
         raise UserError(f"--format onnx needs the onnx and onnxscript packages ({e.name} is "
                         f"missing): pip install 'alexnet-pipe[export]'") from None
-    net, _ = checkpoint.load_model(config.checkpoint, torch.device("cpu"))
+    net, _ = checkpoint.model_of(state, torch.device("cpu"))
     served = Served(net, card, ten_crop=config.ten_crop).eval()
     example = torch.zeros(2, card.size, card.size, 3, dtype=torch.uint8)
     with _quiet():
