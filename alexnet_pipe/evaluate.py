@@ -13,8 +13,8 @@ def evaluate(model, loader, *, runtime: Runtime, ten_crop: bool = False,
              probabilities: list | None = None) -> dict:
     """Top-1 and top-5 error over this rank's share, summed over ranks; padding masked out.
     Counts stay on the device; the one sync is the sum at the end. `probabilities`: a list to
-    which each batch's (sample indices, class probabilities) of its valid rows are appended,
-    on the host (a copy a batch: asked for by `evaluate --probabilities` only)."""
+    which each batch's (sample indices, valid mask, class probabilities) are appended, on the
+    device (`evaluate --probabilities` copies them to the host once, at the end)."""
     model.eval()
     device = runtime.device
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1, top-5, loss
@@ -28,10 +28,8 @@ def evaluate(model, loader, *, runtime: Runtime, ten_crop: bool = False,
                 logits = probs.log()
             else:
                 logits = model(images).float()
-        if probabilities is not None:
-            keep = batch.valid.bool().cpu()
-            probabilities.append((batch.index.cpu()[keep],
-                                  F.softmax(logits, 1).cpu()[keep]))
+        if probabilities is not None:  # kept on the device; the caller copies them once
+            probabilities.append((batch.index, valid.bool(), F.softmax(logits, 1)))
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         loss = F.cross_entropy(logits, labels, reduction="none")
         counts += torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(),

@@ -41,8 +41,9 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     result = evaluate(model, loader, runtime=runtime, ten_crop=config.ten_crop,
                       probabilities=probabilities)
     if probabilities is not None:
-        index = torch.cat([i for i, _ in probabilities]).numpy()
-        probs = torch.cat([p for _, p in probabilities]).numpy().astype(np.float32)
+        keep = torch.cat([v for _, v, _ in probabilities]).cpu()
+        index = torch.cat([i for i, _, _ in probabilities]).cpu()[keep].numpy()
+        probs = torch.cat([p for _, _, p in probabilities]).float().cpu()[keep].numpy()
         order = np.argsort(index, kind="stable")
 
         def write(tmp: Path):  # a file object: np.savez would add .npz to the temporary name
